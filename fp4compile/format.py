@@ -1,0 +1,408 @@
+"""NVFP4 numerics in plain torch: the executable spec every kernel is tested against.
+
+NVFP4 stores a tensor quantized along its last dim K as
+
+- ``codes``: E2M1 elements (sign, 2 exponent bits, 1 mantissa bit: +-{0, .5, 1, 1.5, 2, 3, 4, 6}),
+  two per byte, element ``2i`` in the low nibble (torchao's and ``tl.dot_scaled``'s order);
+- ``scales``: one E4M3 block scale per 16 elements;
+- ``outer``: FP32 scales, one per tensor or one per 1x128 block (TetraJet-v2),
+
+and the dequantized value is ``code * scale * outer``.
+
+[Note: the quantization formulas] For a region (the tensor, or a 1x128 block) with
+``amax = max|x|`` and a spec with ``vmax`` (6, 6*16/17 or 6*16/17/0.93) and ``cap``
+(448 or 256), all in FP32 with one IEEE rounding per operation, in this order::
+
+    s_enc = 1                          if amax == 0
+            min((vmax*cap) / amax, FLT_MAX) otherwise         # encode scale
+    outer = 1 / s_enc                  (NaN if amax is not finite)
+    f     = s_enc * fp32(1/vmax)
+    b     = E4M3_RNE(min(blockmax * f, 448))                   # the stored block scale
+    e     = 0 if b == 0 else min(1 / (b * outer), FLT_MAX)      # element encode factor
+    v     = x * e                                               # then E2M1 RNE (saturating at 6) or SR
+
+For ``vmax=6, cap=448`` this is TransformerEngine's NVFP4 reference (``s_enc * (1/6)``
+folded, encode factor from the *rounded* scale). A block whose scale rounds to 0
+stores zero codes (TE stores saturated codes with a zero scale: same dequantized
+value). Rotations apply a random Hadamard transform ``y = H(x * signs) / sqrt(n)``
+per n-element chunk of K *before* all of the above, with the fast Walsh-Hadamard
+butterfly in a fixed order (strides 1, 2, 4, ...), so kernels can match it exactly.
+Sums over a block (four-over-six errors, MS-EDEN's correction) are pairwise trees
+over adjacent elements. Stochastic rounding draws from Philox (``philox.py``)
+keyed by a seed, with counters fixed by the element's position (see
+``element_random_bits`` and ``block_random_bits``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .philox import philox4x32
+from .spec import QuantSpec
+
+__all__ = [
+    "E2M1_VALUES",
+    "TE_RHT_SIGNS",
+    "NVFP4",
+    "e2m1_rne",
+    "e2m1_sr",
+    "e2m1_decode",
+    "e4m3_rne",
+    "e4m3_sr",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "fwht",
+    "rotate",
+    "unrotate",
+    "pairwise_sum",
+    "element_random_bits",
+    "block_random_bits",
+    "quantize_reference",
+    "dequantize",
+]
+
+#: The 16 E2M1 values indexed by their 4-bit code (bit 3 is the sign).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+#: TransformerEngine's fixed sign vector for its 16-point RHT (applied before H: diag(signs) @ H).
+TE_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+FLT_MAX = torch.finfo(torch.float32).max
+_MAGIC_RNE = 8388608.0  # 2**23: (t + 2**23) - 2**23 rounds 0 <= t < 2**22 to an integer, ties to even
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to the nearest FP32 number (as a Python float)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def fp32_constants(spec: QuantSpec) -> tuple[float, float]:
+    """The FP32 constants ``(vmax * cap, 1 / vmax)`` of ``spec``'s scale formulas."""
+    return _f32(spec.vmax * spec.cap), _f32(1.0 / spec.vmax)
+
+
+def rotation_scale(n: int) -> float:
+    """The FP32 normalization ``1/sqrt(n)`` of an n-point Hadamard transform."""
+    return _f32(1.0 / math.sqrt(n))
+
+
+# ----------------------------------------------------------------------------- E2M1
+def _e2m1_step(a: torch.Tensor) -> torch.Tensor:
+    """Grid spacing of E2M1 around magnitude ``a`` (0.5 below 2, 1 below 4, else 2)."""
+    return torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(torch.float32)
+
+
+def _e2m1_code(mag: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Code of an exactly representable magnitude ``mag`` with sign bit ``negative``."""
+    idx = torch.where(mag < 2, mag * 2, torch.where(mag < 4, mag + 2, mag * 0.5 + 4))
+    return idx.to(torch.uint8) | (negative.to(torch.uint8) << 3)
+
+
+def e2m1_rne(v: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of FP32 ``v``: round to nearest, ties to even, saturating at +-6.
+
+    The sign bit is kept for values that round to zero (as hardware and torchao do).
+    """
+    a = v.abs().clamp(max=E2M1_MAX)
+    step = _e2m1_step(a)
+    t = a * (1.0 / step)
+    rounded = (t + _MAGIC_RNE) - _MAGIC_RNE
+    return _e2m1_code(rounded * step, torch.signbit(v))
+
+
+def e2m1_sr(v: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of FP32 ``v`` by stochastic rounding with 16-bit random integers ``bits16``.
+
+    ``|v|`` is clamped to 6 and rounded up to the next grid point with probability
+    ``ceil(frac * 2**16) / 2**16`` where ``frac`` is its position between the two
+    neighbours: unbiased up to 2**-16 of a grid step.
+    """
+    a = v.abs().clamp(max=E2M1_MAX)
+    step = _e2m1_step(a)
+    t = a * (1.0 / step)
+    low = t.floor()
+    up = bits16.to(torch.float32) < (t - low) * 65536.0
+    return _e2m1_code((low + up.to(torch.float32)) * step, torch.signbit(v))
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """FP32 values of unpacked E2M1 codes (uint8 in [0, 16))."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes [..., 2n] into bytes [..., n], element 2i in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: bytes [..., n] to codes [..., 2n]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+# ----------------------------------------------------------------------------- E4M3
+def e4m3_rne(r: torch.Tensor) -> torch.Tensor:
+    """Nearest E4M3 (float8_e4m3fn) value of non-negative FP32 ``r``, saturating at 448."""
+    return r.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _e4m3_quantum(r: torch.Tensor) -> torch.Tensor:
+    """Spacing of E4M3 values just below non-negative ``r`` (2**-9 in the subnormal range)."""
+    exponent = torch.frexp(r).exponent - 1  # r = m * 2**exponent with m in [1, 2)
+    return torch.exp2((exponent - 3).clamp(min=-9).to(torch.float32))
+
+
+def e4m3_sr(r: torch.Tensor, bits20: torch.Tensor) -> torch.Tensor:
+    """E4M3 value of non-negative FP32 ``r`` by stochastic rounding with 20-bit random integers.
+
+    ``r`` is clamped to 448 and rounded up with probability ``ceil(frac * 2**20) / 2**20``
+    (exactly ``frac`` in the normal range, where FP32 has 20 bits below E4M3's mantissa).
+    """
+    r = r.clamp(max=E4M3_MAX)
+    q = _e4m3_quantum(r)
+    t = r / q
+    low = t.floor()
+    up = bits20.to(torch.float32) < (t - low) * 1048576.0
+    return (low + up.to(torch.float32)) * q
+
+
+# ----------------------------------------------------------------------------- sums and rotations
+def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) as a tree of adjacent pairs: ((t0+t1)+(t2+t3))+..."""
+    while t.shape[-1] > 1:
+        t = t[..., 0::2] + t[..., 1::2]
+    return t[..., 0]
+
+
+def fwht(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform (Sylvester order) of each n-chunk of the last dim.
+
+    Butterfly stages with strides 1, 2, 4, ..., n/2; each stage writes ``a + b`` and ``a - b``.
+    """
+    shape = x.shape
+    for stage in range(int(math.log2(n))):
+        h = 1 << stage
+        t = x.reshape(*shape[:-1], -1, 2, h)
+        a, b = t[..., 0, :], t[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(shape)
+    return x
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Random Hadamard transform of each chunk of ``len(signs)`` along the last dim: H (x * signs) / sqrt(n)."""
+    n = signs.numel()
+    return fwht(x * _tile(signs, x.shape[-1]), n) * rotation_scale(n)
+
+
+def unrotate(y: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate` (H is symmetric and H H = n I)."""
+    n = signs.numel()
+    return fwht(y, n) * rotation_scale(n) * _tile(signs, y.shape[-1])
+
+
+def _tile(signs: torch.Tensor, k: int) -> torch.Tensor:
+    return signs.to(torch.float32).repeat(k // signs.numel())
+
+
+# ----------------------------------------------------------------------------- random bits
+def element_random_bits(seed: int, rows: int, k: int, device: torch.device) -> torch.Tensor:
+    """16-bit random integers [rows, k] for element SR.
+
+    Element (i, j) takes half ``j % 2`` (low half first) of word ``(j % 8) // 2`` of
+    ``philox4x32(seed, i * (k // 8) + j // 8)``.
+    """
+    counter = torch.arange(rows * (k // 8), device=device, dtype=torch.int64)
+    words = torch.stack(philox4x32(seed, counter), dim=-1)  # [rows*k/8, 4]
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)  # [rows*k/8, 4, 2]
+    return halves.reshape(rows, k)
+
+
+def block_random_bits(seed: int, rows: int, nblocks: int, device: torch.device) -> torch.Tensor:
+    """20-bit random integers [rows, nblocks] for SR of block scales: the low 20 bits of word 0
+    of ``philox4x32(seed, i * nblocks + b)``."""
+    counter = torch.arange(rows * nblocks, device=device, dtype=torch.int64)
+    return (philox4x32(seed, counter)[0] & 0xFFFFF).reshape(rows, nblocks)
+
+
+# ----------------------------------------------------------------------------- container
+@dataclass(frozen=True)
+class NVFP4:
+    """A tensor quantized to NVFP4 along its last dim.
+
+    Attributes:
+        codes: uint8 [m, k/2], two E2M1 codes per byte, element 2i in the low nibble.
+        scales: float8_e4m3fn [m, k/16] block scales (16x16 blocks repeat their scale in 16 rows).
+        outer: float32 outer scales: shape [] (per tensor) or [m, k/128] (per 1x128 block).
+        spec: the :class:`QuantSpec` that produced it.
+        signs: float32 [16] or [128] rotation signs, or None without rotation.
+        seed: int64 [1] Philox seed of stochastic rounding, or None for deterministic specs.
+        dtype: the dtype of the quantized input (the default of :meth:`dequantize`).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    outer: torch.Tensor
+    spec: QuantSpec
+    signs: Optional[torch.Tensor] = None
+    seed: Optional[torch.Tensor] = None
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        """Logical shape [m, k] of the quantized tensor."""
+        return torch.Size((self.codes.shape[0], self.codes.shape[1] * 2))
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Values ``code * scale * outer`` in the input's domain (rotation undone), as ``dtype``."""
+        return dequantize(self, dtype)
+
+    def dequantize_rotated(self) -> torch.Tensor:
+        """FP32 values ``code * scale * outer`` in the rotated domain (what a GEMM consumes)."""
+        m, k = self.shape
+        values = e2m1_decode(unpack_nibbles(self.codes)).view(m, k // 16, 16)
+        values = values * self.scales.to(torch.float32).unsqueeze(-1)
+        return (values.view(m, k) * _expand_outer(self.outer, m, k)).view(m, k)
+
+
+def _expand_outer(outer: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    if outer.dim() == 0:
+        return outer
+    return outer.repeat_interleave(128, dim=1)
+
+
+def dequantize(q: NVFP4, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dequantize ``q`` to ``dtype`` (default: the input's dtype), undoing any rotation."""
+    values = q.dequantize_rotated()
+    if q.signs is not None:
+        values = unrotate(values, q.signs)
+    return values.to(dtype or q.dtype)
+
+
+# ----------------------------------------------------------------------------- reference quantizer
+def _nan_sticky_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN replaced by +inf, so a max over it is non-finite iff the input was."""
+    return torch.where(torch.isnan(x), torch.inf, x.abs())
+
+
+def _encode_scale(amax: torch.Tensor, vmax_cap: float) -> torch.Tensor:
+    s_enc = (torch.tensor(vmax_cap, dtype=torch.float32, device=amax.device) / amax).clamp(max=FLT_MAX)
+    return torch.where(amax == 0, 1.0, s_enc)
+
+
+def _block_max(xb: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Max |x| per scale block, [m, k/16] (16x16 tiles broadcast to their 16 rows)."""
+    vmax = _nan_sticky_abs(xb).amax(dim=-1)
+    if spec.block == "16x16":
+        m, nb = vmax.shape
+        vmax = vmax.view(m // 16, 16, nb).amax(dim=1, keepdim=True).expand(m // 16, 16, nb).reshape(m, nb)
+    return vmax
+
+
+def _outer_scales(vmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode scales broadcast to the blocks, outer scales at their storage shape, and outer
+    scales broadcast to the blocks (scalars stay scalars; 1x128 values repeat over their 8 blocks)."""
+    vmax_cap, _ = fp32_constants(spec)
+    m, nb = vmax.shape
+    if spec.outer == "tensor":
+        amax = vmax.amax() if vmax.numel() else torch.zeros((), device=vmax.device)
+    else:
+        amax = vmax.view(m, nb // 8, 8).amax(dim=-1)
+    s_enc = _encode_scale(amax, vmax_cap)
+    outer = torch.where(torch.isfinite(amax), 1.0 / s_enc, torch.nan)
+    s_enc_blocks = s_enc if spec.outer == "tensor" else s_enc.repeat_interleave(8, dim=1)
+    return s_enc_blocks, outer, outer if spec.outer == "tensor" else outer.repeat_interleave(8, dim=1)
+
+
+def _encode_factor(b: torch.Tensor, outer_blocks: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, (1.0 / (b * outer_blocks)).clamp(max=FLT_MAX), 0.0)
+
+
+def _round_elements(v: torch.Tensor, spec: QuantSpec, bits16: Optional[torch.Tensor]) -> torch.Tensor:
+    return e2m1_sr(v, bits16) if spec.rounding == "sr" else e2m1_rne(v)
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    seed: Optional[int] = None,
+    signs: Optional[torch.Tensor] = None,
+) -> NVFP4:
+    """Quantize a 2-D float tensor along its last dim, in plain torch (the spec).
+
+    Args:
+        x: [m, k] float tensor; shapes must satisfy ``spec.k_multiple`` / ``spec.row_multiple``.
+        spec: the quantizer.
+        seed: Philox seed (int in [0, 2**63)), required when ``spec.stochastic``.
+        signs: +-1 rotation signs of length ``spec.rotation_size``, required with a rotation.
+
+    Returns:
+        The :class:`NVFP4` quantization. Input checks live in :func:`fp4compile.quantize`.
+    """
+    m, k = x.shape
+    xf = x.to(torch.float32)
+    if spec.rotation != "none":
+        xf = rotate(xf, signs)
+    xb = xf.view(m, k // 16, 16)
+    vmax = _block_max(xb, spec)
+    s_enc, outer, outer_blocks = _outer_scales(vmax, spec)
+    _, inv_vmax = fp32_constants(spec)
+    raw = (vmax * (s_enc * inv_vmax)).clamp(max=E4M3_MAX)
+    bits16 = element_random_bits(seed, m, k, x.device).view(m, k // 16, 16) if spec.rounding == "sr" else None
+
+    b = e4m3_rne(raw)
+    codes = _round_elements(xb * _encode_factor(b, outer_blocks).unsqueeze(-1), spec, bits16)
+    if spec.scale_rule == "4over6":
+        b4 = e4m3_rne(raw * 1.5)
+        codes4 = _round_elements(xb * _encode_factor(b4, outer_blocks).unsqueeze(-1), spec, bits16)
+        err6 = _block_sq_error(codes, b, outer_blocks, xb)
+        err4 = _block_sq_error(codes4, b4, outer_blocks, xb)
+        pick4 = err4 < err6
+        codes = torch.where(pick4.unsqueeze(-1), codes4, codes)
+        b = torch.where(pick4, b4, b)
+    if spec.rounding == "eden":
+        b = _eden_scales(xb, b, outer_blocks, codes, seed)
+
+    return NVFP4(
+        codes=pack_nibbles(codes.view(m, k)),
+        scales=b.to(torch.float8_e4m3fn),
+        outer=outer,
+        spec=spec,
+        signs=None if signs is None else signs.to(torch.float32),
+        seed=None if seed is None else torch.tensor([seed], dtype=torch.int64),
+        dtype=x.dtype,
+    )
+
+
+def _block_sq_error(codes: torch.Tensor, b: torch.Tensor, outer_blocks: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Per-block sum of squared dequantization error in the (rotated) input domain."""
+    deq = (e2m1_decode(codes) * b.unsqueeze(-1)) * _unsqueeze(outer_blocks)
+    diff = deq - xb
+    return pairwise_sum(diff * diff)
+
+
+def _unsqueeze(outer_blocks: torch.Tensor) -> torch.Tensor:
+    return outer_blocks if outer_blocks.dim() == 0 else outer_blocks.unsqueeze(-1)
+
+
+def _eden_scales(
+    xb: torch.Tensor, b: torch.Tensor, outer_blocks: torch.Tensor, codes: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """MS-EDEN: fold S = sum(u^2) / sum(u q) per block into the scale by stochastic E4M3 rounding.
+
+    ``u`` are the unclipped scaled values ``x * e`` and ``q`` their (clipped) E2M1 values.
+    """
+    u = xb * _encode_factor(b, outer_blocks).unsqueeze(-1)
+    q = e2m1_decode(codes)
+    num = pairwise_sum(u * u)
+    den = pairwise_sum(u * q)
+    correction = torch.where(den > 0, num / den, 1.0)
+    m, nb = b.shape
+    return e4m3_sr(correction * b, block_random_bits(seed, m, nb, xb.device))

@@ -1,0 +1,5 @@
+"""Triton kernels: NVFP4 quantization (every ``QuantSpec``)."""
+
+from .quantize import quantize_triton
+
+__all__ = ["quantize_triton"]

@@ -1,0 +1,238 @@
+"""Triton NVFP4 quantize kernels for every ``QuantSpec`` (bit-identical to ``format.py``).
+
+One kernel body, specialised by constexpr knobs, runs in two modes:
+
+- ``MODE=0`` (per-tensor outer scale only): each program reduces the NaN-sticky
+  max |x| of its tile (after rotation: TE's "post-RHT amax") into one FP32 with
+  ``atomic_max``;
+- ``MODE=1``: rotate, compute block and outer scales, round the elements (RTN,
+  SR, four-over-six, MS-EDEN correction) and write packed codes, E4M3 scale
+  bytes and FP32 outer scales.
+
+A program owns a [BM, 128] tile: 128 is the rotation length of RHT-128 and the
+TetraJet-v2 outer block, and a multiple of RHT-16 and of the 16-element scale
+block. The quantize pass walks the tiles in the reverse order of the amax pass
+so that its first tiles are the ones the amax pass left in L2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import NVFP4, fp32_constants, rotation_scale
+from ..spec import QuantSpec
+from .numerics import e2m1_round, e4m3_byte, e4m3_rne, e4m3_sr, element_random_bits, fwht, pairwise_sum16
+
+__all__ = ["quantize_triton"]
+
+_BK = 128
+_FLT_MAX: tl.constexpr = 3.4028234663852886e38
+_ROUNDING = {"rtn": 0, "sr": 1, "eden": 2}
+
+
+@triton.jit
+def _encode_factor(b, outer):
+    """1 / (b * outer) clamped to FLT_MAX, and 0 where the block scale is 0 (format.py)."""
+    scale = b * outer
+    return tl.where(b > 0.0, tl.minimum(tl.math.div_rn(1.0, tl.where(b > 0.0, scale, 1.0)), _FLT_MAX), 0.0)
+
+
+@triton.jit
+def _nvfp4_quantize_kernel(
+    x_ptr,
+    codes_ptr,
+    scales_ptr,
+    outer_ptr,
+    amax_ptr,
+    signs_ptr,
+    seed_ptr,
+    M,
+    K,
+    stride_xm,
+    MODE: tl.constexpr,
+    ROTATION: tl.constexpr,
+    LOG_ROTATION: tl.constexpr,
+    ROTATION_SCALE: tl.constexpr,
+    BLOCK_2D: tl.constexpr,
+    OUTER_BLOCK128: tl.constexpr,
+    ROUNDING: tl.constexpr,
+    FOUR_OVER_SIX: tl.constexpr,
+    VMAX_CAP: tl.constexpr,
+    INV_VMAX: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    NB: tl.constexpr = BK // 16
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_k = tl.num_programs(1) - 1 - pid_k
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    col0 = pid_k * BK
+    cols = col0 + tl.arange(0, BK)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    if ROTATION > 0:
+        signs = tl.load(signs_ptr + tl.arange(0, BK) % ROTATION)
+        x = x * signs[None, :]
+        CHUNKS: tl.constexpr = BM * BK // ROTATION
+        x = tl.reshape(fwht(tl.reshape(x, [CHUNKS, ROTATION]), CHUNKS, ROTATION, LOG_ROTATION), [BM, BK])
+        x = x * ROTATION_SCALE
+
+    xb = tl.reshape(x, [BM, NB, 16])
+    absx = tl.where(xb == xb, tl.abs(xb), float("inf"))
+    vmax = tl.max(absx, axis=2)  # [BM, NB]
+    if MODE == 0:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(vmax, axis=1), axis=0))
+        return
+
+    if BLOCK_2D:
+        tile_max = tl.max(tl.reshape(vmax, [BM // 16, 16, NB]), axis=1)
+        vmax = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, NB]), [BM, NB])
+    if OUTER_BLOCK128:
+        amax = tl.max(vmax, axis=1, keep_dims=True)  # [BM, 1]: BK is one 128 block
+    else:
+        amax = tl.load(amax_ptr)
+    s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, tl.where(amax == 0.0, 1.0, amax)), _FLT_MAX))
+    outer = tl.where(amax < float("inf"), tl.math.div_rn(1.0, s_enc), float("nan"))
+    raw = tl.minimum(vmax * (s_enc * INV_VMAX), 448.0)
+
+    if ROUNDING == 1:
+        bits16 = tl.reshape(element_random_bits(tl.load(seed_ptr), rows, col0, K, BM, BK), [BM, NB, 16])
+    else:
+        bits16 = tl.zeros([BM, NB, 16], dtype=tl.int32)
+
+    b = e4m3_rne(raw)
+    e = _encode_factor(b, outer)
+    u = xb * e[:, :, None]
+    code, value = e2m1_round(u, bits16, ROUNDING == 1)
+    if FOUR_OVER_SIX:
+        b4 = e4m3_rne(raw * 1.5)
+        e4 = _encode_factor(b4, outer)
+        code4, value4 = e2m1_round(xb * e4[:, :, None], bits16, ROUNDING == 1)
+        d6 = (value * b[:, :, None]) * outer - xb
+        d4 = (value4 * b4[:, :, None]) * outer - xb
+        pick4 = pairwise_sum16(d4 * d4, BM, NB) < pairwise_sum16(d6 * d6, BM, NB)
+        code = tl.where(pick4[:, :, None], code4, code)
+        b = tl.where(pick4, b4, b)
+    if ROUNDING == 2:
+        num = pairwise_sum16(u * u, BM, NB)
+        den = pairwise_sum16(u * value, BM, NB)
+        correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
+        block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
+        bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
+        b = e4m3_sr(correction * b, bits20)
+
+    lo, hi = tl.split(tl.reshape(code, [BM, BK // 2, 2]))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    code_cols = col0 // 2 + tl.arange(0, BK // 2)
+    tl.store(
+        codes_ptr + rows[:, None] * (K // 2) + code_cols[None, :],
+        packed,
+        mask=row_ok[:, None] & (code_cols < K // 2)[None, :],
+    )
+    scale_cols = col0 // 16 + tl.arange(0, NB)
+    tl.store(
+        scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :],
+        e4m3_byte(b),
+        mask=row_ok[:, None] & (scale_cols < K // 16)[None, :],
+    )
+    if OUTER_BLOCK128:
+        tl.store(outer_ptr + rows[:, None] * (K // 128) + pid_k, outer, mask=row_ok[:, None])
+    elif (pid_m == 0) & (pid_k == 0):
+        tl.store(outer_ptr, outer)
+
+
+def _tile_rows(spec: QuantSpec, m: int) -> int:
+    """Rows per program: 32 (16 for the wider-register RHT-128 and EDEN paths), at least one 16x16 tile."""
+    return 16 if spec.rotation == "rht128" or spec.rounding == "eden" else 32
+
+
+def quantize_triton(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    seed: Optional[torch.Tensor] = None,
+    signs: Optional[torch.Tensor] = None,
+    block_rows: Optional[int] = None,
+    num_warps: int = 4,
+) -> NVFP4:
+    """Quantize ``x`` [m, k] (last dim contiguous) with the Triton kernels.
+
+    Args:
+        x: bf16, fp16 or fp32 tensor on a CUDA device (or on the CPU under TRITON_INTERPRET=1).
+        spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
+        seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
+        signs: float32 rotation signs on ``x.device`` (required with a rotation).
+        block_rows, num_warps: tile rows and warps per program (tuning; defaults from measurements).
+
+    Returns:
+        The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
+    """
+    m, k = x.shape
+    device = x.device
+    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=device)
+    scales = torch.empty(m, k // 16, dtype=torch.uint8, device=device)
+    per_tensor = spec.outer == "tensor"
+    outer = (
+        torch.empty((), dtype=torch.float32, device=device)
+        if per_tensor
+        else torch.empty(m, k // 128, dtype=torch.float32, device=device)
+    )
+    amax = torch.zeros(1, dtype=torch.float32, device=device) if per_tensor else outer
+    bm = block_rows or _tile_rows(spec, m)
+    vmax_cap, inv_vmax = fp32_constants(spec)
+    rot = spec.rotation_size
+    constants = dict(
+        ROTATION=rot,
+        LOG_ROTATION=int(math.log2(rot)) if rot else 0,
+        ROTATION_SCALE=rotation_scale(rot) if rot else 1.0,
+        BLOCK_2D=spec.block == "16x16",
+        OUTER_BLOCK128=not per_tensor,
+        ROUNDING=_ROUNDING[spec.rounding],
+        FOUR_OVER_SIX=spec.scale_rule == "4over6",
+        VMAX_CAP=vmax_cap,
+        INV_VMAX=inv_vmax,
+        BM=bm,
+        BK=_BK,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    dummy = codes
+    args = (
+        x,
+        codes,
+        scales,
+        outer,
+        amax,
+        dummy if signs is None else signs,
+        dummy if seed is None else seed,
+        m,
+        k,
+        x.stride(0),
+    )
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, _BK))
+    if m > 0 and per_tensor:
+        _nvfp4_quantize_kernel[grid](*args, MODE=0, REVERSE=False, **constants)
+    if m > 0:
+        _nvfp4_quantize_kernel[grid](*args, MODE=1, REVERSE=per_tensor, **constants)
+    else:
+        outer.fill_(1.0)
+    return NVFP4(
+        codes=codes,
+        scales=scales.view(torch.float8_e4m3fn),
+        outer=outer,
+        spec=spec,
+        signs=signs,
+        seed=seed,
+        dtype=x.dtype,
+    )
