@@ -20,7 +20,7 @@ __all__ = [
     "element_random_bits",
 ]
 
-_MAGIC_RNE: tl.constexpr = 8388608.0  # 2**23
+_MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
 
 
 @triton.jit
@@ -35,20 +35,21 @@ def _e2m1_step_inv(a):
 def e2m1_round(v, bits16, STOCHASTIC: tl.constexpr):
     """E2M1 (code, value) of FP32 ``v``: RNE saturating, or SR with 16-bit random ints ``bits16``."""
     a = tl.minimum(tl.abs(v), 6.0)
-    step, inv = _e2m1_step_inv(a)
-    t = a * inv
     if STOCHASTIC:
+        step, inv = _e2m1_step_inv(a)
+        t = a * inv
         low = t.to(tl.int32).to(tl.float32)
         up = bits16.to(tl.float32) < (t - low) * 65536.0
-        r = low + up.to(tl.float32)
+        mag = (low + up.to(tl.float32)) * step
     else:
-        r = (t + _MAGIC_RNE) - _MAGIC_RNE
-    mag = r * step
-    idx = tl.where(mag < 2.0, mag * 2.0, tl.where(mag < 4.0, mag + 2.0, mag * 0.5 + 4.0)).to(tl.int32)
-    negative = (v.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    code = idx | (negative << 3)
-    value = tl.where(negative != 0, -mag, mag)
-    return code, value
+        # Adding 2**22, 2**23 or 2**24 rounds to a multiple of 0.5, 1 or 2 (ties to even) in one step.
+        magic = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+        mag = (a + magic) - magic
+    # magnitude index from the FP32 bits of the grid value: exponent and top mantissa bit, 0.5 -> 1
+    idx = tl.maximum((mag.to(tl.int32, bitcast=True) >> 22) - 252, 0) + (mag == 0.5).to(tl.int32)
+    sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
+    value = tl.where(sign != 0, -mag, mag)
+    return idx | sign, value
 
 
 @triton.jit
@@ -91,15 +92,19 @@ def e4m3_byte(b):
 
 
 @triton.jit
+def _fwht_stage(x, ROWS: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
+    """One butterfly stage with stride H: (a, b) -> (a + b, a - b) for pairs H apart."""
+    t = tl.permute(tl.reshape(x, [ROWS, N // (2 * H), 2, H]), (0, 1, 3, 2))
+    a, b = tl.split(t)
+    t = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(t, [ROWS, N])
+
+
+@triton.jit
 def fwht(x, ROWS: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
     """Unnormalized Walsh-Hadamard transform of each row of ``x`` [ROWS, N]: strides 1, 2, ..., N/2."""
     for stage in tl.static_range(LOG_N):
-        h: tl.constexpr = 1 << stage
-        t = tl.reshape(x, [ROWS, N // (2 * h), 2, h])
-        t = tl.permute(t, (0, 1, 3, 2))
-        a, b = tl.split(t)
-        t = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
-        x = tl.reshape(t, [ROWS, N])
+        x = _fwht_stage(x, ROWS, N, 1 << stage)
     return x
 
 

@@ -31,7 +31,7 @@ from .numerics import e2m1_round, e4m3_byte, e4m3_rne, e4m3_sr, element_random_b
 __all__ = ["quantize_triton"]
 
 _BK = 128
-_FLT_MAX: tl.constexpr = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUNDING = {"rtn": 0, "sr": 1, "eden": 2}
 
 
@@ -40,6 +40,89 @@ def _encode_factor(b, outer):
     """1 / (b * outer) clamped to FLT_MAX, and 0 where the block scale is 0 (format.py)."""
     scale = b * outer
     return tl.where(b > 0.0, tl.minimum(tl.math.div_rn(1.0, tl.where(b > 0.0, scale, 1.0)), _FLT_MAX), 0.0)
+
+
+@triton.jit
+def _load_tile(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
+    """The [BM, 128] tile at ``col0`` as FP32 [BM, BK/16, 16] blocks (rotated), and its NaN-sticky block maxima."""
+    cols = col0 + tl.arange(0, BK)
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROTATION > 0:
+        signs = tl.load(signs_ptr + tl.arange(0, BK) % ROTATION)
+        x = x * signs[None, :]
+        CHUNKS: tl.constexpr = BM * BK // ROTATION
+        x = tl.reshape(fwht(tl.reshape(x, [CHUNKS, ROTATION]), CHUNKS, ROTATION, LOG_ROTATION), [BM, BK])
+        x = x * ROTATION_SCALE
+    xb = tl.reshape(x, [BM, BK // 16, 16])
+    vmax = tl.max(tl.where(xb == xb, tl.abs(xb), float("inf")), axis=2)
+    return xb, vmax
+
+
+@triton.jit
+def _outer_from_amax(amax, VMAX_CAP, INV_VMAX):
+    """(outer scale, s_enc / vmax) from a region's amax (format.py's formulas)."""
+    s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, tl.where(amax == 0.0, 1.0, amax)), _FLT_MAX))
+    outer = tl.where(amax < float("inf"), tl.math.div_rn(1.0, s_enc), float("nan"))
+    return outer, s_enc * INV_VMAX
+
+
+@triton.jit
+def _quantize_tile(
+    xb,
+    vmax,
+    outer,
+    factor,
+    rows,
+    row_ok,
+    col0,
+    K,
+    seed_ptr,
+    codes_ptr,
+    scales_ptr,
+    BLOCK_2D,
+    ROUNDING,
+    FOUR_OVER_SIX,
+    BM,
+    BK,
+):
+    """Round one tile given its outer scale, and store its packed codes and E4M3 scale bytes."""
+    NB: tl.constexpr = BK // 16
+    if BLOCK_2D:
+        tile_max = tl.max(tl.reshape(vmax, [BM // 16, 16, NB]), axis=1)
+        vmax = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, NB]), [BM, NB])
+    raw = tl.minimum(vmax * factor, 448.0)
+    if ROUNDING == 1:
+        bits16 = tl.reshape(element_random_bits(tl.load(seed_ptr), rows, col0, K, BM, BK), [BM, NB, 16])
+    else:
+        bits16 = tl.zeros([BM, NB, 16], dtype=tl.int32)
+
+    b = e4m3_rne(raw)
+    u = xb * _encode_factor(b, outer)[:, :, None]
+    code, value = e2m1_round(u, bits16, ROUNDING == 1)
+    if FOUR_OVER_SIX:
+        b4 = e4m3_rne(raw * 1.5)
+        code4, value4 = e2m1_round(xb * _encode_factor(b4, outer)[:, :, None], bits16, ROUNDING == 1)
+        d6 = (value * b[:, :, None]) * outer - xb
+        d4 = (value4 * b4[:, :, None]) * outer - xb
+        pick4 = pairwise_sum16(d4 * d4, BM, NB) < pairwise_sum16(d6 * d6, BM, NB)
+        code = tl.where(pick4[:, :, None], code4, code)
+        b = tl.where(pick4, b4, b)
+    if ROUNDING == 2:
+        num = pairwise_sum16(u * u, BM, NB)
+        den = pairwise_sum16(u * value, BM, NB)
+        correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
+        block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
+        bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
+        b = e4m3_sr(correction * b, bits20)
+
+    lo, hi = tl.split(tl.reshape(code, [BM, BK // 2, 2]))
+    code_cols = col0 // 2 + tl.arange(0, BK // 2)
+    code_mask = row_ok[:, None] & (code_cols < K // 2)[None, :]
+    tl.store(codes_ptr + rows[:, None] * (K // 2) + code_cols[None, :], (lo | (hi << 4)).to(tl.uint8), mask=code_mask)
+    scale_cols = col0 // 16 + tl.arange(0, NB)
+    scale_mask = row_ok[:, None] & (scale_cols < K // 16)[None, :]
+    tl.store(scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :], e4m3_byte(b), mask=scale_mask)
 
 
 @triton.jit
@@ -67,94 +150,80 @@ def _nvfp4_quantize_kernel(
     REVERSE: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    NB: tl.constexpr = BK // 16
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m
         pid_k = tl.num_programs(1) - 1 - pid_k
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    col0 = pid_k * BK
-    cols = col0 + tl.arange(0, BK)
     row_ok = rows < M
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    first_col = pid_k * (TILES * BK)
 
-    if ROTATION > 0:
-        signs = tl.load(signs_ptr + tl.arange(0, BK) % ROTATION)
-        x = x * signs[None, :]
-        CHUNKS: tl.constexpr = BM * BK // ROTATION
-        x = tl.reshape(fwht(tl.reshape(x, [CHUNKS, ROTATION]), CHUNKS, ROTATION, LOG_ROTATION), [BM, BK])
-        x = x * ROTATION_SCALE
-
-    xb = tl.reshape(x, [BM, NB, 16])
-    absx = tl.where(xb == xb, tl.abs(xb), float("inf"))
-    vmax = tl.max(absx, axis=2)  # [BM, NB]
     if MODE == 0:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(vmax, axis=1), axis=0))
-        return
-
-    if BLOCK_2D:
-        tile_max = tl.max(tl.reshape(vmax, [BM // 16, 16, NB]), axis=1)
-        vmax = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, NB]), [BM, NB])
-    if OUTER_BLOCK128:
-        amax = tl.max(vmax, axis=1, keep_dims=True)  # [BM, 1]: BK is one 128 block
+        running = tl.zeros([BM, BK // 16], dtype=tl.float32)
+        for i in range(TILES):
+            _, vmax = _load_tile(
+                x_ptr,
+                signs_ptr,
+                rows,
+                row_ok,
+                first_col + i * BK,
+                K,
+                stride_xm,
+                ROTATION,
+                LOG_ROTATION,
+                ROTATION_SCALE,
+                BM,
+                BK,
+            )
+            running = tl.maximum(running, vmax)
+        tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
     else:
-        amax = tl.load(amax_ptr)
-    s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, tl.where(amax == 0.0, 1.0, amax)), _FLT_MAX))
-    outer = tl.where(amax < float("inf"), tl.math.div_rn(1.0, s_enc), float("nan"))
-    raw = tl.minimum(vmax * (s_enc * INV_VMAX), 448.0)
-
-    if ROUNDING == 1:
-        bits16 = tl.reshape(element_random_bits(tl.load(seed_ptr), rows, col0, K, BM, BK), [BM, NB, 16])
-    else:
-        bits16 = tl.zeros([BM, NB, 16], dtype=tl.int32)
-
-    b = e4m3_rne(raw)
-    e = _encode_factor(b, outer)
-    u = xb * e[:, :, None]
-    code, value = e2m1_round(u, bits16, ROUNDING == 1)
-    if FOUR_OVER_SIX:
-        b4 = e4m3_rne(raw * 1.5)
-        e4 = _encode_factor(b4, outer)
-        code4, value4 = e2m1_round(xb * e4[:, :, None], bits16, ROUNDING == 1)
-        d6 = (value * b[:, :, None]) * outer - xb
-        d4 = (value4 * b4[:, :, None]) * outer - xb
-        pick4 = pairwise_sum16(d4 * d4, BM, NB) < pairwise_sum16(d6 * d6, BM, NB)
-        code = tl.where(pick4[:, :, None], code4, code)
-        b = tl.where(pick4, b4, b)
-    if ROUNDING == 2:
-        num = pairwise_sum16(u * u, BM, NB)
-        den = pairwise_sum16(u * value, BM, NB)
-        correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
-        block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
-        bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
-        b = e4m3_sr(correction * b, bits20)
-
-    lo, hi = tl.split(tl.reshape(code, [BM, BK // 2, 2]))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    code_cols = col0 // 2 + tl.arange(0, BK // 2)
-    tl.store(
-        codes_ptr + rows[:, None] * (K // 2) + code_cols[None, :],
-        packed,
-        mask=row_ok[:, None] & (code_cols < K // 2)[None, :],
-    )
-    scale_cols = col0 // 16 + tl.arange(0, NB)
-    tl.store(
-        scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :],
-        e4m3_byte(b),
-        mask=row_ok[:, None] & (scale_cols < K // 16)[None, :],
-    )
-    if OUTER_BLOCK128:
-        tl.store(outer_ptr + rows[:, None] * (K // 128) + pid_k, outer, mask=row_ok[:, None])
-    elif (pid_m == 0) & (pid_k == 0):
-        tl.store(outer_ptr, outer)
+        if not OUTER_BLOCK128:
+            outer, factor = _outer_from_amax(tl.load(amax_ptr), VMAX_CAP, INV_VMAX)
+            if (pid_m == 0) & (pid_k == 0):
+                tl.store(outer_ptr, outer)
+        for i in range(TILES):
+            tile = (TILES - 1 - i) if REVERSE else i
+            col0 = first_col + tile * BK
+            xb, vmax = _load_tile(
+                x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
+            )
+            if OUTER_BLOCK128:
+                outer, factor = _outer_from_amax(tl.max(vmax, axis=1, keep_dims=True), VMAX_CAP, INV_VMAX)
+                tl.store(outer_ptr + rows[:, None] * (K // 128) + col0 // 128, outer, mask=row_ok[:, None] & (col0 < K))
+            _quantize_tile(
+                xb,
+                vmax,
+                outer,
+                factor,
+                rows,
+                row_ok,
+                col0,
+                K,
+                seed_ptr,
+                codes_ptr,
+                scales_ptr,
+                BLOCK_2D,
+                ROUNDING,
+                FOUR_OVER_SIX,
+                BM,
+                BK,
+            )
 
 
-def _tile_rows(spec: QuantSpec, m: int) -> int:
+def _tile_rows(spec: QuantSpec) -> int:
     """Rows per program: 32 (16 for the wider-register RHT-128 and EDEN paths), at least one 16x16 tile."""
     return 16 if spec.rotation == "rht128" or spec.rounding == "eden" else 32
+
+
+def _tiles_per_program(m: int, k: int, bm: int, target_programs: int = 2048) -> int:
+    """128-column tiles per program: enough programs to fill the GPU, few enough to amortize setup."""
+    row_panels = triton.cdiv(m, bm)
+    n_tiles = triton.cdiv(k, _BK)
+    return max(1, min(n_tiles, triton.next_power_of_2(max(1, row_panels * n_tiles // target_programs))))
 
 
 def quantize_triton(
@@ -165,6 +234,7 @@ def quantize_triton(
     signs: Optional[torch.Tensor] = None,
     block_rows: Optional[int] = None,
     num_warps: int = 4,
+    tiles_per_program: Optional[int] = None,
 ) -> NVFP4:
     """Quantize ``x`` [m, k] (last dim contiguous) with the Triton kernels.
 
@@ -173,7 +243,7 @@ def quantize_triton(
         spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
         signs: float32 rotation signs on ``x.device`` (required with a rotation).
-        block_rows, num_warps: tile rows and warps per program (tuning; defaults from measurements).
+        block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
 
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
@@ -189,7 +259,8 @@ def quantize_triton(
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
     amax = torch.zeros(1, dtype=torch.float32, device=device) if per_tensor else outer
-    bm = block_rows or _tile_rows(spec, m)
+    bm = block_rows or _tile_rows(spec)
+    tiles = tiles_per_program or _tiles_per_program(m, k, bm)
     vmax_cap, inv_vmax = fp32_constants(spec)
     rot = spec.rotation_size
     constants = dict(
@@ -204,6 +275,7 @@ def quantize_triton(
         INV_VMAX=inv_vmax,
         BM=bm,
         BK=_BK,
+        TILES=tiles,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
@@ -220,7 +292,7 @@ def quantize_triton(
         k,
         x.stride(0),
     )
-    grid = (triton.cdiv(m, bm), triton.cdiv(k, _BK))
+    grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
     if m > 0 and per_tensor:
         _nvfp4_quantize_kernel[grid](*args, MODE=0, REVERSE=False, **constants)
     if m > 0:

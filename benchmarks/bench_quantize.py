@@ -1,0 +1,106 @@
+"""NVFP4 quantize throughput per named quantizer, next to the GPU's copy bandwidth.
+
+Run on a GPU:  python -m benchmarks.bench_quantize [--out DIR] [--sweep]
+
+GB/s counts the bytes a quantization must move once: the input read once plus the
+codes, E4M3 scales and FP32 outer scales written once. Per-tensor-scaled quantizers
+also need a max|x| pass over the input before any scale is known, so they read the
+input twice; "traffic GB/s" counts that second read, and "floor %" is the share of
+copy bandwidth a two-pass quantizer reaches if both passes run at copy speed.
+Inputs rotate over three buffers so no call finds its input in L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.utils import copy_bandwidth_gbs, environment, format_table, median_ms, write_json
+from fp4compile import QuantSpec, quantize
+from fp4compile.kernels.quantize import quantize_triton
+from fp4compile.quantize import draw_seed, draw_signs
+
+SHAPES = [(8192, 4096), (8192, 14336)]
+# (tile rows, warps, 128-column tiles per program or None for the default heuristic)
+SWEEP = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 8, None), (32, 4, 1), (32, 4, 16), (64, 4, None)]
+
+
+def _bytes(spec: QuantSpec, m: int, k: int, in_bytes: int) -> tuple[int, int]:
+    """(bytes that must move once, bytes actually moved including the amax pass)."""
+    written = m * k // 2 + m * k // 16 + (m * k // 128 * 4 if spec.outer == "block128" else 4)
+    logical = m * k * in_bytes + written
+    return logical, logical + (m * k * in_bytes if spec.outer == "tensor" else 0)
+
+
+def bench_spec(spec: QuantSpec, xs: list[torch.Tensor], **launch) -> float:
+    """Median ms of the kernel launcher (random streams drawn once) over the rotated inputs."""
+    seed = draw_seed(xs[0].device) if spec.stochastic else None
+    signs = draw_signs(spec.rotation_size, xs[0].device) if spec.rotation != "none" else None
+    return median_ms(lambda i: quantize_triton(xs[i], spec, seed=seed, signs=signs, **launch), n_inputs=len(xs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="out", help="directory for bench_quantize.json")
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile rows and warps per quantizer")
+    parser.add_argument("--names", default=",".join(QuantSpec.names()), help="comma-separated quantizer names")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quantize needs a CUDA GPU")
+
+    env = environment()
+    copy = copy_bandwidth_gbs()
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    print(f"copy bandwidth: {copy:.0f} GB/s (read + write)")
+    rows, records = [], []
+    for m, k in SHAPES:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        for name in args.names.split(","):
+            spec = QuantSpec.named(name)
+            ms = bench_spec(spec, xs)
+            api_ms = median_ms(lambda i: quantize(xs[i], spec, validate=False), n_inputs=len(xs))
+            logical, traffic = _bytes(spec, m, k, 2)
+            gbs = logical / ms / 1e6
+            rec = dict(
+                name=name,
+                m=m,
+                k=k,
+                ms=ms,
+                api_ms=api_ms,
+                gbs=gbs,
+                pct_copy=100 * gbs / copy,
+                traffic_gbs=traffic / ms / 1e6,
+                floor_pct=100 * logical / traffic,
+            )
+            if args.sweep:
+                sweep = {}
+                for bm, warps, tiles in SWEEP:
+                    key = f"bm{bm}_w{warps}_t{tiles or 'auto'}"
+                    try:
+                        sweep[key] = bench_spec(spec, xs, block_rows=bm, num_warps=warps, tiles_per_program=tiles)
+                    except Exception as exc:  # e.g. out of registers for large tiles: record and go on
+                        sweep[key] = repr(exc)[:80]
+                rec["sweep_ms"] = sweep
+                print(name, m, k, {key: (f"{v * 1e3:.1f}" if isinstance(v, float) else v) for key, v in sweep.items()})
+            records.append(rec)
+            rows.append(
+                [
+                    name,
+                    f"{m}x{k}",
+                    f"{ms * 1e3:.1f}",
+                    f"{api_ms * 1e3:.1f}",
+                    f"{gbs:.0f}",
+                    f"{rec['pct_copy']:.0f}%",
+                    f"{rec['traffic_gbs']:.0f}",
+                    f"{rec['floor_pct']:.0f}%",
+                ]
+            )
+    write_json(f"{args.out}/bench_quantize.json", dict(env=env, copy_gbs=copy, results=records))
+    print(
+        format_table(["quantizer", "shape", "kernel us", "api us", "GB/s", "% copy", "traffic GB/s", "floor %"], rows)
+    )
+
+
+if __name__ == "__main__":
+    main()

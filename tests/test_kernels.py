@@ -1,0 +1,147 @@
+"""Triton quantize kernels vs the format.py reference: bit for bit, for every named quantizer.
+
+On a CPU machine the kernels run in the Triton interpreter on small shapes; on a
+GPU the same tests run at large shapes. Stochastic quantizers are compared given
+the same Philox seed and rotation signs.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import KERNEL_DEVICE, ON_GPU
+
+from fp4compile import QuantSpec
+from fp4compile.format import TE_RHT_SIGNS, quantize_reference
+from fp4compile.kernels import quantize_triton
+from fp4compile.philox import philox4x32
+from fp4compile.quantize import draw_seed, draw_signs
+
+# (rows, K): rows not a multiple of any tile size, K a multiple of 128 and, where a spec allows, of 16 only.
+if ON_GPU:
+    SHAPES = [(8192 + 37, 4096), (1000, 14336), (4096 + 16, 4096 + 48)]
+else:
+    SHAPES = [(37, 256), (16, 128), (50, 176)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _random_streams(spec, device):
+    seed = draw_seed(device) if spec.stochastic else None
+    if spec.rotation == "rht16_te":
+        signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32, device=device)
+    elif spec.random_signs:
+        signs = draw_signs(spec.rotation_size, device)
+    else:
+        signs = None
+    return seed, signs
+
+
+def _assert_bit_identical(x, spec):
+    seed, signs = _random_streams(spec, x.device)
+    got = quantize_triton(x, spec, seed=seed, signs=signs)
+    want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    assert got.codes.dtype == torch.uint8 and got.scales.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0, equal_nan=True)
+
+
+def _valid_shapes(spec):
+    rows_ok = lambda m: m % spec.row_multiple == 0  # noqa: E731
+    shapes = [(m, k) for m, k in SHAPES if k % spec.k_multiple == 0]
+    return [(m if rows_ok(m) else m - m % 16, k) for m, k in shapes]
+
+
+@pytest.mark.parametrize("name", QuantSpec.names())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_matches_reference(name, dtype):
+    spec = QuantSpec.named(name)
+    for m, k in _valid_shapes(spec):
+        x = (torch.randn(m, k, device=KERNEL_DEVICE) * 5).to(dtype)
+        _assert_bit_identical(x, spec)
+
+
+def _edge_case_tensor(k, device):
+    """Rows that exercise every branch: zeros, tiny (subnormal E4M3 scales), huge, ties, outliers."""
+    rows = [
+        torch.zeros(k),
+        torch.full((k,), 1e-30),  # one tiny row next to O(1) rows: block scales round to 0 / subnormal
+        torch.linspace(-6, 6, k),
+        torch.randn(k) * 1e-4,
+        torch.randn(k) * 3e4,
+        torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0] * (k // 8)),  # E2M1 ties at unit scale
+        torch.randn(k).where(torch.rand(k) > 0.9, torch.zeros(k)),
+        torch.randn(k) * torch.logspace(-6, 6, k),
+    ]
+    x = torch.stack(rows)
+    x[2, 5] = 448.0 * 6  # the tensor maximum
+    return x.to(device)
+
+
+@pytest.mark.parametrize("name", QuantSpec.names())
+def test_kernel_edge_cases(name):
+    spec = QuantSpec.named(name)
+    x = _edge_case_tensor(256, KERNEL_DEVICE)
+    if spec.row_multiple == 16:
+        x = torch.cat([x, x.flip(0)])
+    _assert_bit_identical(x, spec)
+    _assert_bit_identical(torch.zeros_like(x), spec)
+
+
+@pytest.mark.parametrize("name", ["rtn", "double_block_rtn", "ms_eden"])
+def test_kernel_nonfinite_input_gives_nan_outer(name):
+    spec = QuantSpec.named(name)
+    x = torch.randn(32, 256, device=KERNEL_DEVICE)
+    x[3, 7] = float("nan")
+    x[20, 200] = float("inf")
+    seed, signs = _random_streams(spec, x.device)
+    q = quantize_triton(x, spec, seed=seed, signs=signs)
+    deq = q.dequantize(torch.float32)
+    if spec.outer == "tensor":
+        assert torch.isnan(q.outer) and torch.isnan(deq).all()
+    else:
+        assert torch.isnan(deq[3, :128]).all() and torch.isnan(deq[20, 128:]).all()
+        assert torch.isfinite(deq[:3]).all()
+
+
+def test_kernel_strided_rows():
+    x = torch.randn(64, 512, device=KERNEL_DEVICE)[:, :256]
+    assert x.stride(0) == 512
+    spec = QuantSpec.named("sr")
+    seed = draw_seed(x.device)
+    got = quantize_triton(x, spec, seed=seed)
+    want = quantize_reference(x.contiguous(), spec, seed=int(seed.item()))
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+
+
+@triton.jit
+def _randint4x_kernel(seed_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    w0, w1, w2, w3 = tl.randint4x(tl.load(seed_ptr), i)
+    j = tl.arange(0, 4)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [N, 4])
+    tl.store(out_ptr + i[:, None] * 4 + j[None, :], words.to(tl.int64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5, 2**62 - 1])
+def test_philox_matches_triton_randint4x(seed):
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=KERNEL_DEVICE)
+    out = torch.empty(1024, 4, dtype=torch.int64, device=KERNEL_DEVICE)
+    _randint4x_kernel[(1,)](seed_t, out, N=1024)
+    want = torch.stack(philox4x32(seed, torch.arange(1024, device=KERNEL_DEVICE)), dim=-1)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "sr", "double_block_rht16_sr", "ms_eden"])
+@pytest.mark.parametrize("block_rows,tiles", [(16, 1), (32, 2), (64, 4)])
+def test_kernel_launch_shapes(name, block_rows, tiles):
+    """Any tile rows / tiles per program give the same bits, including programs whose tiles run past K."""
+    spec = QuantSpec.named(name)
+    m, k = (48, 384) if not ON_GPU else (4096 + 48, 4096 + 384)
+    x = torch.randn(m, k, device=KERNEL_DEVICE)
+    seed, signs = _random_streams(spec, x.device)
+    got = quantize_triton(x, spec, seed=seed, signs=signs, block_rows=block_rows, tiles_per_program=tiles)
+    want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
