@@ -26,7 +26,7 @@ folded, encode factor from the *rounded* scale). A block whose scale rounds to 0
 stores zero codes (TE stores saturated codes with a zero scale: same dequantized
 value). Rotations apply a random Hadamard transform ``y = H(x * signs) / sqrt(n)``
 per n-element chunk of K *before* all of the above, with the fast Walsh-Hadamard
-butterfly in a fixed order (strides 1, 2, 4, ...), so kernels can match it exactly.
+butterfly in a fixed order (strides n/2, ..., 2, 1), so kernels can match it exactly.
 Sums over a block (four-over-six errors, MS-EDEN's correction) are pairwise trees
 over adjacent elements. Stochastic rounding draws from Philox (``philox.py``)
 keyed by a seed, with counters fixed by the element's position (see
@@ -184,11 +184,11 @@ def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
 def fwht(x: torch.Tensor, n: int) -> torch.Tensor:
     """Unnormalized Walsh-Hadamard transform (Sylvester order) of each n-chunk of the last dim.
 
-    Butterfly stages with strides 1, 2, 4, ..., n/2; each stage writes ``a + b`` and ``a - b``.
+    Butterfly stages with strides n/2, n/4, ..., 1 (largest first); each writes ``a + b`` and ``a - b``.
     """
     shape = x.shape
     for stage in range(int(math.log2(n))):
-        h = 1 << stage
+        h = n >> (stage + 1)
         t = x.reshape(*shape[:-1], -1, 2, h)
         a, b = t[..., 0, :], t[..., 1, :]
         x = torch.stack((a + b, a - b), dim=-2).reshape(shape)

@@ -5,6 +5,11 @@ with one IEEE rounding per operation, so kernels launched with
 ``enable_fp_fusion=False`` match the spec bit for bit. E4M3 rounding is done
 arithmetically (no ``.to(tl.float8e4nv)``: the Triton interpreter rounds that
 cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the GPU).
+
+[Note: halves] Kernels hold a tile of 16-element scale blocks as two tensors
+``lo`` and ``hi`` of shape [BM, NB, 8]: elements 0-7 and 8-15 of each block. Each
+thread then owns 8 contiguous elements (one 16-byte bf16 load), so the 8-point
+butterflies, the per-block trees and nibble packing below stay in registers.
 """
 
 import triton
@@ -16,8 +21,13 @@ __all__ = [
     "e4m3_sr",
     "e4m3_byte",
     "fwht",
-    "pairwise_sum16",
-    "element_random_bits",
+    "fwht8",
+    "abs_bits",
+    "from_bits",
+    "max_abs8",
+    "pairwise_sum8",
+    "half_random_bits",
+    "pack_half",
 ]
 
 _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
@@ -41,12 +51,17 @@ def e2m1_round(v, bits16, STOCHASTIC: tl.constexpr):
         low = t.to(tl.int32).to(tl.float32)
         up = bits16.to(tl.float32) < (t - low) * 65536.0
         mag = (low + up.to(tl.float32)) * step
+        idx = tl.maximum((mag.to(tl.int32, bitcast=True) >> 22) - 252, 0) + (mag == 0.5).to(tl.int32)
     else:
-        # Adding 2**22, 2**23 or 2**24 rounds to a multiple of 0.5, 1 or 2 (ties to even) in one step.
-        magic = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
-        mag = (a + magic) - magic
-    # magnitude index from the FP32 bits of the grid value: exponent and top mantissa bit, 0.5 -> 1
-    idx = tl.maximum((mag.to(tl.int32, bitcast=True) >> 22) - 252, 0) + (mag == 0.5).to(tl.int32)
+        # a + 2**22 (2**23, 2**24) rounds to a multiple of 0.5 (1, 2), ties to even, and its low mantissa
+        # bits then count those multiples: the code is that count plus 0 (2, 4).
+        below2 = a < 2.0
+        below4 = a < 4.0
+        magic = tl.where(below2, 4194304.0, tl.where(below4, 8388608.0, 16777216.0))
+        bias = tl.where(below2, 0x4A800000, tl.where(below4, 0x4B000000 - 2, 0x4B800000 - 4))
+        s = a + magic
+        idx = s.to(tl.int32, bitcast=True) - bias
+        mag = s - magic
     sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
     value = tl.where(sign != 0, -mag, mag)
     return idx | sign, value
@@ -102,28 +117,86 @@ def _fwht_stage(x, ROWS: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
 
 @triton.jit
 def fwht(x, ROWS: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
-    """Unnormalized Walsh-Hadamard transform of each row of ``x`` [ROWS, N]: strides 1, 2, ..., N/2."""
+    """Unnormalized Walsh-Hadamard transform of each row of ``x`` [ROWS, N]: strides N/2, ..., 2, 1."""
     for stage in tl.static_range(LOG_N):
-        x = _fwht_stage(x, ROWS, N, 1 << stage)
+        x = _fwht_stage(x, ROWS, N, N >> (stage + 1))
     return x
 
 
 @triton.jit
-def pairwise_sum16(t, R: tl.constexpr, NB: tl.constexpr):
-    """Sum over the last dim of ``t`` [R, NB, 16] as a tree of adjacent pairs."""
-    a, b = tl.split(tl.reshape(t, [R, NB, 8, 2]))
-    a, b = tl.split(tl.reshape(a + b, [R, NB, 4, 2]))
-    a, b = tl.split(tl.reshape(a + b, [R, NB, 2, 2]))
+def _bfly(a, b):
+    return a + b, a - b
+
+
+@triton.jit
+def fwht8(x, R0: tl.constexpr, R1: tl.constexpr):
+    """Walsh-Hadamard transform of the last dim of ``x`` [R0, R1, 8], strides 4, 2, 1, in registers."""
+    e, o = tl.split(tl.reshape(x, [R0, R1, 4, 2]))  # columns (0, 2, 4, 6) and (1, 3, 5, 7)
+    e0, e1 = tl.split(tl.reshape(e, [R0, R1, 2, 2]))  # (0, 4), (2, 6)
+    o0, o1 = tl.split(tl.reshape(o, [R0, R1, 2, 2]))  # (1, 5), (3, 7)
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    c0, c4 = _bfly(c0, c4)
+    c1, c5 = _bfly(c1, c5)
+    c2, c6 = _bfly(c2, c6)
+    c3, c7 = _bfly(c3, c7)
+    c0, c2 = _bfly(c0, c2)
+    c1, c3 = _bfly(c1, c3)
+    c4, c6 = _bfly(c4, c6)
+    c5, c7 = _bfly(c5, c7)
+    c0, c1 = _bfly(c0, c1)
+    c2, c3 = _bfly(c2, c3)
+    c4, c5 = _bfly(c4, c5)
+    c6, c7 = _bfly(c6, c7)
+    e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), [R0, R1, 4])
+    o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), [R0, R1, 4])
+    return tl.reshape(tl.join(e, o), [R0, R1, 8])
+
+
+@triton.jit
+def abs_bits(x):
+    """FP32 bits of |x| as int32: ordered like |x|, with every NaN above +inf (a NaN-sticky max key)."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def from_bits(bits):
+    """FP32 value of int32 bits."""
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def max_abs8(x):
+    """max |x| over the last dim of [R0, R1, 8], as int32 bits (see abs_bits)."""
+    return tl.max(abs_bits(x), axis=2)
+
+
+@triton.jit
+def pairwise_sum8(t, R0: tl.constexpr, R1: tl.constexpr):
+    """Sum over the last dim of ``t`` [R0, R1, 8] as a tree of adjacent pairs."""
+    a, b = tl.split(tl.reshape(t, [R0, R1, 4, 2]))
+    a, b = tl.split(tl.reshape(a + b, [R0, R1, 2, 2]))
     a, b = tl.split(a + b)
     return a + b
 
 
 @triton.jit
-def element_random_bits(seed, rows, col0, K, BM: tl.constexpr, BK: tl.constexpr):
-    """16-bit random ints [BM, BK] for the elements at ``rows`` x [col0, col0 + BK) (see format.py)."""
-    groups = col0 // 8 + tl.arange(0, BK // 8)
+def half_random_bits(seed, rows, col0, K, HALF: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """16-bit random ints [BM, NB, 8] for half ``HALF`` of the blocks at ``rows`` x [col0, col0 + 16 NB).
+
+    Element (i, j) uses half j % 2 of word (j % 8) // 2 of philox(seed, i * K/8 + j // 8) (format.py).
+    """
+    groups = col0 // 8 + 2 * tl.arange(0, NB) + HALF
     counter = (rows[:, None] * (K // 8) + groups[None, :]).to(tl.int32)
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, BK // 8, 4])
-    halves = tl.join(words & 0xFFFF, words >> 16)
-    return tl.reshape(halves, [BM, BK])
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, NB, 4])
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, NB, 8])
+
+
+@triton.jit
+def pack_half(code, BM: tl.constexpr, NB: tl.constexpr):
+    """Pack codes [BM, NB, 8] into bytes [BM, NB, 4], element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(code, [BM, NB, 4, 2]))
+    return (lo | (hi << 4)).to(tl.uint8)

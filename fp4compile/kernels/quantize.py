@@ -26,7 +26,19 @@ import triton.language as tl
 
 from ..format import NVFP4, fp32_constants, rotation_scale
 from ..spec import QuantSpec
-from .numerics import e2m1_round, e4m3_byte, e4m3_rne, e4m3_sr, element_random_bits, fwht, pairwise_sum16
+from .numerics import (
+    e2m1_round,
+    e4m3_byte,
+    e4m3_rne,
+    e4m3_sr,
+    from_bits,
+    fwht,
+    fwht8,
+    half_random_bits,
+    max_abs8,
+    pack_half,
+    pairwise_sum8,
+)
 
 __all__ = ["quantize_triton"]
 
@@ -43,33 +55,70 @@ def _encode_factor(b, outer):
 
 
 @triton.jit
-def _load_tile(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
-    """The [BM, 128] tile at ``col0`` as FP32 [BM, BK/16, 16] blocks (rotated), and its NaN-sticky block maxima."""
-    cols = col0 + tl.arange(0, BK)
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ROTATION > 0:
-        signs = tl.load(signs_ptr + tl.arange(0, BK) % ROTATION)
-        x = x * signs[None, :]
-        CHUNKS: tl.constexpr = BM * BK // ROTATION
-        x = tl.reshape(fwht(tl.reshape(x, [CHUNKS, ROTATION]), CHUNKS, ROTATION, LOG_ROTATION), [BM, BK])
-        x = x * ROTATION_SCALE
-    xb = tl.reshape(x, [BM, BK // 16, 16])
-    vmax = tl.max(tl.where(xb == xb, tl.abs(xb), float("inf")), axis=2)
-    return xb, vmax
+def _load_halves(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
+    """The tile at ``col0`` as FP32 halves lo, hi [BM, BK/16, 8] (rotated; see numerics' note on halves)."""
+    NB: tl.constexpr = BK // 16
+    if ROTATION == 128:
+        cols = col0 + tl.arange(0, BK)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x * tl.load(signs_ptr + tl.arange(0, BK))[None, :]
+        x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
+        lo, hi = tl.split(tl.permute(tl.reshape(x, [BM, NB, 2, 8]), (0, 1, 3, 2)))
+    else:
+        block_cols = col0 + 16 * tl.arange(0, NB)
+        offs = rows[:, None, None] * stride_xm + block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
+        mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
+        lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(x_ptr + offs + 8, mask=mask, other=0.0).to(tl.float32)
+        if ROTATION == 16:
+            lo = lo * tl.load(signs_ptr + tl.arange(0, 8))[None, None, :]
+            hi = hi * tl.load(signs_ptr + 8 + tl.arange(0, 8))[None, None, :]
+            lo, hi = lo + hi, lo - hi
+            lo = fwht8(lo, BM, NB) * ROTATION_SCALE
+            hi = fwht8(hi, BM, NB) * ROTATION_SCALE
+    return lo, hi
 
 
 @triton.jit
 def _outer_from_amax(amax, VMAX_CAP, INV_VMAX):
     """(outer scale, s_enc / vmax) from a region's amax (format.py's formulas)."""
-    s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, tl.where(amax == 0.0, 1.0, amax)), _FLT_MAX))
+    safe = tl.where(amax == 0.0, 1.0, amax)
+    s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, safe), _FLT_MAX))
     outer = tl.where(amax < float("inf"), tl.math.div_rn(1.0, s_enc), float("nan"))
     return outer, s_enc * INV_VMAX
 
 
 @triton.jit
+def _round_half(x, e, seed_ptr, rows, col0, K, HALF: tl.constexpr, ROUNDING: tl.constexpr, BM, NB):
+    """E2M1 (code, value) of one half scaled by the per-block encode factors ``e`` [BM, NB]."""
+    if ROUNDING == 1:
+        bits = half_random_bits(tl.load(seed_ptr), rows, col0, K, HALF, BM, NB)
+    else:
+        bits = tl.zeros([BM, NB, 8], dtype=tl.int32)
+    return e2m1_round(x * e[:, :, None], bits, ROUNDING == 1)
+
+
+@triton.jit
+def _sq_error(lo_value, hi_value, b, outer, lo, hi, BM, NB):
+    """Per-block sum of squared dequantization error (format._block_sq_error)."""
+    d_lo = (lo_value * b[:, :, None]) * outer - lo
+    d_hi = (hi_value * b[:, :, None]) * outer - hi
+    return pairwise_sum8(d_lo * d_lo, BM, NB) + pairwise_sum8(d_hi * d_hi, BM, NB)
+
+
+@triton.jit
+def _store_half(codes_ptr, code, rows, row_ok, col0, K, HALF: tl.constexpr, BM, NB):
+    byte_cols = col0 // 2 + 8 * tl.arange(0, NB) + 4 * HALF
+    offs = rows[:, None, None] * (K // 2) + byte_cols[None, :, None] + tl.arange(0, 4)[None, None, :]
+    mask = row_ok[:, None, None] & (byte_cols < K // 2)[None, :, None]
+    tl.store(codes_ptr + offs, pack_half(code, BM, NB), mask=mask)
+
+
+@triton.jit
 def _quantize_tile(
-    xb,
+    lo,
+    hi,
     vmax,
     outer,
     factor,
@@ -80,46 +129,41 @@ def _quantize_tile(
     seed_ptr,
     codes_ptr,
     scales_ptr,
-    BLOCK_2D,
     ROUNDING,
     FOUR_OVER_SIX,
     BM,
     BK,
 ):
-    """Round one tile given its outer scale, and store its packed codes and E4M3 scale bytes."""
+    """Round one tile given its block maxima and outer scale; store packed codes and E4M3 scale bytes."""
     NB: tl.constexpr = BK // 16
-    if BLOCK_2D:
-        tile_max = tl.max(tl.reshape(vmax, [BM // 16, 16, NB]), axis=1)
-        vmax = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, NB]), [BM, NB])
     raw = tl.minimum(vmax * factor, 448.0)
-    if ROUNDING == 1:
-        bits16 = tl.reshape(element_random_bits(tl.load(seed_ptr), rows, col0, K, BM, BK), [BM, NB, 16])
-    else:
-        bits16 = tl.zeros([BM, NB, 16], dtype=tl.int32)
-
     b = e4m3_rne(raw)
-    u = xb * _encode_factor(b, outer)[:, :, None]
-    code, value = e2m1_round(u, bits16, ROUNDING == 1)
+    e = _encode_factor(b, outer)
+    lo_code, lo_value = _round_half(lo, e, seed_ptr, rows, col0, K, 0, ROUNDING, BM, NB)
+    hi_code, hi_value = _round_half(hi, e, seed_ptr, rows, col0, K, 1, ROUNDING, BM, NB)
     if FOUR_OVER_SIX:
         b4 = e4m3_rne(raw * 1.5)
-        code4, value4 = e2m1_round(xb * _encode_factor(b4, outer)[:, :, None], bits16, ROUNDING == 1)
-        d6 = (value * b[:, :, None]) * outer - xb
-        d4 = (value4 * b4[:, :, None]) * outer - xb
-        pick4 = pairwise_sum16(d4 * d4, BM, NB) < pairwise_sum16(d6 * d6, BM, NB)
-        code = tl.where(pick4[:, :, None], code4, code)
+        e4 = _encode_factor(b4, outer)
+        lo_code4, lo_value4 = _round_half(lo, e4, seed_ptr, rows, col0, K, 0, ROUNDING, BM, NB)
+        hi_code4, hi_value4 = _round_half(hi, e4, seed_ptr, rows, col0, K, 1, ROUNDING, BM, NB)
+        err6 = _sq_error(lo_value, hi_value, b, outer, lo, hi, BM, NB)
+        err4 = _sq_error(lo_value4, hi_value4, b4, outer, lo, hi, BM, NB)
+        pick4 = err4 < err6
+        lo_code = tl.where(pick4[:, :, None], lo_code4, lo_code)
+        hi_code = tl.where(pick4[:, :, None], hi_code4, hi_code)
         b = tl.where(pick4, b4, b)
     if ROUNDING == 2:
-        num = pairwise_sum16(u * u, BM, NB)
-        den = pairwise_sum16(u * value, BM, NB)
+        u_lo = lo * e[:, :, None]
+        u_hi = hi * e[:, :, None]
+        num = pairwise_sum8(u_lo * u_lo, BM, NB) + pairwise_sum8(u_hi * u_hi, BM, NB)
+        den = pairwise_sum8(u_lo * lo_value, BM, NB) + pairwise_sum8(u_hi * hi_value, BM, NB)
         correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
         block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
         bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
         b = e4m3_sr(correction * b, bits20)
 
-    lo, hi = tl.split(tl.reshape(code, [BM, BK // 2, 2]))
-    code_cols = col0 // 2 + tl.arange(0, BK // 2)
-    code_mask = row_ok[:, None] & (code_cols < K // 2)[None, :]
-    tl.store(codes_ptr + rows[:, None] * (K // 2) + code_cols[None, :], (lo | (hi << 4)).to(tl.uint8), mask=code_mask)
+    _store_half(codes_ptr, lo_code, rows, row_ok, col0, K, 0, BM, NB)
+    _store_half(codes_ptr, hi_code, rows, row_ok, col0, K, 1, BM, NB)
     scale_cols = col0 // 16 + tl.arange(0, NB)
     scale_mask = row_ok[:, None] & (scale_cols < K // 16)[None, :]
     tl.store(scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :], e4m3_byte(b), mask=scale_mask)
@@ -162,9 +206,9 @@ def _nvfp4_quantize_kernel(
     first_col = pid_k * (TILES * BK)
 
     if MODE == 0:
-        running = tl.zeros([BM, BK // 16], dtype=tl.float32)
+        running = tl.zeros([BM, BK // 16], dtype=tl.int32)
         for i in range(TILES):
-            _, vmax = _load_tile(
+            lo, hi = _load_halves(
                 x_ptr,
                 signs_ptr,
                 rows,
@@ -178,25 +222,33 @@ def _nvfp4_quantize_kernel(
                 BM,
                 BK,
             )
-            running = tl.maximum(running, vmax)
+            running = tl.maximum(running, tl.maximum(max_abs8(lo), max_abs8(hi)))
         tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
     else:
         if not OUTER_BLOCK128:
-            outer, factor = _outer_from_amax(tl.load(amax_ptr), VMAX_CAP, INV_VMAX)
+            outer, factor = _outer_from_amax(from_bits(tl.load(amax_ptr)), VMAX_CAP, INV_VMAX)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(outer_ptr, outer)
         for i in range(TILES):
             tile = (TILES - 1 - i) if REVERSE else i
             col0 = first_col + tile * BK
-            xb, vmax = _load_tile(
+            lo, hi = _load_halves(
                 x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
             )
+            vmax_bits = tl.maximum(max_abs8(lo), max_abs8(hi))
+            if BLOCK_2D:
+                tile_max = tl.max(tl.reshape(vmax_bits, [BM // 16, 16, BK // 16]), axis=1)
+                vmax_bits = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, BK // 16]), [BM, BK // 16])
             if OUTER_BLOCK128:
-                outer, factor = _outer_from_amax(tl.max(vmax, axis=1, keep_dims=True), VMAX_CAP, INV_VMAX)
-                tl.store(outer_ptr + rows[:, None] * (K // 128) + col0 // 128, outer, mask=row_ok[:, None] & (col0 < K))
+                outer, factor = _outer_from_amax(
+                    from_bits(tl.max(vmax_bits, axis=1, keep_dims=True)), VMAX_CAP, INV_VMAX
+                )
+                outer_mask = row_ok[:, None] & (col0 < K)
+                tl.store(outer_ptr + rows[:, None] * (K // 128) + col0 // 128, outer, mask=outer_mask)
             _quantize_tile(
-                xb,
-                vmax,
+                lo,
+                hi,
+                from_bits(vmax_bits),
                 outer,
                 factor,
                 rows,
@@ -206,7 +258,6 @@ def _nvfp4_quantize_kernel(
                 seed_ptr,
                 codes_ptr,
                 scales_ptr,
-                BLOCK_2D,
                 ROUNDING,
                 FOUR_OVER_SIX,
                 BM,
@@ -258,7 +309,7 @@ def quantize_triton(
         if per_tensor
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
-    amax = torch.zeros(1, dtype=torch.float32, device=device) if per_tensor else outer
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else outer
     bm = block_rows or _tile_rows(spec)
     tiles = tiles_per_program or _tiles_per_program(m, k, bm)
     vmax_cap, inv_vmax = fp32_constants(spec)
@@ -285,7 +336,7 @@ def quantize_triton(
         codes,
         scales,
         outer,
-        amax,
+        amax_bits,
         dummy if signs is None else signs,
         dummy if seed is None else seed,
         m,
