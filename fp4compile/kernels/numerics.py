@@ -6,10 +6,12 @@ with one IEEE rounding per operation, so kernels launched with
 arithmetically (no ``.to(tl.float8e4nv)``: the Triton interpreter rounds that
 cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the GPU).
 
-[Note: halves] Kernels hold a tile of 16-element scale blocks as two tensors
-``lo`` and ``hi`` of shape [BM, NB, 8]: elements 0-7 and 8-15 of each block. Each
-thread then owns 8 contiguous elements (one 16-byte bf16 load), so the 8-point
-butterflies, the per-block trees and nibble packing below stay in registers.
+[Note: pieces] Kernels hold a tile of NB 16-element scale blocks as [BM, NB, W]
+"pieces": one piece of W=16 (a contiguous load), or, for the RHT-16 path, two
+halves of W=8 (elements 0-7 and 8-15 of each block, loaded separately) so that
+each thread owns whole 8-element butterflies and the transform stays in
+registers. Per-block results combine the pieces: max, or the sum of their
+trees, which equals the 16-element tree of format.pairwise_sum.
 """
 
 import triton
@@ -24,10 +26,10 @@ __all__ = [
     "fwht8",
     "abs_bits",
     "from_bits",
-    "max_abs8",
-    "pairwise_sum8",
-    "half_random_bits",
-    "pack_half",
+    "max_abs_bits",
+    "pairwise_sum",
+    "piece_random_bits",
+    "pack_codes",
 ]
 
 _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
@@ -168,14 +170,17 @@ def from_bits(bits):
 
 
 @triton.jit
-def max_abs8(x):
-    """max |x| over the last dim of [R0, R1, 8], as int32 bits (see abs_bits)."""
+def max_abs_bits(x):
+    """max |x| over the last dim of [R0, R1, W], as int32 bits (see abs_bits)."""
     return tl.max(abs_bits(x), axis=2)
 
 
 @triton.jit
-def pairwise_sum8(t, R0: tl.constexpr, R1: tl.constexpr):
-    """Sum over the last dim of ``t`` [R0, R1, 8] as a tree of adjacent pairs."""
+def pairwise_sum(t, W: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr):
+    """Sum over the last dim of ``t`` [R0, R1, W] (W = 8 or 16) as a tree of adjacent pairs."""
+    if W == 16:
+        a, b = tl.split(tl.reshape(t, [R0, R1, 8, 2]))
+        t = a + b
     a, b = tl.split(tl.reshape(t, [R0, R1, 4, 2]))
     a, b = tl.split(tl.reshape(a + b, [R0, R1, 2, 2]))
     a, b = tl.split(a + b)
@@ -183,20 +188,22 @@ def pairwise_sum8(t, R0: tl.constexpr, R1: tl.constexpr):
 
 
 @triton.jit
-def half_random_bits(seed, rows, col0, K, HALF: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
-    """16-bit random ints [BM, NB, 8] for half ``HALF`` of the blocks at ``rows`` x [col0, col0 + 16 NB).
+def piece_random_bits(seed, rows, col0, K, PIECE: tl.constexpr, W: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """16-bit random ints [BM, NB, W] for elements PIECE*W .. PIECE*W + W-1 of the blocks at ``col0``.
 
-    Element (i, j) uses half j % 2 of word (j % 8) // 2 of philox(seed, i * K/8 + j // 8) (format.py).
+    Element (i, j) uses half j % 2 of word (j % 8) // 2 of philox(seed, i * K/8 + j // 8) (format.py):
+    one Philox call per 8 elements.
     """
-    groups = col0 // 8 + 2 * tl.arange(0, NB) + HALF
-    counter = (rows[:, None] * (K // 8) + groups[None, :]).to(tl.int32)
+    G: tl.constexpr = W // 8
+    groups = col0 // 8 + 2 * tl.arange(0, NB)[:, None] + PIECE * G + tl.arange(0, G)[None, :]
+    counter = (rows[:, None, None] * (K // 8) + groups[None, :, :]).to(tl.int32)
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, NB, 4])
-    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, NB, 8])
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, NB, G, 4])
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, NB, W])
 
 
 @triton.jit
-def pack_half(code, BM: tl.constexpr, NB: tl.constexpr):
-    """Pack codes [BM, NB, 8] into bytes [BM, NB, 4], element 2i in the low nibble."""
-    lo, hi = tl.split(tl.reshape(code, [BM, NB, 4, 2]))
+def pack_codes(code, W: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """Pack codes [BM, NB, W] into bytes [BM, NB, W/2], element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(code, [BM, NB, W // 2, 2]))
     return (lo | (hi << 4)).to(tl.uint8)

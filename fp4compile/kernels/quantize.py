@@ -34,10 +34,10 @@ from .numerics import (
     from_bits,
     fwht,
     fwht8,
-    half_random_bits,
-    max_abs8,
-    pack_half,
-    pairwise_sum8,
+    max_abs_bits,
+    pack_codes,
+    pairwise_sum,
+    piece_random_bits,
 )
 
 __all__ = ["quantize_triton"]
@@ -55,29 +55,29 @@ def _encode_factor(b, outer):
 
 
 @triton.jit
-def _load_halves(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
-    """The tile at ``col0`` as FP32 halves lo, hi [BM, BK/16, 8] (rotated; see numerics' note on halves)."""
+def _load_tile(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
+    """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] for RHT-16, else one
+    piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
     NB: tl.constexpr = BK // 16
-    if ROTATION == 128:
-        cols = col0 + tl.arange(0, BK)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = x * tl.load(signs_ptr + tl.arange(0, BK))[None, :]
-        x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
-        lo, hi = tl.split(tl.permute(tl.reshape(x, [BM, NB, 2, 8]), (0, 1, 3, 2)))
-    else:
+    if ROTATION == 16:
         block_cols = col0 + 16 * tl.arange(0, NB)
         offs = rows[:, None, None] * stride_xm + block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
         mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
         lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(x_ptr + offs + 8, mask=mask, other=0.0).to(tl.float32)
-        if ROTATION == 16:
-            lo = lo * tl.load(signs_ptr + tl.arange(0, 8))[None, None, :]
-            hi = hi * tl.load(signs_ptr + 8 + tl.arange(0, 8))[None, None, :]
-            lo, hi = lo + hi, lo - hi
-            lo = fwht8(lo, BM, NB) * ROTATION_SCALE
-            hi = fwht8(hi, BM, NB) * ROTATION_SCALE
-    return lo, hi
+        lo = lo * tl.load(signs_ptr + tl.arange(0, 8))[None, None, :]
+        hi = hi * tl.load(signs_ptr + 8 + tl.arange(0, 8))[None, None, :]
+        lo, hi = lo + hi, lo - hi
+        return fwht8(lo, BM, NB) * ROTATION_SCALE, fwht8(hi, BM, NB) * ROTATION_SCALE
+    else:
+        cols = col0 + tl.arange(0, BK)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ROTATION == 128:
+            x = x * tl.load(signs_ptr + tl.arange(0, BK))[None, :]
+            x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
+        xb = tl.reshape(x, [BM, NB, 16])
+        return xb, xb
 
 
 @triton.jit
@@ -90,29 +90,28 @@ def _outer_from_amax(amax, VMAX_CAP, INV_VMAX):
 
 
 @triton.jit
-def _round_half(x, e, seed_ptr, rows, col0, K, HALF: tl.constexpr, ROUNDING: tl.constexpr, BM, NB):
-    """E2M1 (code, value) of one half scaled by the per-block encode factors ``e`` [BM, NB]."""
+def _round_piece(x, e, seed_ptr, rows, col0, K, PIECE: tl.constexpr, ROUNDING: tl.constexpr, W, BM, NB):
+    """E2M1 (code, value) of one piece scaled by the per-block encode factors ``e`` [BM, NB]."""
     if ROUNDING == 1:
-        bits = half_random_bits(tl.load(seed_ptr), rows, col0, K, HALF, BM, NB)
+        bits = piece_random_bits(tl.load(seed_ptr), rows, col0, K, PIECE, W, BM, NB)
     else:
-        bits = tl.zeros([BM, NB, 8], dtype=tl.int32)
+        bits = tl.zeros([BM, NB, W], dtype=tl.int32)
     return e2m1_round(x * e[:, :, None], bits, ROUNDING == 1)
 
 
 @triton.jit
-def _sq_error(lo_value, hi_value, b, outer, lo, hi, BM, NB):
-    """Per-block sum of squared dequantization error (format._block_sq_error)."""
-    d_lo = (lo_value * b[:, :, None]) * outer - lo
-    d_hi = (hi_value * b[:, :, None]) * outer - hi
-    return pairwise_sum8(d_lo * d_lo, BM, NB) + pairwise_sum8(d_hi * d_hi, BM, NB)
+def _piece_sq_error(value, b, outer, x, W, BM, NB):
+    """Per-block sum over one piece of the squared dequantization error (format._block_sq_error)."""
+    d = (value * b[:, :, None]) * outer - x
+    return pairwise_sum(d * d, W, BM, NB)
 
 
 @triton.jit
-def _store_half(codes_ptr, code, rows, row_ok, col0, K, HALF: tl.constexpr, BM, NB):
-    byte_cols = col0 // 2 + 8 * tl.arange(0, NB) + 4 * HALF
-    offs = rows[:, None, None] * (K // 2) + byte_cols[None, :, None] + tl.arange(0, 4)[None, None, :]
+def _store_piece(codes_ptr, code, rows, row_ok, col0, K, PIECE: tl.constexpr, W, BM, NB):
+    byte_cols = col0 // 2 + 8 * tl.arange(0, NB) + PIECE * (W // 2)
+    offs = rows[:, None, None] * (K // 2) + byte_cols[None, :, None] + tl.arange(0, W // 2)[None, None, :]
     mask = row_ok[:, None, None] & (byte_cols < K // 2)[None, :, None]
-    tl.store(codes_ptr + offs, pack_half(code, BM, NB), mask=mask)
+    tl.store(codes_ptr + offs, pack_codes(code, W, BM, NB), mask=mask)
 
 
 @triton.jit
@@ -129,44 +128,66 @@ def _quantize_tile(
     seed_ptr,
     codes_ptr,
     scales_ptr,
-    ROUNDING,
-    FOUR_OVER_SIX,
-    BM,
-    BK,
+    HALVES: tl.constexpr,
+    ROUNDING: tl.constexpr,
+    FOUR_OVER_SIX: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """Round one tile given its block maxima and outer scale; store packed codes and E4M3 scale bytes."""
+    """Round one tile given its block maxima and outer scale; store packed codes and E4M3 scale bytes.
+
+    With HALVES, ``lo`` and ``hi`` are the two [BM, NB, 8] halves; otherwise ``lo`` is the whole
+    [BM, NB, 16] tile and ``hi`` is unused.
+    """
     NB: tl.constexpr = BK // 16
+    W: tl.constexpr = 8 if HALVES else 16
     raw = tl.minimum(vmax * factor, 448.0)
     b = e4m3_rne(raw)
     e = _encode_factor(b, outer)
-    lo_code, lo_value = _round_half(lo, e, seed_ptr, rows, col0, K, 0, ROUNDING, BM, NB)
-    hi_code, hi_value = _round_half(hi, e, seed_ptr, rows, col0, K, 1, ROUNDING, BM, NB)
+    lo_code, lo_value = _round_piece(lo, e, seed_ptr, rows, col0, K, 0, ROUNDING, W, BM, NB)
+    if HALVES:
+        hi_code, hi_value = _round_piece(hi, e, seed_ptr, rows, col0, K, 1, ROUNDING, W, BM, NB)
     if FOUR_OVER_SIX:
         b4 = e4m3_rne(raw * 1.5)
         e4 = _encode_factor(b4, outer)
-        lo_code4, lo_value4 = _round_half(lo, e4, seed_ptr, rows, col0, K, 0, ROUNDING, BM, NB)
-        hi_code4, hi_value4 = _round_half(hi, e4, seed_ptr, rows, col0, K, 1, ROUNDING, BM, NB)
-        err6 = _sq_error(lo_value, hi_value, b, outer, lo, hi, BM, NB)
-        err4 = _sq_error(lo_value4, hi_value4, b4, outer, lo, hi, BM, NB)
-        pick4 = err4 < err6
-        lo_code = tl.where(pick4[:, :, None], lo_code4, lo_code)
-        hi_code = tl.where(pick4[:, :, None], hi_code4, hi_code)
-        b = tl.where(pick4, b4, b)
+        lo_code4, lo_value4 = _round_piece(lo, e4, seed_ptr, rows, col0, K, 0, ROUNDING, W, BM, NB)
+        err6 = _piece_sq_error(lo_value, b, outer, lo, W, BM, NB)
+        err4 = _piece_sq_error(lo_value4, b4, outer, lo, W, BM, NB)
+        if HALVES:
+            hi_code4, hi_value4 = _round_piece(hi, e4, seed_ptr, rows, col0, K, 1, ROUNDING, W, BM, NB)
+            err6 += _piece_sq_error(hi_value, b, outer, hi, W, BM, NB)
+            err4 += _piece_sq_error(hi_value4, b4, outer, hi, W, BM, NB)
+            hi_code = tl.where((err4 < err6)[:, :, None], hi_code4, hi_code)
+        lo_code = tl.where((err4 < err6)[:, :, None], lo_code4, lo_code)
+        b = tl.where(err4 < err6, b4, b)
     if ROUNDING == 2:
         u_lo = lo * e[:, :, None]
-        u_hi = hi * e[:, :, None]
-        num = pairwise_sum8(u_lo * u_lo, BM, NB) + pairwise_sum8(u_hi * u_hi, BM, NB)
-        den = pairwise_sum8(u_lo * lo_value, BM, NB) + pairwise_sum8(u_hi * hi_value, BM, NB)
+        num = pairwise_sum(u_lo * u_lo, W, BM, NB)
+        den = pairwise_sum(u_lo * lo_value, W, BM, NB)
+        if HALVES:
+            u_hi = hi * e[:, :, None]
+            num += pairwise_sum(u_hi * u_hi, W, BM, NB)
+            den += pairwise_sum(u_hi * hi_value, W, BM, NB)
         correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
         block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
         bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
         b = e4m3_sr(correction * b, bits20)
 
-    _store_half(codes_ptr, lo_code, rows, row_ok, col0, K, 0, BM, NB)
-    _store_half(codes_ptr, hi_code, rows, row_ok, col0, K, 1, BM, NB)
+    _store_piece(codes_ptr, lo_code, rows, row_ok, col0, K, 0, W, BM, NB)
+    if HALVES:
+        _store_piece(codes_ptr, hi_code, rows, row_ok, col0, K, 1, W, BM, NB)
     scale_cols = col0 // 16 + tl.arange(0, NB)
     scale_mask = row_ok[:, None] & (scale_cols < K // 16)[None, :]
     tl.store(scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :], e4m3_byte(b), mask=scale_mask)
+
+
+@triton.jit
+def _block_max_bits(lo, hi, HALVES: tl.constexpr):
+    """NaN-sticky max |x| per block as int32 bits [BM, NB]."""
+    if HALVES:
+        return tl.maximum(max_abs_bits(lo), max_abs_bits(hi))
+    else:
+        return max_abs_bits(lo)
 
 
 @triton.jit
@@ -196,6 +217,7 @@ def _nvfp4_quantize_kernel(
     BK: tl.constexpr,
     TILES: tl.constexpr,
 ):
+    HALVES: tl.constexpr = ROTATION == 16
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     if REVERSE:
@@ -208,7 +230,7 @@ def _nvfp4_quantize_kernel(
     if MODE == 0:
         running = tl.zeros([BM, BK // 16], dtype=tl.int32)
         for i in range(TILES):
-            lo, hi = _load_halves(
+            lo, hi = _load_tile(
                 x_ptr,
                 signs_ptr,
                 rows,
@@ -222,7 +244,7 @@ def _nvfp4_quantize_kernel(
                 BM,
                 BK,
             )
-            running = tl.maximum(running, tl.maximum(max_abs8(lo), max_abs8(hi)))
+            running = tl.maximum(running, _block_max_bits(lo, hi, HALVES))
         tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
     else:
         if not OUTER_BLOCK128:
@@ -232,10 +254,10 @@ def _nvfp4_quantize_kernel(
         for i in range(TILES):
             tile = (TILES - 1 - i) if REVERSE else i
             col0 = first_col + tile * BK
-            lo, hi = _load_halves(
+            lo, hi = _load_tile(
                 x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
             )
-            vmax_bits = tl.maximum(max_abs8(lo), max_abs8(hi))
+            vmax_bits = _block_max_bits(lo, hi, HALVES)
             if BLOCK_2D:
                 tile_max = tl.max(tl.reshape(vmax_bits, [BM // 16, 16, BK // 16]), axis=1)
                 vmax_bits = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, BK // 16]), [BM, BK // 16])
@@ -258,6 +280,7 @@ def _nvfp4_quantize_kernel(
                 seed_ptr,
                 codes_ptr,
                 scales_ptr,
+                HALVES,
                 ROUNDING,
                 FOUR_OVER_SIX,
                 BM,
