@@ -12,7 +12,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-__all__ = ["environment", "copy_bandwidth_gbs", "median_ms", "write_json", "format_table"]
+__all__ = ["environment", "copy_bandwidth_gbs", "median_ms", "write_json", "format_table", "markdown_table"]
 
 
 def environment() -> dict:
@@ -58,4 +58,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-markdown table (for pasting into RESULTS.md unchanged)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
