@@ -63,6 +63,8 @@ __all__ = [
     "block_random_bits",
     "quantize_reference",
     "dequantize",
+    "gemm_operand",
+    "gemm_reference",
 ]
 
 #: The 16 E2M1 values indexed by their 4-bit code (bit 3 is the sign).
@@ -266,9 +268,26 @@ class NVFP4:
     def dequantize_rotated(self) -> torch.Tensor:
         """FP32 values ``code * scale * outer`` in the rotated domain (what a GEMM consumes)."""
         m, k = self.shape
-        values = e2m1_decode(unpack_nibbles(self.codes)).view(m, k // 16, 16)
-        values = values * self.scales.to(torch.float32).unsqueeze(-1)
-        return (values.view(m, k) * _expand_outer(self.outer, m, k)).view(m, k)
+        return gemm_operand(self) * _expand_outer(self.outer, m, k)
+
+
+def gemm_operand(q: NVFP4) -> torch.Tensor:
+    """FP32 ``code * scale`` [m, k] in the rotated domain, without the outer scales.
+
+    Every value is a product of an E2M1 and an E4M3 number: at most 6 significant bits
+    between 2**-10 and 2688, so it is exact in fp16 and bf16 (the tensor-core operand).
+    """
+    m, k = q.shape
+    values = e2m1_decode(unpack_nibbles(q.codes)).view(m, k // 16, 16)
+    return (values * q.scales.to(torch.float32).unsqueeze(-1)).view(m, k)
+
+
+def gemm_reference(a: NVFP4, b: NVFP4) -> torch.Tensor:
+    """``a @ b^T`` of two quantizations along the same K, in float64 (the emulated NVFP4 GEMM).
+
+    Both must be in the same rotated domain (shared signs), as the GEMM consumes them.
+    """
+    return a.dequantize_rotated().double() @ b.dequantize_rotated().double().T
 
 
 def _expand_outer(outer: torch.Tensor, m: int, k: int) -> torch.Tensor:

@@ -165,4 +165,6 @@ _NAMED: dict[str, QuantSpec] = {
     "double_block_rht16_sr": QuantSpec(outer="block128", rounding="sr", headroom=True, rotation="rht16"),
     # SR combined with 4/6: choosing the lower-error candidate after SR is biased (kept to document it).
     "sr_4over6": QuantSpec(rounding="sr", headroom=True, cap=256, scale_rule="4over6"),
+    # TE's wgrad X^T operand: the fixed-sign RHT-16, then RTN (the forward input quantizer's columnwise copy).
+    "rht16_rtn_te": QuantSpec(rotation="rht16_te"),
 }

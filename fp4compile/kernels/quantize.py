@@ -115,6 +115,15 @@ def _store_piece(codes_ptr, code, rows, row_ok, col0, K, PIECE: tl.constexpr, W,
 
 
 @triton.jit
+def _store_values(values_ptr, value, b, rows, row_ok, col0, K, PIECE: tl.constexpr, W, BM, NB):
+    """Store ``value * b`` (E2M1 value times E4M3 scale: exact in fp16) for one piece."""
+    cols = col0 + 16 * tl.arange(0, NB)[:, None] + PIECE * W + tl.arange(0, W)[None, :]
+    offs = rows[:, None, None] * K + cols[None, :, :]
+    mask = row_ok[:, None, None] & (cols < K)[None, :, :]
+    tl.store(values_ptr + offs, (value * b[:, :, None]).to(tl.float16), mask=mask)
+
+
+@triton.jit
 def _quantize_tile(
     lo,
     hi,
@@ -128,9 +137,11 @@ def _quantize_tile(
     seed_ptr,
     codes_ptr,
     scales_ptr,
+    values_ptr,
     HALVES: tl.constexpr,
     ROUNDING: tl.constexpr,
     FOUR_OVER_SIX: tl.constexpr,
+    WRITE_VALUES: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -158,7 +169,9 @@ def _quantize_tile(
             err6 += _piece_sq_error(hi_value, b, outer, hi, W, BM, NB)
             err4 += _piece_sq_error(hi_value4, b4, outer, hi, W, BM, NB)
             hi_code = tl.where((err4 < err6)[:, :, None], hi_code4, hi_code)
+            hi_value = tl.where((err4 < err6)[:, :, None], hi_value4, hi_value)
         lo_code = tl.where((err4 < err6)[:, :, None], lo_code4, lo_code)
+        lo_value = tl.where((err4 < err6)[:, :, None], lo_value4, lo_value)
         b = tl.where(err4 < err6, b4, b)
     if ROUNDING == 2:
         u_lo = lo * e[:, :, None]
@@ -176,6 +189,10 @@ def _quantize_tile(
     _store_piece(codes_ptr, lo_code, rows, row_ok, col0, K, 0, W, BM, NB)
     if HALVES:
         _store_piece(codes_ptr, hi_code, rows, row_ok, col0, K, 1, W, BM, NB)
+    if WRITE_VALUES:
+        _store_values(values_ptr, lo_value, b, rows, row_ok, col0, K, 0, W, BM, NB)
+        if HALVES:
+            _store_values(values_ptr, hi_value, b, rows, row_ok, col0, K, 1, W, BM, NB)
     scale_cols = col0 // 16 + tl.arange(0, NB)
     scale_mask = row_ok[:, None] & (scale_cols < K // 16)[None, :]
     tl.store(scales_ptr + rows[:, None] * (K // 16) + scale_cols[None, :], e4m3_byte(b), mask=scale_mask)
@@ -199,6 +216,7 @@ def _nvfp4_quantize_kernel(
     amax_ptr,
     signs_ptr,
     seed_ptr,
+    values_ptr,
     M,
     K,
     stride_xm,
@@ -210,6 +228,7 @@ def _nvfp4_quantize_kernel(
     OUTER_BLOCK128: tl.constexpr,
     ROUNDING: tl.constexpr,
     FOUR_OVER_SIX: tl.constexpr,
+    WRITE_VALUES: tl.constexpr,
     VMAX_CAP: tl.constexpr,
     INV_VMAX: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -280,9 +299,11 @@ def _nvfp4_quantize_kernel(
                 seed_ptr,
                 codes_ptr,
                 scales_ptr,
+                values_ptr,
                 HALVES,
                 ROUNDING,
                 FOUR_OVER_SIX,
+                WRITE_VALUES,
                 BM,
                 BK,
             )
@@ -309,6 +330,7 @@ def quantize_triton(
     block_rows: Optional[int] = None,
     num_warps: int = 4,
     tiles_per_program: Optional[int] = None,
+    values: Optional[torch.Tensor] = None,
 ) -> NVFP4:
     """Quantize ``x`` [m, k] (last dim contiguous) with the Triton kernels.
 
@@ -318,6 +340,8 @@ def quantize_triton(
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
         signs: float32 rotation signs on ``x.device`` (required with a rotation).
         block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
+        values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
+            rotated domain (exact in fp16; the outer scales are left to the GEMM).
 
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
@@ -345,6 +369,7 @@ def quantize_triton(
         OUTER_BLOCK128=not per_tensor,
         ROUNDING=_ROUNDING[spec.rounding],
         FOUR_OVER_SIX=spec.scale_rule == "4over6",
+        WRITE_VALUES=values is not None,
         VMAX_CAP=vmax_cap,
         INV_VMAX=inv_vmax,
         BM=bm,
@@ -362,6 +387,7 @@ def quantize_triton(
         amax_bits,
         dummy if signs is None else signs,
         dummy if seed is None else seed,
+        dummy if values is None else values,
         m,
         k,
         x.stride(0),

@@ -1,0 +1,82 @@
+"""torch.library ops of the quantized linear layer (namespace ``fp4compile``), with fake kernels and autograd.
+
+- ``fp4compile::linear(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
+  quantized tensors the backward needs (see ``linear.py``), returned as outputs so that
+  AOTAutograd saves exactly them (never a high-precision copy of x).
+- ``fp4compile::linear_backward(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+
+The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this
+module registers the ops; ``import fp4compile`` alone does not import it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .linear import linear_backward, linear_forward, saved_shapes
+from .recipe import Recipe
+
+__all__ = ["linear", "linear_backward_op"]
+
+# (codes, E4M3 scale bytes, outer) of X and of W, then the rotation signs.
+_SAVED_DTYPES = (torch.uint8, torch.uint8, torch.float32, torch.uint8, torch.uint8, torch.float32, torch.float32)
+
+
+@torch.library.custom_op("fp4compile::linear", mutates_args=())
+def linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantized ``x @ weight^T + bias`` for 2-D x, and the tensors saved for the backward."""
+    return linear_forward(x, weight, bias, Recipe.named(recipe))
+
+
+@linear.register_fake
+def _linear_fake(x, weight, bias, recipe):
+    shapes = saved_shapes(Recipe.named(recipe), x.shape[0], weight.shape[1], weight.shape[0])
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return (y, *(x.new_empty(s, dtype=d) for s, d in zip(shapes, _SAVED_DTYPES)))
+
+
+@torch.library.custom_op("fp4compile::linear_backward", mutates_args=())
+def linear_backward_op(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    x_outer: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_outer: torch.Tensor,
+    signs: torch.Tensor,
+    recipe: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::linear`` (dbias empty without bias)."""
+    saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs)
+    return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
+
+
+@linear_backward_op.register_fake
+def _linear_backward_fake(dy, weight, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, recipe, has_bias):
+    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
+    return dy.new_empty(dy.shape[0], weight.shape[1]), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, recipe = inputs
+    ctx.recipe = recipe
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(weight, *output[1:])
+
+
+def _backward(ctx, dy, *unused_grads):
+    weight, *saved = ctx.saved_tensors
+    dx, dw, db = linear_backward_op(dy.contiguous(), weight, *saved, ctx.recipe, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)

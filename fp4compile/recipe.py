@@ -1,0 +1,232 @@
+"""``Recipe``: how the three GEMMs of a linear layer are quantized, and the published presets.
+
+A linear layer ``Y = X W^T`` (X [tokens, in], W [out, in]) trains with three GEMMs, each
+with two operands quantized along that GEMM's reduction dim K:
+
+=========  ==================  =======  ========
+slot       GEMM                operand  K
+=========  ==================  =======  ========
+fwd.x      Y  = X W^T          X        in
+fwd.w      Y  = X W^T          W        in
+dgrad.dy   dX = dY W           dY       out
+dgrad.w    dX = dY W           W^T      out
+wgrad.dy   dW = dY^T X         dY^T     tokens
+wgrad.x    dW = dY^T X         X^T      tokens
+=========  ==================  =======  ========
+
+The backward W and X operands come either from the high-precision tensor (``"hp"``:
+X^T is then quantized during the forward and only its FP4 form is saved) or from the
+dequantized forward quantization (``"forward"``: the backward is then the exact
+gradient of the quantized forward, as TetraJet-v2 and Quartet II do).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .spec import QuantSpec
+
+__all__ = ["Recipe", "SLOTS", "markdown_table"]
+
+#: The six operand slots, in GEMM order.
+SLOTS = ("fwd.x", "fwd.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")
+_SOURCES = ("hp", "forward")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The quantizers of the six operand slots of a linear layer, and which layers stay high precision.
+
+    Attributes:
+        name: the registry key (``Recipe.named`` presets, or your own unique name).
+        fwd_x, fwd_w, dgrad_dy, dgrad_w, wgrad_dy, wgrad_x: the :class:`QuantSpec` of each slot;
+            all ``None`` for the unquantized ``bf16`` recipe.
+        dgrad_w_source, wgrad_x_source: ``"hp"`` (quantize the high-precision W^T / X^T) or
+            ``"forward"`` (re-quantize the transposed dequantized forward quantization).
+        share_backward_signs: one random sign vector per backward call serves both backward
+            GEMMs (Quartet II); otherwise dgrad and wgrad draw their own (TetraJet-v2). The two
+            operands of one GEMM always share their signs, so the rotation cancels.
+        keep_high_precision: ``fnmatch`` patterns of module FQNs whose linears stay unquantized.
+    """
+
+    name: str
+    fwd_x: Optional[QuantSpec] = None
+    fwd_w: Optional[QuantSpec] = None
+    dgrad_dy: Optional[QuantSpec] = None
+    dgrad_w: Optional[QuantSpec] = None
+    wgrad_dy: Optional[QuantSpec] = None
+    wgrad_x: Optional[QuantSpec] = None
+    dgrad_w_source: str = "hp"
+    wgrad_x_source: str = "hp"
+    share_backward_signs: bool = False
+    keep_high_precision: tuple[str, ...] = ("lm_head", "*.lm_head")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Recipe.name must be a non-empty string, got {self.name!r}")
+        specs = [self.spec(slot) for slot in SLOTS]
+        if any(s is None for s in specs) and not all(s is None for s in specs):
+            missing = [slot for slot, s in zip(SLOTS, specs) if s is None]
+            raise ValueError(f"recipe {self.name!r}: give a QuantSpec for every slot or none; missing {missing}")
+        for s, slot in zip(specs, SLOTS):
+            if s is not None and not isinstance(s, QuantSpec):
+                raise TypeError(f"recipe {self.name!r}: slot {slot} must be a QuantSpec, got {type(s).__name__}")
+        for field in ("dgrad_w_source", "wgrad_x_source"):
+            if getattr(self, field) not in _SOURCES:
+                raise ValueError(f"Recipe.{field}={getattr(self, field)!r} is not one of {_SOURCES}")
+        if isinstance(self.keep_high_precision, str):
+            raise TypeError("keep_high_precision must be a tuple of FQN patterns, not a string")
+        if not self.quantized:
+            return
+        for gemm, (a, b) in {"fwd": ("fwd.x", "fwd.w"), "dgrad": ("dgrad.dy", "dgrad.w"),
+                             "wgrad": ("wgrad.dy", "wgrad.x")}.items():  # fmt: skip
+            ra, rb = self.spec(a).rotation, self.spec(b).rotation
+            if ra != rb:
+                raise ValueError(
+                    f"recipe {self.name!r}: the {gemm} operands must share their rotation so it cancels in the GEMM; "
+                    f"{a} has {ra!r}, {b} has {rb!r}"
+                )
+        if self.fwd_x.rotation != "none":
+            raise ValueError(f"recipe {self.name!r}: forward rotations are not supported (no published recipe has one)")
+        if self.fwd_x.stochastic or self.fwd_w.stochastic:
+            raise ValueError(
+                f"recipe {self.name!r}: stochastic forward quantizers are not supported (the forward is RTN in every "
+                "published recipe; SR in the forward diverges per NVIDIA's ablation)"
+            )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def quantized(self) -> bool:
+        """Whether the recipe quantizes at all (False for ``bf16``)."""
+        return self.fwd_x is not None
+
+    def spec(self, slot: str) -> Optional[QuantSpec]:
+        """The QuantSpec of ``slot`` (one of :data:`SLOTS`)."""
+        if slot not in SLOTS:
+            raise ValueError(f"unknown slot {slot!r}; valid slots: {', '.join(SLOTS)}")
+        return getattr(self, slot.replace(".", "_"))
+
+    def keeps_high_precision(self, fqn: str) -> bool:
+        """Whether the linear at module path ``fqn`` matches one of ``keep_high_precision``."""
+        return any(fnmatch.fnmatchcase(fqn, pattern) for pattern in self.keep_high_precision)
+
+    @property
+    def reuses_forward_weight(self) -> bool:
+        """Whether dgrad can use the forward quantization of W transposed: true for 16x16 blocks from the same
+        source, whose quantization of W^T is exactly the transpose of that of W."""
+        return self.quantized and self.fwd_w == self.dgrad_w and self.fwd_w.block == "16x16"
+
+    # ------------------------------------------------------------------ presets and registry
+    @classmethod
+    def named(cls, name: str) -> "Recipe":
+        """The preset or registered recipe ``name``; raises ``ValueError`` listing the valid names."""
+        try:
+            return _REGISTRY[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(_REGISTRY)}") from None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Names of the presets and registered recipes."""
+        return tuple(_REGISTRY)
+
+    @classmethod
+    def resolve(cls, recipe: Union[str, "Recipe"]) -> "Recipe":
+        """``recipe`` itself (registering it under its name) or the recipe named ``recipe``."""
+        if isinstance(recipe, Recipe):
+            return recipe.register()
+        if isinstance(recipe, str):
+            return cls.named(recipe)
+        raise TypeError(f"recipe must be a Recipe or a recipe name, got {type(recipe).__name__}")
+
+    def register(self) -> "Recipe":
+        """Make this recipe reachable by name (compiled graphs and torch.library ops refer to it by name).
+
+        Registering a different recipe under a taken name raises ``ValueError``.
+        """
+        existing = _REGISTRY.get(self.name)
+        if existing is not None and existing != self:
+            raise ValueError(f"a different recipe is already registered as {self.name!r}; choose another name")
+        _REGISTRY[self.name] = self
+        return self
+
+    def describe(self, slot: str) -> str:
+        """One slot as text: the named quantizer (or its knobs) and its source."""
+        spec = self.spec(slot)
+        if spec is None:
+            return "bf16"
+        names = [n for n in QuantSpec.names() if QuantSpec.named(n) == spec]
+        text = names[0] if names else spec.short_str()
+        if slot == "dgrad.w" and self.dgrad_w_source == "forward":
+            text += " of deq(fwd.w)"
+        if slot == "wgrad.x" and self.wgrad_x_source == "forward":
+            text += " of deq(fwd.x)"
+        return text
+
+
+def markdown_table(recipes: Optional[tuple[str, ...]] = None) -> str:
+    """The recipe table (one row per recipe, one column per slot) as GitHub markdown."""
+    rows = ["| recipe | " + " | ".join(SLOTS) + " | backward signs |", "|---" * (len(SLOTS) + 2) + "|"]
+    for name in recipes or Recipe.names():
+        r = Recipe.named(name)
+        signs = "one per backward" if r.share_backward_signs else "one per GEMM"
+        if not any(r.spec(s) is not None and r.spec(s).random_signs for s in SLOTS):
+            signs = "-"
+        rows.append(f"| `{name}` | " + " | ".join(r.describe(s) for s in SLOTS) + f" | {signs} |")
+    return "\n".join(rows)
+
+
+_RTN = QuantSpec.named("rtn")
+_RTN_2D = QuantSpec.named("rtn_2d")
+_RTN_4OVER6 = QuantSpec.named("rtn_4over6")
+_SR_TE = QuantSpec.named("sr_te")
+_RHT16_SR_TE = QuantSpec.named("rht16_sr_te")
+_RHT16_RTN_TE = QuantSpec.named("rht16_rtn_te")
+_MS_EDEN = QuantSpec.named("ms_eden")
+_DB_RTN = QuantSpec.named("double_block_rtn")
+_DB_RHT16_SR = QuantSpec.named("double_block_rht16_sr")
+
+_PRESETS = (
+    # TransformerEngine NVFP4BlockScaling: 1x16 RTN activations, 16x16 RTN weights (fprop and dgrad share
+    # them), SR on both gradient copies, the fixed-sign RHT-16 on both wgrad operands.
+    Recipe("nvidia", _RTN, _RTN_2D, _SR_TE, _RTN_2D, _RHT16_SR_TE, _RHT16_RTN_TE),
+    # TetraJet-v2: double-block scales, RTN forward, random-sign RHT-16 + unbiased SR on all four backward
+    # operands, W^T and X^T re-quantized from the dequantized forward; separate signs for dgrad and wgrad.
+    Recipe(
+        "tetrajet_v2",
+        _DB_RTN,
+        _DB_RTN,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        dgrad_w_source="forward",
+        wgrad_x_source="forward",
+    ),  # fmt: skip
+    # Quartet II: 4/6 RTN 1x16 forward on X and W; MS-EDEN (RHT-128) on the four backward operands, W^T
+    # and X^T re-quantized from the saved forward quantization; one fresh sign vector per backward call.
+    Recipe(
+        "quartet_ii",
+        _RTN_4OVER6,
+        _RTN_4OVER6,
+        _MS_EDEN,
+        _MS_EDEN,
+        _MS_EDEN,
+        _MS_EDEN,
+        dgrad_w_source="forward",
+        wgrad_x_source="forward",
+        share_backward_signs=True,
+    ),  # fmt: skip
+    # Four Over Six on NVIDIA's recipe: 4/6 on forward X and W (1x16 weights, so W^T is quantized again for
+    # dgrad, also with 4/6). Gradients keep TE's SR: SR combined with 4/6 is biased, so this preset never
+    # uses it, and TE forbids 4/6 with RHT, so the wgrad X^T stays RHT-16 RTN.
+    Recipe("four_over_six", _RTN_4OVER6, _RTN_4OVER6, _SR_TE, _RTN_4OVER6, _RHT16_SR_TE, _RHT16_RTN_TE),
+    # The baseline the papers show diverging: RTN everywhere, no rotation.
+    Recipe("naive", _RTN, _RTN, _RTN, _RTN, _RTN, _RTN),
+    # No quantization, for side-by-side runs.
+    Recipe("bf16"),
+)
+
+_REGISTRY: dict[str, Recipe] = {r.name: r for r in _PRESETS}
