@@ -23,7 +23,7 @@ and the dequantized value is ``code * scale * outer``.
 
 For ``vmax=6, cap=448`` this is TransformerEngine's NVFP4 reference (``s_enc * (1/6)``
 folded, encode factor from the *rounded* scale). A block whose scale rounds to 0
-stores zero codes (TE stores saturated codes with a zero scale: same dequantized
+stores codes of +-0 (sign bits kept; TE stores saturated codes with a zero scale: same dequantized
 value). Rotations apply a random Hadamard transform ``y = H(x * signs) / sqrt(n)``
 per n-element chunk of K *before* all of the above, with the fast Walsh-Hadamard
 butterfly in a fixed order (strides n/2, ..., 2, 1), so kernels can match it exactly.

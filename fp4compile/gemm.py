@@ -27,8 +27,11 @@ class Operand(NamedTuple):
 
 def operand_of(q: NVFP4) -> Operand:
     """Decode ``q``'s exact ``code * scale`` values (for quantizations saved without them)."""
-    values = gemm_operand(q)
-    return Operand(q, values.half() if values.is_cuda else values)
+    if q.codes.is_cuda:
+        from .kernels.decode import decode_triton
+
+        return Operand(q, decode_triton(q, with_outer=False, dtype=torch.float16))
+    return Operand(q, gemm_operand(q))
 
 
 def _cpu_gemm(a: Operand, b: Operand) -> torch.Tensor:

@@ -16,6 +16,7 @@ zero-padded along K for both operands of that GEMM, which leaves the product unc
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -83,9 +84,15 @@ def _pad_cols(t: torch.Tensor, k: int) -> torch.Tensor:
     return t if t.shape[1] == k else F.pad(t, (0, k - t.shape[1]))
 
 
+@functools.lru_cache(maxsize=None)
+def _te_signs(device: torch.device) -> torch.Tensor:
+    """TE's fixed RHT signs on ``device``, copied there once (a per-call host copy would sync the GPU)."""
+    return torch.tensor(TE_RHT_SIGNS, dtype=torch.float32, device=device)
+
+
 def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if spec.rotation == "rht16_te":
-        return torch.tensor(TE_RHT_SIGNS, dtype=torch.float32, device=device)
+        return _te_signs(device)
     if spec.random_signs:
         return drawn if drawn is not None else draw_signs(spec.rotation_size, device)
     return None
@@ -109,9 +116,16 @@ def _restore(codes, scale_bits, outer, spec: QuantSpec, signs=None) -> NVFP4:
     return NVFP4(codes, scale_bits.view(torch.float8_e4m3fn), outer, spec, signs=signs, dtype=torch.float32)
 
 
-def _dequantized_t(q: NVFP4, rows: int, cols: int) -> torch.Tensor:
-    """FP32 transpose of the dequantized ``q`` cropped to [rows, cols] (the requantization source)."""
-    return q.dequantize(torch.float32)[:rows, :cols].T.contiguous()
+def _dequantized_t(q: NVFP4, rows: int, cols: int, padded_rows: int) -> torch.Tensor:
+    """FP32 transpose of the dequantized ``q`` cropped to [rows, cols], zero-padded to [cols, padded_rows]:
+    the source of a re-quantization along the other dim."""
+    if q.codes.is_cuda:
+        from .kernels.decode import decode_triton
+
+        return decode_triton(
+            q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows, cols=cols, padded_rows=padded_rows
+        )
+    return _pad_cols(q.dequantize(torch.float32)[:rows, :cols].T, padded_rows)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -178,18 +192,19 @@ def linear_backward(
         q_wt = Operand(qw.q, qw.values[:, :in_features].T)  # exact: 16x16 quantization commutes with W^T
     else:
         if recipe.dgrad_w_source == "forward":
-            w_t = _dequantized_t(_restore(w_codes, w_scales, w_outer, recipe.fwd_w), out_features, in_features)
+            w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w)
+            w_t = _dequantized_t(w_q, out_features, in_features, out_p)
         else:
-            w_t = weight.T
-        q_wt = _quantize_operand(_pad_cols(w_t, out_p), recipe.dgrad_w, dgrad_signs)
+            w_t = _pad_cols(weight.T, out_p)
+        q_wt = _quantize_operand(w_t, recipe.dgrad_w, dgrad_signs)
     q_dy = _quantize_operand(_pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
     dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
     # wgrad: dW = dY^T X, K = tokens.
     t_p = _round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
     if recipe.wgrad_x_source == "forward":
-        x_t = _dequantized_t(_restore(x_codes, x_scales, x_outer, recipe.fwd_x), tokens, in_features)
-        q_xt = _quantize_operand(_pad_cols(x_t, t_p), recipe.wgrad_x, wgrad_signs)
+        x_t = _dequantized_t(_restore(x_codes, x_scales, x_outer, recipe.fwd_x), tokens, in_features, t_p)
+        q_xt = _quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
     else:
         q_xt = operand_of(_restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
     q_dyt = _quantize_operand(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)

@@ -1,0 +1,53 @@
+"""Where the time of one quantized linear fwd+bwd goes: CUDA kernel times from torch.profiler.
+
+Run on a GPU:  python -m benchmarks.profile_linear [--recipe nvidia] [--shape 4096x4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fp4compile.linear import nvfp4_linear
+
+TOKENS = 8192
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="nvidia")
+    parser.add_argument("--shape", default="4096x4096", help="in x out")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
+    args = parser.parse_args()
+    d_in, d_out = map(int, args.shape.split("x"))
+    x = torch.randn(TOKENS, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * d_in**-0.5).requires_grad_()
+    dy = torch.randn(TOKENS, d_out, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        x.grad = w.grad = None
+        nvfp4_linear(x, w, None, args.recipe).backward(dy)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events) / 3
+    print(f"{args.recipe} {args.shape}: wall {wall * 1e3:.3f} ms/step, CUDA kernels {kernel_us / 1e3:.3f} ms/step")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

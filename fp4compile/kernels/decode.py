@@ -1,0 +1,113 @@
+"""Triton decode of stored NVFP4 tensors: GEMM operands (``code * scale``) and transposed dequantization.
+
+Two uses in the linear layer's backward:
+
+- the saved forward W becomes a GEMM operand again (fp16 ``code * scale``, no outer scale);
+- a saved forward quantization is dequantized (``code * scale * outer`` in FP32) straight into
+  its transpose, zero-padded along the new last dim, as the source of a re-quantization.
+
+Decoding is exact (E2M1 and E4M3 values are exact in FP32 and their product in fp16), so the
+results equal ``format.gemm_operand`` / ``format.dequantize`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import NVFP4
+
+__all__ = ["decode_triton"]
+
+
+@triton.jit
+def _e2m1_value(code):
+    """FP32 value of 4-bit E2M1 codes (int32): sign bit 3, exponent bits 2-1, mantissa bit 0."""
+    e = (code >> 1) & 3
+    m = code & 1
+    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _e4m3_value(byte):
+    """FP32 value of float8_e4m3fn bit patterns (int32, non-negative scales)."""
+    e = (byte >> 3) & 15
+    m = byte & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+
+@triton.jit
+def _decode_kernel(
+    codes_ptr,
+    scales_ptr,
+    outer_ptr,
+    out_ptr,
+    M,
+    N_COLS,
+    K,
+    stride_om,
+    stride_ok,
+    OUTER: tl.constexpr,  # 0 none, 1 per tensor, 2 per 1x128 block
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows < M)[:, None] & (cols < N_COLS)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    byte = tl.load(codes_ptr + r64 * (K // 2) + cols[None, :] // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where((cols % 2 == 0)[None, :], byte & 15, byte >> 4)
+    scale = _e4m3_value(tl.load(scales_ptr + r64 * (K // 16) + cols[None, :] // 16, mask=mask, other=0).to(tl.int32))
+    value = _e2m1_value(code) * scale
+    if OUTER == 1:
+        value = value * tl.load(outer_ptr)
+    if OUTER == 2:
+        value = value * tl.load(outer_ptr + r64 * (K // 128) + cols[None, :] // 128, mask=mask, other=0.0)
+    tl.store(out_ptr + r64 * stride_om + cols[None, :] * stride_ok, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_triton(
+    q: NVFP4,
+    *,
+    with_outer: bool,
+    dtype: torch.dtype,
+    transpose: bool = False,
+    rows: Optional[int] = None,
+    cols: Optional[int] = None,
+    padded_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """Decode ``q`` (no rotation undone: callers use it in the rotated domain or without rotation).
+
+    Args:
+        with_outer: multiply by the outer scales (dequantization) or not (GEMM operand).
+        dtype: output dtype (fp16 is exact without outer scales; use FP32 with them).
+        transpose: write the [cols, rows] transpose.
+        rows, cols: decode only the leading [rows, cols] (crop padding); default all.
+        padded_rows: with ``transpose``, the output's last dim (zero-filled beyond ``rows``).
+    """
+    m, k = q.shape
+    rows = m if rows is None else rows
+    cols = k if cols is None else cols
+    if transpose:
+        width = padded_rows or rows
+        out = torch.empty(cols, width, dtype=dtype, device=q.codes.device)
+        if width > rows:
+            out[:, rows:].zero_()
+        stride_om, stride_ok = out.stride(1), out.stride(0)
+    else:
+        out = torch.empty(rows, cols, dtype=dtype, device=q.codes.device)
+        stride_om, stride_ok = out.stride(0), out.stride(1)
+    outer_kind = 0 if not with_outer else (1 if q.outer.dim() == 0 else 2)
+    bm, bk = 64, 64
+    grid = (triton.cdiv(rows, bm), triton.cdiv(cols, bk))
+    scale_bytes = q.scales.view(torch.uint8)
+    # K (the stored row length) drives the addressing; rows and cols bound the decoded region.
+    args = (q.codes, scale_bytes, q.outer, out, rows, cols, k, stride_om, stride_ok)
+    _decode_kernel[grid](*args, OUTER=outer_kind, BM=bm, BK=bk)
+    return out
