@@ -101,14 +101,13 @@ def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tens
 def _quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
     """Quantize ``x`` (2-D, last dim contiguous, shape already valid for ``spec``) with its GEMM values."""
     seed = draw_seed(x.device) if spec.stochastic else None
-    x = x.contiguous()
-    if x.is_cuda:
+    if x.is_cuda:  # the kernel reads transposed views in place
         from .kernels.quantize import quantize_triton
 
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
         q = quantize_triton(x, spec, seed=seed, signs=signs, values=values)
         return Operand(q, values)
-    q = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
     return Operand(q, gemm_operand(q))
 
 

@@ -58,14 +58,21 @@ def _check_input(x: torch.Tensor, spec: QuantSpec) -> None:
         )
 
 
-def _check_randomness(spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> None:
-    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
-        raise ValueError(f"seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-    if signs is not None:
-        if spec.rotation == "none":
-            raise ValueError(f"signs were given but spec {spec.short_str()} has no rotation")
-        if signs.numel() != spec.rotation_size:
-            raise ValueError(f"signs must have {spec.rotation_size} entries for {spec.rotation}, got {signs.numel()}")
+def _check_randomness(spec: QuantSpec, seed: object, signs: object, read_values: bool) -> None:
+    if seed is not None and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        got = f"{seed.dtype} {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        raise ValueError(f"seed must be an int64 tensor with one element, got {got} (pass q.seed or draw_seed())")
+    if signs is None:
+        return
+    if spec.rotation == "none":
+        raise ValueError(f"signs were given but spec {spec.short_str()} has no rotation")
+    if not isinstance(signs, torch.Tensor) or signs.dim() != 1 or signs.numel() != spec.rotation_size:
+        got = tuple(signs.shape) if isinstance(signs, torch.Tensor) else type(signs).__name__
+        raise ValueError(
+            f"signs must be a 1-D tensor of {spec.rotation_size} entries (+1 or -1) for {spec.rotation}, got {got}"
+        )
+    if read_values and not bool((signs.abs() == 1).all()):
+        raise ValueError("signs must hold only +1 and -1 (other values would scale x, not rotate it)")
 
 
 def quantize(
@@ -101,7 +108,9 @@ def quantize(
     elif not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec or a quantizer name, got {type(spec).__name__}")
     _check_input(x, spec)
-    _check_randomness(spec, seed, signs)
+    _check_randomness(spec, seed, signs, read_values=validate)
+    if not spec.stochastic:
+        seed = None  # deterministic specs draw no random bits; q.seed stays None
     device = x.device
     if spec.stochastic and seed is None:
         seed = draw_seed(device, generator)
@@ -117,7 +126,7 @@ def quantize(
     if device.type == "cuda":
         from .kernels import quantize_triton
 
-        q = quantize_triton(x if x.stride(-1) == 1 else x.contiguous(), spec, seed=seed, signs=signs)
+        q = quantize_triton(x, spec, seed=seed, signs=signs)
     else:
         q = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
     if validate and not bool(torch.isfinite(q.outer).all()):

@@ -114,6 +114,22 @@ def test_kernel_strided_rows():
     torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["rtn", "rht16_sr_te", "ms_eden", "double_block_rht16_sr", "rtn_4over6"])
+def test_kernel_reads_transposed_views_in_place(name):
+    """The wgrad operands are X^T and dY^T: the kernel reads the transposed view without a copy."""
+    spec = QuantSpec.named(name)
+    tokens = 1024 if ON_GPU else 128
+    x = (torch.randn(tokens, 256 + 16 * spec.row_multiple, device=KERNEL_DEVICE) * 3).bfloat16()
+    xt = x.T
+    assert xt.stride() == (1, 256 + 16 * spec.row_multiple)
+    seed, signs = _random_streams(spec, x.device)
+    got = quantize_triton(xt, spec, seed=seed, signs=signs)
+    want = quantize_reference(xt.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+
+
 @triton.jit
 def _randint4x_kernel(seed_ptr, out_ptr, N: tl.constexpr):
     i = tl.arange(0, N)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_gpu
+from conftest import KERNEL_DEVICE, requires_gpu
 
 from fp4compile import QuantSpec, quantize
 from fp4compile.format import TE_RHT_SIGNS, gemm_operand, gemm_reference, quantize_reference
@@ -38,8 +38,9 @@ def test_gemm_matches_float64_emulation_and_catches_layout_bugs(name):
     a, b = _operand(torch.randn(48, 256), name), _operand(torch.randn(80, 256), name)
     want = gemm_reference(a.q, b.q)
     assert sqnr_db(nvfp4_gemm(a, b), want) > 120  # FP32 accumulation of exact products
-    interp = gemm_triton(a.values.half(), b.values.half(), a.q.outer, b.q.outer, out_dtype=torch.float32,
-                         autotune=False)  # fmt: skip
+    dev = KERNEL_DEVICE  # the Triton GEMM: in the interpreter on CPU machines
+    interp = gemm_triton(a.values.half().to(dev), b.values.half().to(dev), a.q.outer.to(dev), b.q.outer.to(dev),
+                         out_dtype=torch.float32, autotune=False)  # fmt: skip
     assert sqnr_db(interp, want) > 120
     # The same threshold rejects a wrong scale, swapped nibbles and a transposed 16x16 block.
     codes_swapped = (a.q.codes >> 4) | (a.q.codes << 4)

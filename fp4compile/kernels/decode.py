@@ -55,20 +55,28 @@ def _decode_kernel(
     stride_ok,
     OUTER: tl.constexpr,  # 0 none, 1 per tensor, 2 per 1x128 block
     BM: tl.constexpr,
-    BK: tl.constexpr,
+    BK: tl.constexpr,  # 128: one outer block, 8 scale blocks, 64 code bytes per row
 ):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows < M)[:, None] & (cols < N_COLS)[None, :]
+    col0 = tl.program_id(1) * BK
     r64 = rows.to(tl.int64)[:, None]
-    byte = tl.load(codes_ptr + r64 * (K // 2) + cols[None, :] // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where((cols % 2 == 0)[None, :], byte & 15, byte >> 4)
-    scale = _e4m3_value(tl.load(scales_ptr + r64 * (K // 16) + cols[None, :] // 16, mask=mask, other=0).to(tl.int32))
-    value = _e2m1_value(code) * scale
+    row_ok = (rows < M)[:, None]
+    byte_cols = col0 // 2 + tl.arange(0, BK // 2)
+    byte_mask = row_ok & (byte_cols < K // 2)[None, :]
+    byte = tl.load(codes_ptr + r64 * (K // 2) + byte_cols[None, :], mask=byte_mask, other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(byte & 15, byte >> 4), [BM, BK])  # element 2i from the low nibble
+    scale_cols = col0 // 16 + tl.arange(0, BK // 16)
+    scale_mask = row_ok & (scale_cols < K // 16)[None, :]
+    scale_bytes = tl.load(scales_ptr + r64 * (K // 16) + scale_cols[None, :], mask=scale_mask, other=0)
+    scale = _e4m3_value(scale_bytes.to(tl.int32))
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BM, BK // 16, 16]), [BM, BK])
+    value = _e2m1_value(codes) * scale
     if OUTER == 1:
         value = value * tl.load(outer_ptr)
     if OUTER == 2:
-        value = value * tl.load(outer_ptr + r64 * (K // 128) + cols[None, :] // 128, mask=mask, other=0.0)
+        value = value * tl.load(outer_ptr + r64 * (K // 128) + col0 // 128, mask=row_ok, other=0.0)
+    cols = col0 + tl.arange(0, BK)
+    mask = row_ok & (cols < N_COLS)[None, :]
     tl.store(out_ptr + r64 * stride_om + cols[None, :] * stride_ok, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -104,7 +112,7 @@ def decode_triton(
         out = torch.empty(rows, cols, dtype=dtype, device=q.codes.device)
         stride_om, stride_ok = out.stride(0), out.stride(1)
     outer_kind = 0 if not with_outer else (1 if q.outer.dim() == 0 else 2)
-    bm, bk = 64, 64
+    bm, bk = 32, 128
     grid = (triton.cdiv(rows, bm), triton.cdiv(cols, bk))
     scale_bytes = q.scales.view(torch.uint8)
     # K (the stored row length) drives the addressing; rows and cols bound the decoded region.

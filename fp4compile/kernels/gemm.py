@@ -20,12 +20,19 @@ __all__ = ["gemm_triton"]
 
 
 def _configs() -> list[triton.Config]:
+    shapes = [  # (BM, BN, BK, stages, warps)
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 4, 4),
+        (128, 256, 128, 2, 8),
+        (128, 128, 128, 3, 8),
+        (64, 256, 128, 3, 8),
+    ]
     return [
-        triton.Config({"BM": 128, "BN": 256, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BM": 256, "BN": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BM": 64, "BN": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in shapes
     ]
 
 
@@ -125,12 +132,12 @@ def gemm_triton(
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     args = (a, b, c, outer_a, outer_b, bias if bias is not None else outer_a, m, n, k)
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, EVEN_K=k % 64 == 0, BK=64)
+    flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     if autotune:
         grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
         _gemm_tuned[grid](*args, **flags)
     else:
         bm, bn = 32, 32
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _gemm_fixed[grid](*args, **flags, BM=bm, BN=bn, GROUP_M=4)
+        _gemm_fixed[grid](*args, **flags, BM=bm, BN=bn, BK=64, GROUP_M=4)
     return c

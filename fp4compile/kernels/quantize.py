@@ -55,16 +55,19 @@ def _encode_factor(b, outer):
 
 
 @triton.jit
-def _load_tile(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK):
+def _load_tile(
+    x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
+):
     """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] for RHT-16, else one
     piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
     NB: tl.constexpr = BK // 16
     if ROTATION == 16:
         block_cols = col0 + 16 * tl.arange(0, NB)
-        offs = rows[:, None, None] * stride_xm + block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
+        lo_cols = block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
+        offs = rows[:, None, None] * stride_xm + lo_cols * stride_xk
         mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
         lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + offs + 8, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
         lo = lo * tl.load(signs_ptr + tl.arange(0, 8))[None, None, :]
         hi = hi * tl.load(signs_ptr + 8 + tl.arange(0, 8))[None, None, :]
         lo, hi = lo + hi, lo - hi
@@ -72,7 +75,8 @@ def _load_tile(x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG
     else:
         cols = col0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         if ROTATION == 128:
             x = x * tl.load(signs_ptr + tl.arange(0, BK))[None, :]
             x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
@@ -220,6 +224,7 @@ def _nvfp4_quantize_kernel(
     M,
     K,
     stride_xm,
+    stride_xk,
     MODE: tl.constexpr,
     ROTATION: tl.constexpr,
     LOG_ROTATION: tl.constexpr,
@@ -257,6 +262,7 @@ def _nvfp4_quantize_kernel(
                 first_col + i * BK,
                 K,
                 stride_xm,
+                stride_xk,
                 ROTATION,
                 LOG_ROTATION,
                 ROTATION_SCALE,
@@ -274,7 +280,19 @@ def _nvfp4_quantize_kernel(
             tile = (TILES - 1 - i) if REVERSE else i
             col0 = first_col + tile * BK
             lo, hi = _load_tile(
-                x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
+                x_ptr,
+                signs_ptr,
+                rows,
+                row_ok,
+                col0,
+                K,
+                stride_xm,
+                stride_xk,
+                ROTATION,
+                LOG_ROTATION,
+                ROTATION_SCALE,
+                BM,
+                BK,
             )
             vmax_bits = _block_max_bits(lo, hi, HALVES)
             if BLOCK_2D:
@@ -332,10 +350,12 @@ def quantize_triton(
     tiles_per_program: Optional[int] = None,
     values: Optional[torch.Tensor] = None,
 ) -> NVFP4:
-    """Quantize ``x`` [m, k] (last dim contiguous) with the Triton kernels.
+    """Quantize ``x`` [m, k] with the Triton kernels.
 
     Args:
-        x: bf16, fp16 or fp32 tensor on a CUDA device (or on the CPU under TRITON_INTERPRET=1).
+        x: bf16, fp16 or fp32 tensor on a CUDA device (or on the CPU under TRITON_INTERPRET=1), any
+            strides (a transposed view is read in place: Triton specializes a unit stride and
+            coalesces the loads along it).
         spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
         signs: float32 rotation signs on ``x.device`` (required with a rotation).
@@ -391,6 +411,7 @@ def quantize_triton(
         m,
         k,
         x.stride(0),
+        x.stride(1),
     )
     grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
     if m > 0 and per_tensor:

@@ -1,0 +1,38 @@
+"""Triton decode of stored NVFP4 tensors equals format.py's gemm_operand / dequantize bit for bit."""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, ON_GPU
+
+from fp4compile import quantize
+from fp4compile.format import gemm_operand
+from fp4compile.kernels.decode import decode_triton
+
+ROWS, K = (1000, 4096) if ON_GPU else (48, 256)
+
+
+def _input():
+    x = torch.randn(ROWS, K) * 3
+    x[3, :16] = 0  # zero block (scale 0)
+    x[5, 16:32] *= 1e-6  # subnormal E4M3 scale
+    x[7, 32:48] = -x[7, 32:48].abs()  # negative codes
+    return x.to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6"])
+def test_decode_operand_equals_gemm_operand(name):
+    q = quantize(_input()[: ROWS - ROWS % 16], name, validate=False)
+    got = decode_triton(q, with_outer=False, dtype=torch.float16)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), gemm_operand(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rtn", "double_block_rtn"])
+def test_decode_transposed_dequantization_crops_and_pads(name):
+    q = quantize(_input(), name)
+    rows, cols, padded = ROWS - 8, K - 48, ROWS + 120
+    got = decode_triton(q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows, cols=cols,
+                        padded_rows=padded)  # fmt: skip
+    assert got.shape == (cols, padded)
+    torch.testing.assert_close(got[:, :rows], q.dequantize(torch.float32)[:rows, :cols].T, rtol=0, atol=0)
+    assert torch.count_nonzero(got[:, rows:]) == 0
