@@ -267,11 +267,16 @@ def test_gpu_matches_cpu(recipe):
 
 
 @requires_gpu
+@pytest.mark.parametrize("method", ["pointer", "tma"])
 @pytest.mark.parametrize("name", ["rtn", "double_block_rtn"])
-def test_gpu_gemm_large_matches_emulation(name):
+def test_gpu_gemm_large_matches_emulation(name, method):
     a = quantize(torch.randn(4096 + 8, 4096, device="cuda"), name)
     b = quantize(torch.randn(2048 + 16, 4096, device="cuda"), name)
-    got = nvfp4_gemm(Operand(a, gemm_operand(a).half()), Operand(b, gemm_operand(b).half()), out_dtype=torch.float32)
+    va, vb = gemm_operand(a).half(), gemm_operand(b).half()
+    got = gemm_triton(va, vb, a.outer, b.outer, out_dtype=torch.float32, method=method)
     assert sqnr_db(got, gemm_reference(a, b)) > 110
+    bias = torch.randn(b.codes.shape[0], device="cuda")
+    got = gemm_triton(va, vb, a.outer, b.outer, bias, out_dtype=torch.float32, method=method)
+    assert sqnr_db(got, gemm_reference(a, b).cpu() + bias.double().cpu()) > 110
 
 

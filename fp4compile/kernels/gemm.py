@@ -10,11 +10,13 @@ to the output dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["gemm_triton"]
 
@@ -108,6 +110,94 @@ _gemm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "BLOCK_OUT
 _gemm_fixed = _gemm_body
 
 
+def _tma_configs() -> list[triton.Config]:
+    shapes = [  # (BM, BN, BK, stages, warps)
+        (128, 256, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 128, 3, 8),
+        (128, 256, 128, 2, 8),
+    ]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps,
+                      pre_hook=_set_block_shapes)
+        for bm, bn, bk, stages, warps in shapes
+    ]
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+@triton.jit
+def _gemm_tma_body(
+    a_desc,
+    b_desc,
+    c_ptr,
+    outer_a_ptr,
+    outer_b_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_cm,
+    stride_cn,
+    BLOCK_OUTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Persistent variant: TMA tile loads, one program per SM walking the output tiles."""
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    in_group = GROUP_M * grid_n
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
+        group = tile // in_group
+        first_m = group * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % size_m
+        pid_n = (tile % in_group) // size_m
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BM, ki * BK])
+            b = b_desc.load([pid_n * BN, ki * BK])
+            if BLOCK_OUTER:
+                kb = (ki * BK) // 128
+                oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
+                ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
+                acc += tl.dot(a, b.T) * (oa[:, None] * ob[None, :])
+            else:
+                acc = tl.dot(a, b.T, acc)
+        if not BLOCK_OUTER:
+            acc = acc * (tl.load(outer_a_ptr) * tl.load(outer_b_ptr))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_gemm_tma = triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS"])(_gemm_tma_body)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def gemm_triton(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -116,6 +206,7 @@ def gemm_triton(
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.bfloat16,
     autotune: bool = True,
+    method: str = "auto",
 ) -> torch.Tensor:
     """``(a @ b^T) * outer`` (+ bias) with FP32 accumulation.
 
@@ -125,13 +216,28 @@ def gemm_triton(
         outer_a, outer_b: FP32 scalars (per tensor) or contiguous [M, K/128] / [N, K/128] (double block).
         bias: optional [N] added before the one rounding to ``out_dtype``.
         autotune: pick the tile shape by timing (GPU); ``False`` uses one fixed shape (interpreter).
+        method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows), ``"pointer"``
+            (pointer loads, any strides), or ``"auto"`` (TMA where the operands allow it).
     """
+    if method not in ("auto", "tma", "pointer"):
+        raise ValueError(f"method must be 'auto', 'tma' or 'pointer', got {method!r}")
     m, k = a.shape
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     args = (a, b, c, outer_a, outer_b, bias if bias is not None else outer_a, m, n, k)
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    tma_ok = autotune and _tma_ready(a) and _tma_ready(b)
+    if method == "tma" and not tma_ok:
+        raise ValueError("method='tma' needs autotune and operands with unit-stride, 16-byte aligned rows")
+    if tma_ok and method != "pointer":
+        sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        a_desc = TensorDescriptor.from_tensor(a, [1, 16])  # block shapes are set per config by the pre-hook
+        b_desc = TensorDescriptor.from_tensor(b, [1, 16])
+        grid = lambda meta: (min(sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
+        _gemm_tma[grid](a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1), BLOCK_OUTER=block_outer,
+                        HAS_BIAS=bias is not None, NUM_SMS=sms)
+        return c
     flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     if autotune:
         grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731

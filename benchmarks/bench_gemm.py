@@ -1,0 +1,70 @@
+"""The NVFP4 GEMM stage alone: Triton kernel variants vs bf16 ``torch.mm`` (cuBLAS), in TFLOP/s.
+
+Run on a GPU:  python -m benchmarks.bench_gemm [--out DIR]
+
+For each Llama shape (tokens 8192) the three GEMMs of a linear layer (forward, dgrad,
+wgrad) run on exact fp16 ``code * scale`` operands with per-tensor outer scales (nvidia,
+quartet_ii) and per-1x128-block outer scales (tetrajet_v2), through the pointer-load
+kernel and the persistent TMA kernel. Each variant's output is checked against the
+pointer kernel (max relative difference; both accumulate in FP32, only the order differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.utils import environment, format_table, markdown_table, median_ms, write_json
+from fp4compile import quantize
+from fp4compile.format import gemm_operand
+from fp4compile.kernels.gemm import gemm_triton
+
+TOKENS = 8192
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+
+
+def _operands(m: int, n: int, k: int, spec: str):
+    a = quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), spec)
+    b = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), spec)
+    return gemm_operand(a).half(), gemm_operand(b).half(), a.outer, b.outer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="out", help="directory for bench_gemm.json / .md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gemm needs a CUDA GPU")
+    env = environment()
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    rows, records = [], []
+    for d_in, d_out in SHAPES:
+        for role, (m, n, k) in [("fwd", (TOKENS, d_out, d_in)), ("dgrad", (TOKENS, d_in, d_out)),
+                                ("wgrad", (d_out, d_in, TOKENS))]:
+            flops = 2 * m * n * k
+            ref_a, ref_b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(
+                n, k, device="cuda", dtype=torch.bfloat16)
+            mm = flops / median_ms(lambda _: torch.mm(ref_a, ref_b.T)) / 1e9
+            for outer, spec in [("tensor", "rtn"), ("block128", "double_block_rtn")]:
+                va, vb, oa, ob = _operands(m, n, k, spec)
+                base = gemm_triton(va, vb, oa, ob, method="pointer").float()
+                for method in ("pointer", "tma"):
+                    out = gemm_triton(va, vb, oa, ob, method=method).float()
+                    diff = ((out - base).abs().max() / base.abs().max()).item()
+                    tf = flops / median_ms(lambda _: gemm_triton(va, vb, oa, ob, method=method)) / 1e9
+                    records.append(dict(shape=f"{d_in}x{d_out}", role=role, outer=outer, method=method,
+                                        tflops=tf, mm_tflops=mm, rel_diff_vs_pointer=diff))
+                    rows.append([f"{d_in}x{d_out}", role, outer, method, f"{tf:.0f}", f"{mm:.0f}", f"{tf / mm:.2f}",
+                                 f"{diff:.1e}"])
+                    print(rows[-1], flush=True)
+    header = ["shape (in x out)", "GEMM", "outer", "kernel", "TFLOP/s", "torch.mm bf16", "ratio", "rel diff"]
+    print(format_table(header, rows))
+    write_json(f"{args.out}/bench_gemm.json", dict(env=env, tokens=TOKENS, results=records))
+    with open(f"{args.out}/bench_gemm.md", "w") as f:
+        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}\n\n")
+        f.write(markdown_table(header, rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
