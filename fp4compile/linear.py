@@ -246,6 +246,18 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
         raise ValueError("nvfp4_linear: x, weight and bias must be on the same device")
 
 
+def _autocast_inputs(x, weight, bias):
+    """Cast float inputs to the active autocast dtype of x's device (what autocast does for ``F.linear``)."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def nvfp4_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -260,11 +272,14 @@ def nvfp4_linear(
         bias: optional [out].
         recipe: a :class:`Recipe` or a preset name (``Recipe.names()``); ``"bf16"`` is plain ``F.linear``.
 
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` would be.
+
     Returns:
         [..., out] in x's dtype. Differentiable in x, weight and bias; the backward keeps only
         the quantized forward tensors (see ``linear.py``). Works under ``torch.compile``.
     """
     recipe = Recipe.resolve(recipe)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     if not recipe.quantized:
         return F.linear(x, weight, bias)

@@ -30,7 +30,8 @@ def linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Quantized ``x @ weight^T + bias`` for 2-D x, and the tensors saved for the backward."""
-    return linear_forward(x, weight, bias, Recipe.named(recipe))
+    with torch.autocast(x.device.type, enabled=False):  # exact numerics: no op inside may be autocast
+        return linear_forward(x, weight, bias, Recipe.named(recipe))
 
 
 @linear.register_fake
@@ -56,7 +57,8 @@ def linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::linear`` (dbias empty without bias)."""
     saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs)
-    return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
+    with torch.autocast(dy.device.type, enabled=False):
+        return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
 
 
 @linear_backward_op.register_fake

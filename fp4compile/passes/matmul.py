@@ -1,0 +1,256 @@
+"""FX pass over a Dynamo graph: rewrite activation x weight matmuls into ``nvfp4_linear``.
+
+Dynamo graphs hold torch-level calls (``F.linear``, ``@``, ``matmul``, ``mm``, ``addmm``,
+``bmm`` and their ``Tensor`` methods) whose parameters are graph inputs. Every call whose
+right operand is a parameter (possibly transposed) becomes one ``nvfp4_linear(x, W, bias,
+recipe=...)`` node, so AOTAutograd traces the quantized op's own forward and backward and
+the rest of the graph is left unchanged. Calls that are not rewritten are reported with the
+reason. Rewriting happens before AOTAutograd, so eager code (``nvfp4_linear`` by hand, the
+torchao path) and compiled code run one implementation.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import operator
+import re
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..linear import nvfp4_linear
+from ..recipe import Recipe
+from .report import MatmulRecord
+
+__all__ = ["rewrite_matmuls", "module_fqn", "parameter_fqn"]
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# (call target or method name) -> op label; a, b, bias argument positions are decoded per label.
+_FUNCTIONS = {
+    torch._C._nn.linear: "linear",
+    torch.nn.functional.linear: "linear",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.mm: "mm",
+    torch.addmm: "addmm",
+    torch.bmm: "bmm",
+}
+_METHODS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "addmm": "addmm", "bmm": "bmm"}
+# Ops that look through to the tensor they come from: (flips orientation of a 2-D tensor?).
+_TRANSPOSE_ATTRS = ("T", "mT")
+_CAST_METHODS = ("to", "type", "contiguous", "bfloat16", "half", "float")
+_SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
+
+
+# ----------------------------------------------------------------------------- names
+def _source_to_fqn(source: str) -> str:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
+    path = _SOURCE_PREFIX.sub("", source)
+    path = re.sub(r"_(?:modules|parameters|buffers)\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".").replace("..", ".")
+
+
+def module_fqn(node: fx.Node) -> str:
+    """FQN of the innermost ``nn.Module`` whose forward produced ``node`` ("" for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _source_to_fqn(path if "[" in path or "." in path else "")
+
+
+def _parameter(node: fx.Node) -> Optional[torch.nn.Parameter]:
+    if node.op == "placeholder":
+        grapharg = node.meta.get("grapharg")
+        example = getattr(grapharg, "example", None) if grapharg is not None else None
+        return example if isinstance(example, torch.nn.Parameter) else None
+    if node.op == "get_attr":
+        owner = node.graph.owning_module
+        try:
+            value = operator.attrgetter(node.target)(owner)
+        except AttributeError:
+            return None
+        return value if isinstance(value, torch.nn.Parameter) else None
+    return None
+
+
+def parameter_fqn(node: fx.Node) -> str:
+    """FQN of the parameter behind a placeholder or get_attr node (its Dynamo source path)."""
+    if node.op == "get_attr":
+        return str(node.target)
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    return _source_to_fqn(source.name) if source is not None else node.name
+
+
+# ----------------------------------------------------------------------------- operands
+def _decode(node: fx.Node) -> Optional[tuple[str, fx.Node, fx.Node, Optional[fx.Node], bool]]:
+    """(op, a, b, bias, weight_given_as_out_in) for a matmul-like node computing ``a @ b (+ bias)``."""
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        op, args, kwargs = _FUNCTIONS[node.target], list(node.args), node.kwargs
+    elif node.op == "call_method" and node.target in _METHODS:
+        op, args, kwargs = _METHODS[node.target], list(node.args), node.kwargs
+    else:
+        return None
+    if op == "linear":
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return op, args[0], weight, bias, True
+    if op == "addmm":
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) != 3:
+            return op, args[1], args[2], None, False  # reported as unsupported below
+        return op, args[1], args[2], args[0], False
+    if len(args) != 2 or kwargs:
+        return None
+    return op, args[0], args[1], None, False
+
+
+def _trace_to_parameter(node) -> tuple[Optional[fx.Node], bool]:
+    """Follow transposes and casts from ``node`` to a parameter; (parameter node, transposed?)."""
+    flipped = False
+    while isinstance(node, fx.Node):
+        if _parameter(node) is not None:
+            return node, flipped
+        if _is_transpose(node):
+            flipped, node = not flipped, node.args[0]
+        elif node.op == "call_method" and node.target in _CAST_METHODS:
+            node = node.args[0]
+        else:
+            return None, False
+    return None, False
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return node.args[1] in _TRANSPOSE_ATTRS
+    if node.op == "call_method" and node.target == "t":
+        return True
+    if node.op == "call_function" and node.target is torch.t:
+        return True
+    dims = tuple(node.args[1:]) if len(node.args) > 1 else ()
+    if (node.op == "call_method" and node.target in ("transpose", "permute")) or (
+        node.op == "call_function" and node.target in (torch.transpose, torch.permute)
+    ):
+        dims = tuple(d for d in (dims[0] if dims and isinstance(dims[0], (tuple, list)) else dims))
+        return dims in ((0, 1), (1, 0), (-1, -2), (-2, -1))
+    return False
+
+
+def _val(node) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _shape(node) -> tuple:
+    value = _val(node)
+    return tuple(value.shape) if value is not None else ()
+
+
+# ----------------------------------------------------------------------------- the pass
+def _why_not(op, a, b, bias, param_b, param_a, w_shape) -> Optional[str]:
+    """The reason a decoded matmul stays in high precision, or None if it can be rewritten."""
+    if param_b is None:
+        if param_a is not None:
+            return "weight is the left operand (W @ x); write x @ W.T"
+        return "activation x activation (no parameter operand)"
+    if param_a is not None:
+        return "both operands are parameters"
+    if op == "bmm" or len(w_shape) != 2:
+        return f"weight operand of shape {list(w_shape)} is not a 2-D matrix"
+    if op == "addmm" and (bias is None or len(_shape(bias)) != 1):
+        return "addmm with alpha/beta or a non-vector input"
+    x_val, w_val = _val(a), _val(b)
+    for name, value in (("activation", x_val), ("weight", w_val)):
+        if value is not None and value.dtype not in _FLOAT_DTYPES:
+            return f"{name} dtype {value.dtype} is not bfloat16, float16 or float32"
+    if x_val is not None and x_val.dim() < 2:
+        return "1-D activation"
+    # Mixed float dtypes only trace under autocast (eager would have raised); nvfp4_linear casts like autocast.
+    n_out, k_in = w_shape
+    if not isinstance(k_in, int) or not isinstance(n_out, int):
+        return "symbolic weight shape"
+    if k_in % 16 or n_out % 16:
+        return f"K={k_in} or N={n_out} is not a multiple of 16"
+    return None
+
+
+def _is_skipped(patterns: Sequence[str], fqns: Sequence[str]) -> Optional[str]:
+    for pattern in patterns:
+        for fqn in fqns:
+            if fqn and fnmatch.fnmatchcase(fqn, pattern):
+                return pattern
+    return None
+
+
+def rewrite_matmuls(
+    gm: fx.GraphModule, recipe: Recipe, skip: Sequence[str] = (), graph_index: int = 0
+) -> list[MatmulRecord]:
+    """Rewrite every eligible matmul of Dynamo graph ``gm`` in place; return one record per matmul found.
+
+    ``skip`` adds FQN patterns (``fnmatch``) to the recipe's ``keep_high_precision``; a matmul is
+    skipped when a pattern matches its module's FQN or its weight's FQN (with or without ``.weight``).
+    """
+    patterns = tuple(recipe.keep_high_precision) + tuple(skip)
+    graph = gm.graph
+    records: list[MatmulRecord] = []
+    for node in list(graph.nodes):
+        decoded = _decode(node)
+        if decoded is None:
+            continue
+        op, a, b, bias, out_in = decoded
+        param_b, flipped = _trace_to_parameter(b)
+        param_a, _ = _trace_to_parameter(a)
+        # The weight as [out, in]: linear's weight as given; for a @ b, b^T.
+        b_shape = _shape(b)
+        w_shape = b_shape if out_in else tuple(reversed(b_shape)) if len(b_shape) == 2 else b_shape
+        reason = _why_not(op, a, b, bias, param_b, param_a, w_shape)
+        module = module_fqn(node)
+        weight_fqn = parameter_fqn(param_b) if param_b is not None else ""
+        if reason is None:
+            owner = weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else ""
+            pattern = _is_skipped(patterns, (module, weight_fqn, owner))
+            if pattern is not None:
+                reason = f"skip pattern {pattern!r}"
+        if reason is None and not recipe.quantized:
+            reason = "recipe bf16 quantizes nothing"
+        records.append(
+            MatmulRecord(
+                graph=graph_index,
+                node=node.name,
+                module=module,
+                weight=weight_fqn,
+                op=op,
+                x_shape=_shape(a),
+                w_shape=w_shape,
+                recipe=recipe.name,
+                rewritten=reason is None,
+                reason=reason or "",
+            )
+        )
+        if reason is None:
+            _replace(graph, node, a, b, bias, out_in, recipe.name)
+    graph.lint()
+    gm.recompile()
+    return records
+
+
+def _replace(graph: fx.Graph, node: fx.Node, a, b, bias, out_in: bool, recipe: str) -> None:
+    with graph.inserting_before(node):
+        if out_in:
+            weight = b
+        elif _is_transpose(b):
+            weight = b.args[0]  # (W^T)^T = W: use the parameter side directly
+        else:
+            weight = graph.call_method("t", (b,))
+        new = graph.call_function(nvfp4_linear, (a, weight, bias), {"recipe": recipe})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    if not out_in and not b.users and b.op != "placeholder":
+        graph.erase_node(b)
