@@ -8,11 +8,14 @@ entry point on first use, and a second registration of the name fails).
 
 from __future__ import annotations
 
+import functools
 import logging
+import pathlib
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .passes import RewriteReport, rewrite_matmuls
 from .recipe import Recipe
@@ -78,8 +81,32 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: B
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(options.mode) if options.mode not in (None, "default") else {}
+    patches = dict(list_mode_options(options.mode)) if options.mode not in (None, "default") else {}
+    patches["post_grad_custom_post_pass"] = _CodeVersionPass()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class _CodeVersionPass(CustomGraphPass):
+    """A no-op post-grad pass whose uuid hashes fp4compile's sources.
+
+    Inductor's FX graph cache cannot see inside the ``fp4compile::`` ops; keying the cache on
+    our sources means a changed op implementation (or fake kernel) never reuses a stale entry,
+    while unchanged code keeps hitting the cache (a pass without a uuid would disable it).
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return _source_hash()
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> bytes:
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    package = pathlib.Path(__file__).parent
+    return get_hash_for_files(tuple(str(p) for p in sorted(package.rglob("*.py"))))
 
 
 def nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Union[dict, str, None]):

@@ -64,7 +64,7 @@ def linear_backward_op(
 @linear_backward_op.register_fake
 def _linear_backward_fake(dy, weight, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, recipe, has_bias):
     db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
-    return dy.new_empty(dy.shape[0], weight.shape[1]), torch.empty_like(weight), db
+    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db  # contiguous, as computed
 
 
 def _setup_context(ctx, inputs, output):
