@@ -28,13 +28,14 @@ def _model():
     return transformers.GPT2LMHeadModel(config).cuda()
 
 
-def _measure(recipe: str, batch: int, warmup: int, steps: int) -> dict:
+def make_step(recipe: str, batch: int, mode: str = "default"):
+    """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4")."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if recipe == "bf16":
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
     else:
-        compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe})
+        compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "mode": mode})
     ids = torch.randint(0, 50257, (batch, SEQ), device="cuda")
 
     def step():
@@ -45,6 +46,11 @@ def _measure(recipe: str, batch: int, warmup: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
+    return model, step
+
+
+def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str) -> dict:
+    model, step = make_step(recipe, batch, mode)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -69,6 +75,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="nvidia,quartet_ii,tetrajet_v2", help="comma-separated recipes")
     parser.add_argument("--batch", type=int, default=8, help="sequences of 1024 tokens per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    parser.add_argument("--mode", default="default", help="torch.compile mode for every variant (e.g. reduce-overhead)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train_step needs a CUDA GPU")
@@ -76,7 +83,7 @@ def main() -> None:
     print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}", flush=True)
     records = []
     for recipe in ["bf16", *args.recipes.split(",")]:
-        records.append(_measure(recipe, args.batch, warmup=5, steps=args.steps))
+        records.append(_measure(recipe, args.batch, warmup=5, steps=args.steps, mode=args.mode))
         print(records[-1], flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -89,10 +96,12 @@ def main() -> None:
         for r in records
     ]  # fmt: skip
     print(format_table(header, rows))
-    write_json(f"{args.out}/bench_train_step.json", dict(env=env, seq=SEQ, batch=args.batch, results=records))
-    with open(f"{args.out}/bench_train_step.md", "w") as f:
+    stem = "bench_train_step" if args.mode == "default" else f"bench_train_step_{args.mode}"
+    write_json(f"{args.out}/{stem}.json", dict(env=env, seq=SEQ, batch=args.batch, mode=args.mode, results=records))
+    with open(f"{args.out}/{stem}.md", "w") as f:
         f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; ")
-        f.write(f"GPT-2 small ({base['params'] / 1e6:.0f}M params), batch {args.batch} x {SEQ} tokens\n\n")
+        f.write(f"GPT-2 small ({base['params'] / 1e6:.0f}M params), batch {args.batch} x {SEQ} tokens, ")
+        f.write(f"mode {args.mode}\n\n")
         f.write(markdown_table(header, rows) + "\n")
 
 

@@ -16,7 +16,6 @@ zero-padded along K for both operands of that GEMM, which leaves the product unc
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -84,15 +83,9 @@ def _pad_cols(t: torch.Tensor, k: int) -> torch.Tensor:
     return t if t.shape[1] == k else F.pad(t, (0, k - t.shape[1]))
 
 
-@functools.lru_cache(maxsize=None)
-def _te_signs(device: torch.device) -> torch.Tensor:
-    """TE's fixed RHT signs on ``device``, copied there once (a per-call host copy would sync the GPU)."""
-    return torch.tensor(TE_RHT_SIGNS, dtype=torch.float32, device=device)
-
-
 def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if spec.rotation == "rht16_te":
-        return _te_signs(device)
+    """The rotation signs of ``spec``: None for none and for TE's fixed signs (the kernel holds those; a cached
+    device copy would be a live allocation inside a CUDA-graph pool), else ``drawn`` or fresh random ones."""
     if spec.random_signs:
         return drawn if drawn is not None else draw_signs(spec.rotation_size, device)
     return None
@@ -107,6 +100,8 @@ def _quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Te
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
         q = quantize_triton(x, spec, seed=seed, signs=signs, values=values)
         return Operand(q, values)
+    if signs is None and spec.rotation == "rht16_te":
+        signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32)
     q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
     return Operand(q, gemm_operand(q))
 

@@ -130,6 +130,26 @@ def test_kernel_reads_transposed_views_in_place(name):
     torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", [n for n in QuantSpec.names() if QuantSpec.named(n).rotation == "rht16_te"])
+def test_kernel_compiled_in_te_signs_match_the_reference(name):
+    """signs=None for rht16_te uses TE's signs held in the kernel (no device tensor): same bits as passing them."""
+    spec = QuantSpec.named(name)
+    x = (torch.randn(48, 256, device=KERNEL_DEVICE) * 3).bfloat16()
+    seed, signs = _random_streams(spec, x.device)
+    got = quantize_triton(x, spec, seed=seed, signs=None)
+    want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    assert got.signs is None
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+
+
+def test_kernel_random_rotation_without_signs_is_an_error():
+    x = torch.randn(32, 128, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="needs rotation signs"):
+        quantize_triton(x, QuantSpec.named("ms_eden"), seed=draw_seed(x.device))
+
+
 @triton.jit
 def _randint4x_kernel(seed_ptr, out_ptr, N: tl.constexpr):
     i = tl.arange(0, N)

@@ -54,7 +54,10 @@ def test_every_decoder_linear_is_rewritten(kind):
     assert report.graph_breaks == 0
     assert len(report.rewritten) == 2 * DECODER_LINEARS[kind]
     assert all(".h." in r.module or ".layers." in r.module for r in report.rewritten)
-    assert [r.module for r in report.skipped] == ["lm_head"]  # every recipe keeps the LM head in bf16
+    # Every recipe keeps the LM head in bf16; other skips hold no parameter (e.g. Llama's rotary inv_freq @ positions
+    # in some transformers versions).
+    weight_skips = [r for r in report.skipped if "activation x activation" not in r.reason]
+    assert [(r.module, r.reason) for r in weight_skips] == [("lm_head", "skip pattern 'lm_head'")]
 
 
 def _train(kind, recipe, steps, inner, device="cpu", batch=8, seq=64, lr=3e-3, **model_kw):
@@ -99,7 +102,9 @@ def test_training_on_gpu_lowers_the_loss_like_bf16(kind, recipe):
     start_q, nvfp4 = _train(kind, recipe, 200, "inductor", **GPU_RUN)
     print(f"{kind} {recipe}: start {start_q:.3f}, final {nvfp4:.3f}, bf16 final {bf16:.3f}")
     assert nvfp4 < 0.75 * start_q
-    assert abs(nvfp4 - bf16) / bf16 < 0.05, (nvfp4, bf16)
+    # NVFP4 costs at most 5 % of loss. It may end lower: on this small corpus (seen ~30 times in 200 steps) the
+    # H100 runs ended 1.5-8 % below bf16 (2026-11-23), which this test does not count as a failure.
+    assert nvfp4 < 1.05 * bf16, (nvfp4, bf16)
 
 
 class _DeepMLP(torch.nn.Module):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import NVFP4, fp32_constants, rotation_scale
+from ..format import NVFP4, TE_RHT_SIGNS, fp32_constants, rotation_scale
 from ..spec import QuantSpec
 from .numerics import (
     e2m1_round,
@@ -45,6 +45,7 @@ __all__ = ["quantize_triton"]
 _BK = 128
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUNDING = {"rtn": 0, "sr": 1, "eden": 2}
+_TE_SIGN_MASK = sum(1 << i for i, s in enumerate(TE_RHT_SIGNS) if s < 0)  # bit i set: TE's sign i is -1
 
 
 @triton.jit
@@ -55,8 +56,32 @@ def _encode_factor(b, outer):
 
 
 @triton.jit
+def _sign_vector(signs_ptr, FIXED_SIGNS, first: tl.constexpr, n: tl.constexpr):
+    """Signs ``first .. first+n-1`` as FP32 +-1: bits of the constexpr mask ``FIXED_SIGNS`` (bit i set: sign i
+    is -1), or loaded from ``signs_ptr`` when the mask is -1."""
+    idx = first + tl.arange(0, n)
+    if FIXED_SIGNS >= 0:
+        return tl.where(((tl.full([n], FIXED_SIGNS, tl.int32) >> idx) & 1) != 0, -1.0, 1.0)
+    else:
+        return tl.load(signs_ptr + idx)
+
+
+@triton.jit
 def _load_tile(
-    x_ptr, signs_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, ROTATION, LOG_ROTATION, ROTATION_SCALE, BM, BK
+    x_ptr,
+    signs_ptr,
+    rows,
+    row_ok,
+    col0,
+    K,
+    stride_xm,
+    stride_xk,
+    ROTATION,
+    LOG_ROTATION,
+    ROTATION_SCALE,
+    FIXED_SIGNS,
+    BM,
+    BK,
 ):
     """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] for RHT-16, else one
     piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
@@ -68,8 +93,8 @@ def _load_tile(
         mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
         lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        lo = lo * tl.load(signs_ptr + tl.arange(0, 8))[None, None, :]
-        hi = hi * tl.load(signs_ptr + 8 + tl.arange(0, 8))[None, None, :]
+        lo = lo * _sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
+        hi = hi * _sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
         lo, hi = lo + hi, lo - hi
         return fwht8(lo, BM, NB) * ROTATION_SCALE, fwht8(hi, BM, NB) * ROTATION_SCALE
     else:
@@ -78,7 +103,7 @@ def _load_tile(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if ROTATION == 128:
-            x = x * tl.load(signs_ptr + tl.arange(0, BK))[None, :]
+            x = x * _sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
             x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
         xb = tl.reshape(x, [BM, NB, 16])
         return xb, xb
@@ -229,6 +254,7 @@ def _nvfp4_quantize_kernel(
     ROTATION: tl.constexpr,
     LOG_ROTATION: tl.constexpr,
     ROTATION_SCALE: tl.constexpr,
+    FIXED_SIGNS: tl.constexpr,
     BLOCK_2D: tl.constexpr,
     OUTER_BLOCK128: tl.constexpr,
     ROUNDING: tl.constexpr,
@@ -266,6 +292,7 @@ def _nvfp4_quantize_kernel(
                 ROTATION,
                 LOG_ROTATION,
                 ROTATION_SCALE,
+                FIXED_SIGNS,
                 BM,
                 BK,
             )
@@ -291,6 +318,7 @@ def _nvfp4_quantize_kernel(
                 ROTATION,
                 LOG_ROTATION,
                 ROTATION_SCALE,
+                FIXED_SIGNS,
                 BM,
                 BK,
             )
@@ -358,7 +386,10 @@ def quantize_triton(
             coalesces the loads along it).
         spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
-        signs: float32 rotation signs on ``x.device`` (required with a rotation).
+        signs: float32 rotation signs on ``x.device`` (required with a random rotation). For ``rht16_te``
+            None selects TransformerEngine's fixed signs compiled into the kernel: no device tensor, so
+            nothing is cached on the GPU (a cached tensor would leak into a CUDA-graph memory pool); the
+            result's ``signs`` is then None.
         block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
@@ -381,10 +412,14 @@ def quantize_triton(
     tiles = tiles_per_program or _tiles_per_program(m, k, bm)
     vmax_cap, inv_vmax = fp32_constants(spec)
     rot = spec.rotation_size
+    if signs is None and rot and spec.rotation != "rht16_te":
+        raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
+    fixed_signs = _TE_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
     constants = dict(
         ROTATION=rot,
         LOG_ROTATION=int(math.log2(rot)) if rot else 0,
         ROTATION_SCALE=rotation_scale(rot) if rot else 1.0,
+        FIXED_SIGNS=fixed_signs,
         BLOCK_2D=spec.block == "16x16",
         OUTER_BLOCK128=not per_tensor,
         ROUNDING=_ROUNDING[spec.rounding],

@@ -1,0 +1,57 @@
+"""Where the time of one GPT-2-small optimizer step goes: wall time vs CUDA kernel time, and the top kernels.
+
+Run on a GPU:  python -m benchmarks.profile_train_step [--recipe nvidia] [--mode default] [--out DIR]
+
+If the wall time per step is well above the summed kernel time, the step is bound by the host
+(Python, op dispatch, kernel launches), not by the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_train_step import make_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="nvidia")
+    parser.add_argument("--mode", default="default", help="torch.compile mode")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=30, help="rows of the kernel table")
+    parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<recipe>_<mode>.txt")
+    args = parser.parse_args()
+    _, step = make_step(args.recipe, args.batch, args.mode)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 10
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.device_time_total for e in kernels) / 3e3  # kernel events only: op rows repeat them
+    report = [
+        f"{args.recipe} mode={args.mode}: wall {wall * 1e3:.2f} ms/step, CUDA kernels {kernel_ms:.2f} ms/step",
+        events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70),
+        events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70),
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(f"{args.out}/profile_{args.recipe}_{args.mode}.txt", "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
