@@ -8,19 +8,66 @@ Public API:
 - :class:`Recipe`: the six operand quantizations of a linear layer (``Recipe.named("nvidia")``).
 - :func:`nvfp4_linear`: ``F.linear`` with NVFP4 forward and backward GEMMs.
 - :func:`explain`: which matmuls of a model ``backend="nvfp4"`` rewrites, and the rewritten graphs.
+- :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
+- :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
+- :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, NVFP4Config(recipe=...))``
+  swaps eligible linears for :class:`NVFP4Linear` (needs ``torchao>=0.18``).
+- :func:`export_torchao_nvfp4`: ``NVFP4Linear`` -> ``nn.Linear`` with a torchao ``NVFP4Tensor`` weight,
+  bit-identical to ``quantize(weight, "rtn")``, for inference (needs ``torchao>=0.18``).
 
 ``torch.compile(model, backend="nvfp4")`` finds the backend through the
 ``torch_dynamo_backends`` entry point (``fp4compile.backend:nvfp4_backend``).
 
-Importing this package registers nothing and changes no global state.
+Importing this package registers nothing and changes no global state, and does not import
+torchao: ``NVFP4Linear``, ``NVFP4Config`` and ``export_torchao_nvfp4`` load their modules on first
+access (the torchao handler of ``NVFP4Config`` is registered then).
 """
+
+import importlib
 
 from .explain import explain
 from .format import NVFP4
 from .linear import nvfp4_linear
+from .osci_reset import OsciReset
 from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
 
-__all__ = ["NVFP4", "QuantSpec", "Recipe", "explain", "nvfp4_linear", "quantize"]
+# NVFP4Config and export_torchao_nvfp4 are public too but left out of __all__: they need torchao, and
+# ``from fp4compile import *`` must work without it.
+__all__ = [
+    "NVFP4",
+    "NVFP4Linear",
+    "OsciReset",
+    "QuantSpec",
+    "Recipe",
+    "explain",
+    "nvfp4_linear",
+    "quantize",
+]
 __version__ = "0.1.0"
+
+# Lazily loaded names -> their module (torchao is imported only when its names are first used).
+_LAZY = {
+    "NVFP4Linear": ".nn",
+    "NVFP4Config": ".torchao_integration",
+    "export_torchao_nvfp4": ".torchao_integration",
+}
+
+
+def __getattr__(name: str):
+    """Load ``NVFP4Linear``, ``NVFP4Config`` and ``export_torchao_nvfp4`` on first access.
+
+    The torchao ones raise ``ImportError`` (``pip install torchao>=0.18``) when torchao is missing.
+    """
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,7 +1,11 @@
 """The ``fp4compile`` console script.
 
-``fp4compile quantizers`` quantizes Gaussian and heavy-tailed data with every named
-quantizer and prints their errors, bias over repeated draws and storage cost.
+- ``fp4compile quantizers`` quantizes Gaussian and heavy-tailed data with every named quantizer and
+  prints their errors, bias over repeated draws and storage cost.
+- ``fp4compile train`` trains the same small byte-level GPT once per recipe and compares the losses
+  (``fp4compile.train``).
+- ``fp4compile bench`` times one quantized linear layer per recipe on the current GPU (``fp4compile.bench``).
+- ``fp4compile explain`` prints which matmuls of a small GPT the ``nvfp4`` backend rewrites.
 """
 
 from __future__ import annotations
@@ -21,6 +25,42 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _recipe_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of recipe names; an unknown name is an error that lists the valid ones."""
+    from .recipe import Recipe
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no recipe given")
+    for name in names:
+        if name not in Recipe.names():
+            raise argparse.ArgumentTypeError(f"unknown recipe {name!r}; valid recipes: {', '.join(Recipe.names())}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a recipe is listed twice in {text!r}")
+    return names
+
+
+def _recipe_name(text: str) -> str:
+    """One recipe name (see :func:`_recipe_list`)."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"give one recipe, got {text!r}")
+    return _recipe_list(text)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +89,177 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu runs the plain-torch spec, cuda the Triton kernels (same numbers up to the random draws)",
     )
     q.add_argument("--names", default=None, help="comma-separated quantizer names (default: all)")
+    _add_train_parser(commands)
+    _add_bench_parser(commands)
+    _add_explain_parser(commands)
     return parser
+
+
+_TRAIN_DESCRIPTION = """\
+Train the same small byte-level GPT (fp4compile.gpt) once per recipe, from the same initialization and on the
+same data in the same order, each compiled with torch.compile(model, backend="nvfp4", options={{"recipe": ...}}),
+then print a table (final train loss = mean of the last 10 steps, validation loss on a fixed set of batches,
+validation gap to bf16, tokens/s) and write results.json and loss.png to --out.
+
+The corpus is this Python's own standard library source (.py files under sysconfig's "stdlib" path, a
+deterministic sorted subset, split by file into train and validation): nothing is downloaded.
+
+On the CPU the model is float32 and tiny, and the inner compiler is "aot_eager": the NVFP4 rewrite runs, but the
+graphs are not compiled by Inductor, whose compilation takes ~35 s per recipe on 2 cores against ~5 s for
+aot_eager, for no speed-up on these quantization-bound CPU steps (--inner inductor to use it anyway). The default
+CPU run (5 recipes) takes about {cpu_wall} on 2 cores (`taskset -c 0,1 fp4compile train`, {cpu_when}). On a GPU
+the model is larger (6 layers, d_model 512, seq 256, ~19M parameters), runs under bf16 autocast, and is compiled
+with Inductor in mode reduce-overhead (CUDA graphs, which remove most of the kernel-launch overhead; --mode default
+to compare).
+Defaults marked "cpu X / cuda Y" depend on --device."""
+
+#: Measured wall time of the default CPU run, shown in ``fp4compile train --help``.
+_CPU_WALL = "2 minutes"
+_CPU_WHEN = "AMD EPYC, torch 2.13, 2026-11-23"
+
+
+def _add_train_parser(commands) -> None:
+    from .train import DEFAULT_RECIPES, PRESETS
+
+    cpu, cuda = PRESETS["cpu"], PRESETS["cuda"]
+
+    def per_device(key: str) -> str:
+        return f"cpu {cpu[key]} / cuda {cuda[key]}"
+
+    t = commands.add_parser(
+        "train",
+        help="train a small byte-level GPT once per recipe and compare the losses",
+        description=_TRAIN_DESCRIPTION.format(cpu_wall=_CPU_WALL, cpu_when=_CPU_WHEN),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.set_defaults(parser=t)
+    t.add_argument(
+        "--recipes",
+        type=_recipe_list,
+        default=DEFAULT_RECIPES,
+        help=f"comma-separated recipes to train, in this order (default {','.join(DEFAULT_RECIPES)}); "
+        "include bf16 to get the gap column",
+    )
+    t.add_argument(
+        "--steps", type=_positive_int, default=None, help=f"optimizer steps per recipe ({per_device('steps')})"
+    )
+    t.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu; cuda needs a GPU)"
+    )
+    t.add_argument(
+        "--out",
+        default="fp4compile-train-out",
+        help="directory for results.json and loss.png (created; default fp4compile-train-out)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialization, the data order and the random "
+                   "rounding bits; the same for every recipe (default 0)")  # fmt: skip
+    t.add_argument("--batch", type=_positive_int, default=None, help=f"sequences per step ({per_device('batch')})")
+    t.add_argument("--seq", type=_positive_int, default=None, help=f"bytes per sequence ({per_device('seq')})")
+    t.add_argument(
+        "--d-model", type=_positive_int, default=None,
+        help=f"model width, a multiple of 16 and of --heads ({per_device('d_model')})",
+    )  # fmt: skip
+    t.add_argument("--layers", type=_positive_int, default=None, help=f"transformer blocks ({per_device('layers')})")
+    t.add_argument("--heads", type=_positive_int, default=None, help=f"attention heads ({per_device('heads')})")
+    t.add_argument(
+        "--lr", type=_positive_float, default=None,
+        help=f"peak AdamW learning rate, after a linear warmup, cosine-decayed to 10%% ({per_device('lr')})",
+    )  # fmt: skip
+    t.add_argument(
+        "--warmup", type=_nonnegative_int, default=None, help=f"learning-rate warmup steps ({per_device('warmup')})"
+    )
+    t.add_argument(
+        "--eval-every", type=_nonnegative_int, default=None,
+        help="evaluate the validation loss every N steps as well as after the last (0: only after the last; "
+        "default: a quarter of --steps)",
+    )  # fmt: skip
+    t.add_argument(
+        "--val-batches", type=_positive_int, default=None,
+        help=f"batches in the fixed validation set ({per_device('val_batches')})",
+    )  # fmt: skip
+    t.add_argument(
+        "--inner", choices=("inductor", "aot_eager"), default=None,
+        help="the nvfp4 backend's inner compiler (cpu aot_eager / cuda inductor; see above)",
+    )  # fmt: skip
+    t.add_argument(
+        "--mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), default=None,
+        help="Inductor mode (needs --inner inductor; reduce-overhead uses CUDA graphs; cpu: Inductor's default / "
+        "cuda: reduce-overhead)",
+    )  # fmt: skip
+    t.add_argument(
+        "--corpus-mb", type=_positive_float, default=None,
+        help="megabytes of stdlib source to read (default: about what the run reads, 1 to 32)",
+    )  # fmt: skip
+    t.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="CPU threads for torch (default: torch's choice, the cores this process may use)",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-reset", action="store_true",
+        help="register fp4compile.OsciReset (TetraJet-v2's reset of oscillating weights) on the optimizer of every "
+        "quantized recipe; its schedule is scaled to --steps (TetraJet-v2: start in the learning-rate decay, period "
+        "200, window 50, threshold 8) and the table gains a column of the weights it reset",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-start", type=_nonnegative_int, default=None,
+        help="OsciReset: step of the first snapshot (default: half of --steps)",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-period", type=_positive_int, default=None,
+        help="OsciReset: steps between snapshots (default: a fifth of --steps, at least 2)",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-window", type=_positive_int, default=None,
+        help="OsciReset: steps tracked after each snapshot, below --osci-period (default: a quarter of the period)",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-threshold", type=_positive_float, default=8.0,
+        help="OsciReset: reset where (distance of the quantized weight) / (distance of the weight) >= this "
+        "(default 8, TetraJet-v2's)",
+    )  # fmt: skip
+    t.add_argument(
+        "--osci-memory-efficient", action="store_true",
+        help="OsciReset: track only the 10%% of each weight's elements closest to a rounding edge",
+    )  # fmt: skip
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench import RECIPES, TOKENS
+
+    b = commands.add_parser(
+        "bench",
+        help="time one quantized linear layer per recipe on the current GPU",
+        description=(
+            f"Forward + backward of one linear layer (tokens {TOKENS}, bf16, Llama shapes) per recipe relative to "
+            "bf16 F.linear, a compiled plain-PyTorch fake-quant baseline, the bytes saved for backward per element "
+            "of x, and the NVFP4 GEMM alone against torch.mm. Needs a CUDA GPU (the same measurement as "
+            "python -m benchmarks.bench_linear)."
+        ),
+    )
+    b.set_defaults(parser=b)
+    b.add_argument(
+        "--recipes", type=_recipe_list, default=RECIPES, help=f"comma-separated recipes (default {','.join(RECIPES)})"
+    )
+    b.add_argument("--no-baseline", action="store_true", help="skip the compiled fake-quant baseline")
+
+
+def _add_explain_parser(commands) -> None:
+    e = commands.add_parser(
+        "explain",
+        help="show which matmuls of a small GPT the nvfp4 backend rewrites",
+        description=(
+            "Capture the demo model (fp4compile.gpt.demo_model: a 2-layer byte-level GPT, d_model 64) with Dynamo, "
+            "run the nvfp4 backend's matmul pass and print fp4compile.explain's table: every matmul with a weight, "
+            "rewritten to NVFP4 or skipped and why. Runs on the CPU; nothing is trained."
+        ),
+    )
+    e.set_defaults(parser=e)
+    e.add_argument("--recipe", type=_recipe_name, default="nvidia", help="the recipe to explain (default nvidia)")
+    e.add_argument(
+        "--skip", default="", help="comma-separated fnmatch patterns of module names to keep in high precision, "
+        "e.g. '*.mlp.*' (default: none beyond the recipe's lm_head)",
+    )  # fmt: skip
 
 
 def _run_quantizers(args: argparse.Namespace) -> int:
@@ -86,12 +296,86 @@ def _run_quantizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+    from .train import TrainConfig, run_training
+
+    parser = args.parser
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU and none is available; use --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        recipes=args.recipes, device=args.device, seed=args.seed, steps=args.steps, batch=args.batch, seq=args.seq,
+        d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
+        eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
+        corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
+        osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
+        osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient,
+    ).resolved()  # fmt: skip
+    if config.d_model % 16:
+        parser.error(f"--d-model must be a multiple of 16 (the NVFP4 block size), got {config.d_model}")
+    if config.d_model % config.heads:
+        parser.error(f"--d-model ({config.d_model}) must be a multiple of --heads ({config.heads})")
+    if config.mode not in (None, "default") and config.inner != "inductor":
+        parser.error(f"--mode {config.mode} needs --inner inductor")
+    osci_flags = [flag for flag, given in (
+        ("--osci-start", args.osci_start is not None),
+        ("--osci-period", args.osci_period is not None),
+        ("--osci-window", args.osci_window is not None),
+        ("--osci-threshold", args.osci_threshold != 8.0),
+        ("--osci-memory-efficient", args.osci_memory_efficient),
+    ) if given]  # fmt: skip
+    if osci_flags and not config.osci_reset:
+        parser.error(f"{', '.join(osci_flags)} needs --osci-reset")
+    if config.osci_reset:
+        if not any(Recipe.named(r).quantized for r in config.recipes):
+            parser.error(f"--osci-reset needs a quantized recipe; --recipes is {','.join(config.recipes)}")
+        if config.osci_window >= config.osci_period:
+            parser.error(f"--osci-window ({config.osci_window}) must be smaller than --osci-period "
+                         f"({config.osci_period})")  # fmt: skip
+        if config.osci_start + config.osci_window + 1 >= config.steps:
+            parser.error(f"OsciReset's first reset (at step --osci-start + --osci-window + 1 = "
+                         f"{config.osci_start + config.osci_window + 1}) must come by the last step "
+                         f"({config.steps - 1}); lower --osci-start or raise --steps")  # fmt: skip
+    run_training(config, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("fp4compile bench: needs a CUDA GPU and none is available (it times the GPU kernels)", file=sys.stderr)
+        return 1
+    from .bench import HEADER, run_linear_bench
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows, _ = run_linear_bench(args.recipes, baseline=not args.no_baseline)
+    cells = [list(HEADER)] + rows
+    widths = [max(len(r[i]) for r in cells) for i in range(len(HEADER))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    print("\n".join(lines))
+    return 0
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+    from .gpt import demo_batch, demo_model
+
+    skip = [p.strip() for p in args.skip.split(",") if p.strip()]
+    print(explain(demo_model(), demo_batch(), recipe=args.recipe, skip=skip))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fp4compile`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    handlers = {"train": _run_train, "bench": _run_bench, "explain": _run_explain}
     try:
         if args.command == "quantizers":
             return _run_quantizers(args)
+        if args.command in handlers:
+            return handlers[args.command](args)
     except ValueError as error:
         print(f"fp4compile {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,11 @@ recipe=...)`` node, so AOTAutograd traces the quantized op's own forward and bac
 the rest of the graph is left unchanged. Calls that are not rewritten are reported with the
 reason. Rewriting happens before AOTAutograd, so eager code (``nvfp4_linear`` by hand, the
 torchao path) and compiled code run one implementation.
+
+Layers that are NVFP4 already (``NVFP4Linear``, e.g. after torchao's ``quantize_`` with
+``NVFP4Config``, or ``nvfp4_linear`` called by hand) reach the graph as the
+``fp4compile::linear`` op: the pass leaves them as they are, with their own recipe, and
+reports them as ``already NVFP4`` (never quantized twice).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ..linear import nvfp4_linear
 from ..recipe import Recipe
 from .report import MatmulRecord
 
-__all__ = ["rewrite_matmuls", "module_fqn", "parameter_fqn"]
+__all__ = ["ALREADY_NVFP4_OP", "rewrite_matmuls", "module_fqn", "parameter_fqn"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -43,6 +48,9 @@ _METHODS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "addmm": "ad
 _TRANSPOSE_ATTRS = ("T", "mT")
 _CAST_METHODS = ("to", "type", "contiguous", "bfloat16", "half", "float")
 _SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
+#: Label of the already-quantized linear op in records.
+ALREADY_NVFP4_OP = "fp4compile.linear"
+_LINEAR_OP = "fp4compile::linear"
 
 
 # ----------------------------------------------------------------------------- names
@@ -152,6 +160,40 @@ def _shape(node) -> tuple:
     return tuple(value.shape) if value is not None else ()
 
 
+def _nvfp4_op_recipe(node: fx.Node) -> Optional[str]:
+    """The recipe name of an ``fp4compile::linear`` op node (a layer already in NVFP4), else None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
+        return None
+    if name != _LINEAR_OP:
+        return None
+    recipe = node.args[3] if len(node.args) > 3 else node.kwargs.get("recipe")
+    return str(recipe)
+
+
+def _already_nvfp4_record(node: fx.Node, recipe: str, graph_index: int) -> MatmulRecord:
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    param, _ = _trace_to_parameter(weight)
+    return MatmulRecord(
+        graph=graph_index,
+        node=node.name,
+        module=module_fqn(node),
+        weight=parameter_fqn(param) if param is not None else "",
+        op=ALREADY_NVFP4_OP,
+        x_shape=_shape(node.args[0] if node.args else node.kwargs.get("x")),
+        w_shape=_shape(weight),
+        recipe=recipe,
+        rewritten=False,
+        reason=f"already NVFP4 (recipe {recipe!r})",
+    )
+
+
 # ----------------------------------------------------------------------------- the pass
 def _why_not(op, a, b, bias, param_b, param_a, w_shape) -> Optional[str]:
     """The reason a decoded matmul stays in high precision, or None if it can be rewritten."""
@@ -195,11 +237,17 @@ def rewrite_matmuls(
 
     ``skip`` adds FQN patterns (``fnmatch``) to the recipe's ``keep_high_precision``; a matmul is
     skipped when a pattern matches its module's FQN or its weight's FQN (with or without ``.weight``).
+    ``fp4compile::linear`` op nodes (layers already in NVFP4) are left unchanged and recorded as
+    not rewritten, with the reason ``already NVFP4`` and their own recipe.
     """
     patterns = tuple(recipe.keep_high_precision) + tuple(skip)
     graph = gm.graph
     records: list[MatmulRecord] = []
     for node in list(graph.nodes):
+        existing = _nvfp4_op_recipe(node)
+        if existing is not None:
+            records.append(_already_nvfp4_record(node, existing, graph_index))
+            continue
         decoded = _decode(node)
         if decoded is None:
             continue

@@ -1,0 +1,762 @@
+"""``OsciReset``: TetraJet-v2's fix for weights that oscillate across an FP4 rounding edge.
+
+A master weight sitting next to a rounding edge of its forward quantization can flip its quantized
+value back and forth on every optimizer step while the master weight itself barely moves. TetraJet-v2
+(arXiv 2510.27527, section "OsciReset"; ``shared/research/tetrajet_v2.md`` section 3) finds such
+weights by comparing, over a window of optimizer steps, the distance travelled by the quantized
+weight with the distance travelled by the master weight, and snaps the oscillating ones to their
+quantized value (the centre of the rounding bin they sit in). Adam moments are not touched.
+
+Usage::
+
+    osc = OsciReset(model, "tetrajet_v2", start=8000, period=200)   # model plain, compiled or converted
+    handle = osc.register(optimizer)                                 # runs after every optimizer.step()
+    ...
+    checkpoint["osci_reset"] = osc.state_dict()                      # with the model and the optimizer
+
+The schedule (TetraJet-v2's, with the hook's step index ``i``: the first ``optimizer.step()`` after
+``register`` is step 0, i.e. ``i = global_step - 1`` of the paper's trainer):
+
+- **snapshot** after step ``i = start + n * period`` (n = 0, 1, ...): remember each weight and its
+  quantized value, zero the two accumulators;
+- **track** after steps ``i + 1 ... i + window``: ``D_q += |Q(W_t) - Q(W_t-1)|`` and
+  ``D_w += |W_t - W_t-1|`` elementwise (``window`` single-step deltas);
+- **reset** after step ``i + window + 1`` (one optimizer step after the last tracked one, as
+  TetraJet-v2's code does): ``ratio = D_q / D_w`` (0 where ``D_w == 0``); where ``ratio >= threshold``
+  the master weight becomes ``Q(W)`` of that step, cast to the weight's dtype. The window state is freed.
+
+Every other step does no work: no quantization, no tensor operation, no allocation.
+
+``Q`` is exactly the forward weight quantization of the layer's recipe (``recipe.fwd_w``):
+``fp4compile.quantize(W, recipe.fwd_w)`` then ``dequantize`` to FP32, with ``W`` zero-padded along
+``in_features`` as the forward pads it (double-block specs need multiples of 128) and, with
+``autocast_dtype``, cast as the forward's autocast casts it. Recipes never quantize the forward
+stochastically (``Recipe`` refuses it), so ``Q`` is deterministic.
+
+Memory held per tracked weight element during a window (nothing outside windows; the transient
+full-size quantization of each tracked step comes on top):
+
+- full variant: the previous weight (its own dtype), ``D_q`` and ``D_w`` (FP32) and the packed
+  quantization of the previous weight (``spec.bytes_per_element``: 0.5625 B, 0.59375 B for
+  double-block specs, plus 4 B per tensor for a per-tensor scale), so that each tracked step
+  quantizes once: **12.59375 B** for FP32 master weights under ``tetrajet_v2`` (12.5625 B under
+  ``nvidia``; bf16 masters: 2 B less). TetraJet-v2's code holds 12 B and quantizes the previous
+  weight again on every tracked step. Weights whose ``in_features`` the forward pads (double-block
+  specs need multiples of 128) hold the packed quantization of the padded weight.
+- memory-efficient variant: ``ceil(sample_fraction * numel)`` sampled elements, each with an int32
+  index (int64 for tensors of 2**31 elements or more), the previous weight (its dtype), the previous
+  quantized value, ``D_q`` and ``D_w`` (FP32): 20 B per sampled FP32 element, **2.0 B per weight** at
+  ``sample_fraction=0.1`` (TetraJet-v2's code: 2.4 B, with int64 indices).
+
+:meth:`OsciReset.bytes_held` reports the bytes actually held, :meth:`OsciReset.bytes_bound` the maximum
+above for this model and :meth:`OsciReset.bytes_per_weight` that maximum per tracked weight element.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .format import NVFP4, e2m1_decode, unpack_nibbles
+from .quantize import quantize
+from .recipe import Recipe
+from .spec import QuantSpec
+
+__all__ = ["OsciReset"]
+
+log = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: Width of the rounding bin of each E2M1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6), as TetraJet-v2's memeff variant.
+_BIN_WIDTHS = (0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0)
+_STATE_VERSION = 1
+_SCHEDULE_KEYS = ("start", "period", "window", "memory_efficient", "sample_fraction")
+
+
+@dataclass
+class _Layer:
+    """One tracked weight: its parameter, forward quantizer and the live window state."""
+
+    fqn: str
+    param: torch.Tensor
+    spec: QuantSpec
+    recipe: str
+    k_padded: int
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    q_prev: Optional[NVFP4] = None  # full variant: packed Q(previous weight), derivable from state["prev"]
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def in_features(self) -> int:
+        return self.param.shape[1]
+
+
+class _Handle:
+    """What :meth:`OsciReset.register` returns: ``remove()`` unregisters the hook (also as a context manager)."""
+
+    def __init__(self, owner: "OsciReset", torch_handle) -> None:
+        self._owner = owner
+        self._torch_handle = torch_handle
+
+    def remove(self) -> None:
+        """Unregister the hook from the optimizer; the OsciReset can then be registered again."""
+        self._torch_handle.remove()
+        if self._owner._handle is self:
+            self._owner._handle = None
+
+    def __enter__(self) -> "_Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class OsciReset:
+    """Detect weights whose forward quantization oscillates and reset them to their quantized value.
+
+    Args:
+        model: an ``nn.Module``: plain, compiled with ``torch.compile`` (its ``_orig_mod`` is used; the
+            parameters are the same objects) or with linears converted to
+            :class:`~fp4compile.nn.NVFP4Linear` (``torchao``'s ``quantize_`` with ``NVFP4Config``).
+        recipe: a preset name or :class:`Recipe`: the forward weight quantizer ``recipe.fwd_w`` of
+            plain ``nn.Linear`` weights. ``NVFP4Linear`` layers use their own recipe. A model compiled
+            with ``backend="nvfp4"`` must be compiled with this recipe (checked where the compile
+            options can be read).
+        start: step index of the first snapshot (non-negative); TetraJet-v2 starts at ~60-70% of training.
+        period: steps between snapshots (TetraJet-v2: 200, 400 for its largest model).
+        window: tracked steps after each snapshot (TetraJet-v2: 50); must be smaller than ``period``
+            (the reset comes after step ``snapshot + window + 1``).
+        threshold: reset where ``D_q / D_w >= threshold`` (TetraJet-v2: 8; its code default 16).
+        memory_efficient: track only the ``sample_fraction`` of each weight's elements closest to a
+            rounding edge at the snapshot (TetraJet-v2's ``distance_ratio_memeff``).
+        sample_fraction: in (0, 1]; used by the memory-efficient variant.
+        skip: extra ``fnmatch`` patterns of module FQNs kept in high precision (as the backend's
+            ``skip`` option; pass the same ones).
+        autocast_dtype: when the forward runs under ``torch.autocast`` (e.g. ``torch.bfloat16``), the
+            dtype the forward casts the weights to before quantizing them; ``Q`` then quantizes
+            ``W.to(autocast_dtype)`` as the forward does. None (default): the weights' own dtype.
+        weights: parameter FQNs (e.g. ``["blocks.0.attn.w_qkv"]``) to track instead of
+            discovering them, for weights the ``nvfp4`` backend rewrites outside ``nn.Linear``
+            (``x @ w.t()``; ``fp4compile.explain`` lists them). Quantized with ``recipe``.
+
+    Which weights are tracked (without ``weights``): if the model holds ``NVFP4Linear`` layers, those
+    whose recipe quantizes (the conversion kept the remaining ``nn.Linear`` in high precision on
+    purpose); otherwise every ``nn.Linear`` whose in and out features are multiples of 16, whose
+    weight is bfloat16, float16 or float32 and whose FQN matches neither ``recipe.keep_high_precision``
+    (``lm_head``) nor ``skip``. FQNs are the module's own, without ``_orig_mod`` components.
+    A parameter shared by several linears is tracked once.
+
+    Raises:
+        ValueError: bad hyperparameters, an unknown recipe, a recipe that quantizes nothing or
+            quantizes the forward weight stochastically, a compile-time recipe mismatch, or a model
+            with no eligible weight.
+        TypeError: ``model`` is not an ``nn.Module``, ``recipe`` is neither a name nor a Recipe.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Union[str, Recipe] = "tetrajet_v2",
+        *,
+        start: int,
+        period: int = 200,
+        window: int = 50,
+        threshold: float = 8.0,
+        memory_efficient: bool = False,
+        sample_fraction: float = 0.1,
+        skip: Sequence[str] = (),
+        autocast_dtype: Optional[torch.dtype] = None,
+        weights: Optional[Sequence[str]] = None,
+    ) -> None:
+        _check_int("start", start, minimum=0)
+        _check_int("period", period, minimum=1)
+        _check_int("window", window, minimum=1)
+        if window >= period:
+            raise ValueError(
+                f"window ({window}) must be smaller than period ({period}): the reset comes after step "
+                f"snapshot + window + 1, at the latest together with the next period's snapshot"
+            )
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ValueError(f"threshold must be a positive number, got {threshold!r}")
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
+            raise ValueError(f"sample_fraction must be a number in (0, 1], got {sample_fraction!r}")
+        if not 0.0 < sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction!r}")
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
+        if autocast_dtype is not None and autocast_dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"autocast_dtype must be None or one of {_FLOAT_DTYPES}, got {autocast_dtype!r}")
+        if isinstance(skip, str):
+            skip = (skip,)
+        skip = tuple(skip)
+        if not all(isinstance(p, str) for p in skip):
+            raise TypeError(f"skip must be FQN patterns (strings), got {skip!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
+        resolved = Recipe.resolve(recipe)
+        _forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
+
+        self.recipe = resolved
+        self.start = int(start)
+        self.period = int(period)
+        self.window = int(window)
+        self.threshold = float(threshold)
+        self.memory_efficient = memory_efficient
+        self.sample_fraction = float(sample_fraction)
+        self.autocast_dtype = autocast_dtype
+        self._step = 0
+        self._history: list[dict[str, Any]] = []
+        self._handle: Optional[_Handle] = None
+
+        root, compiled = _unwrap(model)
+        if weights is None and _is_converted(root):
+            compiled = []  # NVFP4Linear layers keep their own recipe under any backend
+        for options in compiled:
+            compiled_recipe = Recipe.resolve(options.get("recipe", "nvidia"))
+            if compiled_recipe.name != resolved.name:
+                raise ValueError(
+                    f"the model was compiled with backend='nvfp4' and recipe {compiled_recipe.name!r}, but OsciReset "
+                    f"got recipe {resolved.name!r}; pass recipe={compiled_recipe.name!r} (Q is the forward's quantizer)"
+                )
+            extra = options.get("skip", ())
+            skip += (extra,) if isinstance(extra, str) else tuple(extra)
+        if weights is not None:
+            layers = _named_weights(root, weights, resolved)
+        else:
+            layers = _discover(root, resolved, skip)
+        if not layers:
+            raise ValueError(
+                f"OsciReset found no eligible weight in {type(root).__name__}: it tracks nn.Linear layers (or "
+                "NVFP4Linear) with in and out features multiples of 16, a float weight and an FQN not kept in "
+                f"high precision by {resolved.keep_high_precision + skip}; pass weights=[...] to name them"
+            )
+        self._layers: dict[str, _Layer] = {layer.fqn: layer for layer in layers}
+
+    # ------------------------------------------------------------------ public queries
+    @property
+    def layers(self) -> dict[str, str]:
+        """The tracked weights: parameter FQN -> the name of the recipe whose ``fwd_w`` quantizes it."""
+        return {fqn: layer.recipe for fqn, layer in self._layers.items()}
+
+    @property
+    def step(self) -> int:
+        """The index the next optimizer step will have (the number of steps seen so far)."""
+        return self._step
+
+    def schedule(self, step: int) -> tuple[str, ...]:
+        """What the hook does after optimizer step ``step``: ``()`` (nothing), ``("snapshot",)``,
+        ``("track",)``, ``("reset",)`` or ``("reset", "snapshot")`` (when ``window + 1 == period``)."""
+        if step < self.start:
+            return ()
+        offset = (step - self.start) % self.period
+        if offset == 0:
+            return ("reset", "snapshot") if self.window + 1 == self.period and step > self.start else ("snapshot",)
+        if offset <= self.window:
+            return ("track",)
+        if offset == self.window + 1:
+            return ("reset",)
+        return ()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One report per reset, oldest first (a copy); see :meth:`last_report`."""
+        return copy.deepcopy(self._history)
+
+    def last_report(self) -> Optional[dict[str, Any]]:
+        """The report of the latest reset, or None before the first.
+
+        ``{"step": i, "tracked": n, "reset": k, "layers": {fqn: {"tracked": n_l, "reset": k_l}}}``: per
+        layer, the number of weight elements tracked in the window (all of them, or the sample) and reset.
+        """
+        return copy.deepcopy(self._history[-1]) if self._history else None
+
+    def bytes_held(self) -> int:
+        """Bytes of the window state held now (0 outside windows)."""
+        total = 0
+        for layer in self._layers.values():
+            total += sum(t.numel() * t.element_size() for t in layer.state.values())
+            if layer.q_prev is not None:
+                q = layer.q_prev
+                total += sum(t.numel() * t.element_size() for t in (q.codes, q.scales, q.outer))
+        return total
+
+    def bytes_bound(self) -> int:
+        """The most bytes the window state holds for this model (see the module docstring for the formulas)."""
+        total = 0
+        for layer in self._layers.values():
+            itemsize = layer.param.element_size()
+            if self.memory_efficient:
+                index_size = 4 if layer.numel < 2**31 else 8
+                total += self._sample_size(layer.numel) * (index_size + itemsize + 12)
+            else:
+                rows = layer.param.shape[0]
+                packed = rows * layer.k_padded // 2 + rows * layer.k_padded // 16
+                packed += 4 * rows * layer.k_padded // 128 if layer.spec.outer == "block128" else 4
+                total += layer.numel * (itemsize + 8) + packed
+        return total
+
+    def bytes_per_weight(self) -> float:
+        """:meth:`bytes_bound` per tracked weight element (e.g. 12.59375 full, 2.0 memory-efficient at 10%, FP32)."""
+        return self.bytes_bound() / sum(layer.numel for layer in self._layers.values())
+
+    def __repr__(self) -> str:
+        variant = f"memory_efficient, sample_fraction={self.sample_fraction:g}" if self.memory_efficient else "full"
+        return (
+            f"OsciReset(recipe={self.recipe.name!r}, start={self.start}, period={self.period}, window={self.window}, "
+            f"threshold={self.threshold:g}, {variant}, {len(self._layers)} weights, step={self._step})"
+        )
+
+    # ------------------------------------------------------------------ hooking
+    def register(self, optimizer: torch.optim.Optimizer) -> _Handle:
+        """Run :meth:`on_step` after every ``optimizer.step()`` (``register_step_post_hook``).
+
+        Tracked weights that ``optimizer`` does not update are dropped (they cannot move). Returns a
+        handle whose ``remove()`` unregisters the hook. Raises ``RuntimeError`` when already registered
+        and ``ValueError`` when the optimizer updates none of the tracked weights.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"register expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._handle is not None:
+            raise RuntimeError("this OsciReset is already registered; call handle.remove() first")
+        updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        kept = {fqn: layer for fqn, layer in self._layers.items() if id(layer.param) in updated}
+        if not kept:
+            raise ValueError(f"the optimizer updates none of the tracked weights {sorted(self._layers)}")
+        dropped = sorted(set(self._layers) - set(kept))
+        if dropped:
+            log.info("OsciReset: the optimizer does not update %s; not tracking them", ", ".join(dropped))
+        self._layers = kept
+        self._handle = _Handle(self, optimizer.register_step_post_hook(self._hook))
+        return self._handle
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        self.on_step()
+
+    def on_step(self) -> None:
+        """Advance the schedule by one optimizer step (what the registered hook calls after each step).
+
+        Call it yourself, instead of :meth:`register`, if the weights are updated some other way;
+        never both.
+        """
+        step = self._step
+        self._step += 1
+        actions = self.schedule(step)
+        if not actions:
+            return
+        with torch.no_grad():
+            for action in actions:
+                if action == "snapshot":
+                    self._snapshot()
+                elif action == "track":
+                    self._track()
+                else:
+                    self._reset(step)
+
+    # ------------------------------------------------------------------ the three actions
+    def _quantize(self, layer: _Layer) -> NVFP4:
+        """``Q``'s packed quantization of the layer's current weight, as the forward computes it."""
+        return _quantize_tensor(layer.param.detach(), layer, self.autocast_dtype)
+
+    def _dequantized(self, layer: _Layer, q: NVFP4) -> torch.Tensor:
+        """FP32 ``Q(W)`` [out, in] from its packed quantization (padding cropped)."""
+        return q.dequantize(torch.float32)[:, : layer.in_features]
+
+    def _sample_size(self, numel: int) -> int:
+        return min(numel, max(1, math.ceil(self.sample_fraction * numel - 1e-9)))
+
+    def _snapshot(self) -> None:
+        for layer in self._layers.values():
+            w = layer.param.detach()
+            q = self._quantize(layer)
+            if not self.memory_efficient:
+                layer.state = {
+                    "prev": w.clone(memory_format=torch.contiguous_format),
+                    "d_q": torch.zeros(w.shape, dtype=torch.float32, device=w.device),
+                    "d_w": torch.zeros(w.shape, dtype=torch.float32, device=w.device),
+                }
+                layer.q_prev = q
+                continue
+            score = self._edge_score(layer, q)
+            k = self._sample_size(layer.numel)
+            index = torch.topk(score.reshape(-1), k, sorted=False).indices.sort().values
+            index = index.to(torch.int32 if layer.numel < 2**31 else torch.int64)
+            layer.state = {
+                "index": index,
+                "prev": w.reshape(-1)[index],
+                "prev_q": _dequantize_at(q, index, layer.in_features),
+                "d_q": torch.zeros(k, dtype=torch.float32, device=w.device),
+                "d_w": torch.zeros(k, dtype=torch.float32, device=w.device),
+            }
+            layer.q_prev = None
+
+    def _edge_score(self, layer: _Layer, q: NVFP4) -> torch.Tensor:
+        """``|W/s - Q(W)/s| / binwidth(Q(W)/s)`` per element (s = block scale x outer scale): 0 at a bin
+        centre, highest next to a rounding edge (TetraJet-v2's memeff selection)."""
+        rows, k = layer.param.shape
+        codes = unpack_nibbles(q.codes)[:, :k]
+        values = e2m1_decode(codes).abs()
+        widths = torch.tensor(_BIN_WIDTHS, dtype=torch.float32, device=codes.device)[(codes & 7).long()]
+        scale = q.scales.to(torch.float32).repeat_interleave(16, dim=1)[:, :k]
+        if q.outer.dim() == 0:
+            scale = scale * q.outer
+        else:
+            scale = scale * q.outer.repeat_interleave(128, dim=1)[:, :k]
+        w = layer.param.detach()
+        if self.autocast_dtype is not None:
+            w = w.to(self.autocast_dtype)
+        scaled = w.to(torch.float32).abs() / scale
+        score = torch.where(scale > 0, (scaled - values).abs() / widths, 0.0)
+        return torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _track(self) -> None:
+        for layer in self._layers.values():
+            if not layer.state:
+                continue  # no snapshot in this window (e.g. registered mid-window): nothing to accumulate
+            state = layer.state
+            w = layer.param.detach()
+            q = self._quantize(layer)
+            if not self.memory_efficient:
+                if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
+                    layer.q_prev = _quantize_tensor(state["prev"], layer, self.autocast_dtype)
+                deq = self._dequantized(layer, q)
+                state["d_q"].add_((deq - self._dequantized(layer, layer.q_prev)).abs())
+                state["d_w"].add_((w.to(torch.float32) - state["prev"].to(torch.float32)).abs())
+                state["prev"].copy_(w)
+                layer.q_prev = q
+                continue
+            index = state["index"]
+            current = w.reshape(-1)[index]
+            current_q = _dequantize_at(q, index, layer.in_features)
+            state["d_q"].add_((current_q - state["prev_q"]).abs())
+            state["d_w"].add_((current.to(torch.float32) - state["prev"].to(torch.float32)).abs())
+            state["prev"].copy_(current)
+            state["prev_q"].copy_(current_q)
+
+    def _reset(self, step: int) -> None:
+        counts: dict[str, tuple[int, torch.Tensor]] = {}
+        for fqn, layer in self._layers.items():
+            if not layer.state:
+                continue
+            state = layer.state
+            d_q, d_w = state["d_q"], state["d_w"]
+            ratio = torch.where(d_w > 0, d_q / d_w, torch.zeros((), dtype=d_q.dtype, device=d_q.device))
+            mask = ratio >= self.threshold
+            w = layer.param
+            q = self._quantize(layer)
+            if not self.memory_efficient:
+                target = self._dequantized(layer, q).to(w.dtype)
+                w.copy_(torch.where(mask, target, w))
+            else:
+                index = state["index"][mask]
+                values = _dequantize_at(q, index, layer.in_features).to(w.dtype)
+                if w.is_contiguous():
+                    w.view(-1)[index] = values
+                else:
+                    flat = w.detach().reshape(-1).clone()
+                    flat[index] = values
+                    w.copy_(flat.view_as(w))
+            counts[fqn] = (mask.numel(), mask.sum())
+            layer.state = {}
+            layer.q_prev = None
+        if not counts:
+            return
+        resets = torch.stack([c for _, c in counts.values()]).tolist()  # one host sync per reset step
+        report_layers = {
+            fqn: {"tracked": tracked, "reset": int(n)} for (fqn, (tracked, _)), n in zip(counts.items(), resets)
+        }
+        tracked_total = sum(r["tracked"] for r in report_layers.values())
+        reset_total = sum(r["reset"] for r in report_layers.values())
+        self._history.append({"step": step, "tracked": tracked_total, "reset": reset_total, "layers": report_layers})
+        log.info(
+            "OsciReset step %d: reset %d of %d tracked weights (%.4g%%) in %d of %d layers (threshold %g, window %d)",
+            step,
+            reset_total,
+            tracked_total,
+            100.0 * reset_total / max(tracked_total, 1),
+            sum(1 for r in report_layers.values() if r["reset"]),
+            len(report_layers),
+            self.threshold,
+            self.window,
+        )
+        for fqn, r in report_layers.items():
+            log.debug("OsciReset step %d: %s reset %d of %d", step, fqn, r["reset"], r["tracked"])
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter, the live window state per parameter FQN and the reset history.
+
+        Tensors are the live ones (like ``Optimizer.state_dict``): save the dict right away
+        (``torch.save``) or deep-copy it. The packed ``Q(previous weight)`` of the full variant is
+        not saved; it is recomputed, bit-identical, on the first tracked step after loading.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "config": {
+                "recipe": self.recipe.name,
+                "start": self.start,
+                "period": self.period,
+                "window": self.window,
+                "threshold": self.threshold,
+                "memory_efficient": self.memory_efficient,
+                "sample_fraction": self.sample_fraction,
+            },
+            "layers": {fqn: dict(layer.state) for fqn, layer in self._layers.items() if layer.state},
+            "history": copy.deepcopy(self._history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into this OsciReset (same schedule, same tracked weights).
+
+        Tensors move to their weight's device. Raises ``ValueError`` when the schedule or variant
+        differs, or a layer is unknown or has mismatched shapes. ``threshold`` may differ (the new one applies).
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+            got = state_dict.get("version") if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"not an OsciReset state_dict of version {_STATE_VERSION} (got {got!r})")
+        config = state_dict["config"]
+        for key in _SCHEDULE_KEYS:
+            if config[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={config[key]!r} but this OsciReset has {getattr(self, key)!r}")
+        step = state_dict["step"]
+        _check_int("state_dict['step']", step, minimum=0)
+        layers = state_dict["layers"]
+        unknown = sorted(set(layers) - set(self._layers))
+        if unknown:
+            raise ValueError(f"state_dict holds window state of weights this OsciReset does not track: {unknown}")
+        expected = ("index", "prev", "prev_q", "d_q", "d_w") if self.memory_efficient else ("prev", "d_q", "d_w")
+        restored: dict[str, dict[str, torch.Tensor]] = {}
+        for fqn, saved in layers.items():
+            layer = self._layers[fqn]
+            if sorted(saved) != sorted(expected):
+                raise ValueError(f"state of {fqn!r} has entries {sorted(saved)}, expected {sorted(expected)}")
+            device, dtype = layer.param.device, layer.param.dtype
+            if self.memory_efficient:
+                k = saved["index"].numel()
+                shapes = {name: (k,) for name in expected}
+                if k != self._sample_size(layer.numel) or (k and int(saved["index"].max()) >= layer.numel):
+                    raise ValueError(f"state of {fqn!r} samples {k} elements, not {self._sample_size(layer.numel)}")
+            else:
+                shapes = {name: tuple(layer.param.shape) for name in expected}
+            state = {}
+            for name in expected:
+                tensor = saved[name]
+                if tuple(tensor.shape) != shapes[name]:
+                    raise ValueError(
+                        f"state {fqn!r}[{name!r}] has shape {tuple(tensor.shape)}, expected {shapes[name]}"
+                    )
+                if name == "index":
+                    target_dtype = torch.int32 if layer.numel < 2**31 else torch.int64
+                else:
+                    target_dtype = dtype if name == "prev" else torch.float32
+                state[name] = tensor.detach().to(device=device, dtype=target_dtype, copy=True)
+            restored[fqn] = state
+        self._step = step
+        for fqn, layer in self._layers.items():
+            layer.state = restored.get(fqn, {})
+            layer.q_prev = None
+        self._history = copy.deepcopy(list(state_dict.get("history", [])))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a non-negative" if minimum == 0 else "a positive"
+        raise ValueError(f"{name} must be {what} integer, got {value!r}")
+
+
+def _forward_weight_spec(recipe: Recipe) -> QuantSpec:
+    """``recipe.fwd_w``, checked to be a deterministic quantizer without rotation."""
+    if not recipe.quantized:
+        raise ValueError(f"recipe {recipe.name!r} quantizes nothing: no weight can oscillate across an FP4 grid")
+    spec = recipe.fwd_w
+    if spec.stochastic:
+        raise ValueError(
+            f"recipe {recipe.name!r} quantizes the forward weight stochastically ({spec.short_str()}): OsciReset needs "
+            "the deterministic forward quantization Q (give the recipe an RTN fwd_w)"
+        )
+    if spec.rotation != "none":
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the forward weight ({spec.rotation}); OsciReset needs Q(W) in W's basis"
+        )
+    return spec
+
+
+def _quantize_tensor(w: torch.Tensor, layer: _Layer, autocast_dtype: Optional[torch.dtype]) -> NVFP4:
+    """The forward's quantization of weight values ``w``: autocast cast, K zero-padded, ``recipe.fwd_w``.
+
+    ``quantize`` is looked up in this module at call time (tests count the calls). ``validate=False``
+    avoids a host sync per call; a non-finite weight then gives NaN distances, which never reset it.
+    """
+    if autocast_dtype is not None:
+        w = w.to(autocast_dtype)
+    if layer.k_padded != w.shape[1]:
+        w = F.pad(w, (0, layer.k_padded - w.shape[1]))
+    return quantize(w.contiguous(), layer.spec, validate=False)
+
+
+def _dequantize_at(q: NVFP4, index: torch.Tensor, in_features: int) -> torch.Tensor:
+    """FP32 dequantized values of ``q`` at flat ``index`` into the unpadded [out, in_features] tensor.
+
+    Bit-identical to ``q.dequantize(torch.float32)`` at those elements (same products, same order), without
+    decoding the whole tensor.
+    """
+    rows = torch.div(index, in_features, rounding_mode="floor")
+    cols = index - rows * in_features
+    packed = q.codes[rows, torch.div(cols, 2, rounding_mode="floor")]
+    codes = torch.where(cols % 2 == 0, packed & 0xF, packed >> 4)
+    values = e2m1_decode(codes) * q.scales[rows, torch.div(cols, 16, rounding_mode="floor")].to(torch.float32)
+    if q.outer.dim() == 0:
+        return values * q.outer
+    return values * q.outer[rows, torch.div(cols, 128, rounding_mode="floor")]
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list[dict]]:
+    """The module under ``torch.compile`` / DDP wrappers, and the nvfp4 options of the compiled wrappers found."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled: list[dict] = []
+    for _ in range(16):
+        if isinstance(model, OptimizedModule):
+            options = _nvfp4_compile_options(model)
+            if options is not None:
+                compiled.append(options)
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            break
+    for module in model.modules():  # torch.compile applied to submodules
+        if isinstance(module, OptimizedModule):
+            options = _nvfp4_compile_options(module)
+            if options is not None:
+                compiled.append(options)
+    return model, compiled
+
+
+def _nvfp4_compile_options(module: nn.Module) -> Optional[dict]:
+    """The ``options`` of ``torch.compile(..., backend="nvfp4")`` that produced ``module``; None when it was
+    compiled with another backend or the options cannot be read (best effort over Dynamo internals)."""
+    try:
+        backend = module.dynamo_ctx.callback
+        for _ in range(8):
+            if getattr(backend, "compiler_name", None) == "nvfp4" and isinstance(
+                getattr(backend, "kwargs", None), dict
+            ):
+                return dict(backend.kwargs.get("options") or {})
+            inner = getattr(backend, "_torchdynamo_orig_backend", None)
+            if inner is None or inner is backend:
+                return None
+            backend = inner
+    except Exception:  # Dynamo's wrappers are internal; any change means we cannot tell
+        return None
+    return None
+
+
+def _normalize(fqn: str) -> str:
+    return ".".join(part for part in fqn.split(".") if part != "_orig_mod")
+
+
+def _relative_names(fqn: str) -> tuple[str, ...]:
+    """``fqn`` without ``_orig_mod``, and relative to each compiled submodule (the backend sees those names)."""
+    parts = fqn.split(".")
+    names = [_normalize(fqn)]
+    for i, part in enumerate(parts):
+        if part == "_orig_mod":
+            names.append(_normalize(".".join(parts[i + 1 :])))
+    return tuple(n for n in names if n)
+
+
+def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+
+def _make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> _Layer:
+    spec = _forward_weight_spec(recipe)
+    k_multiple = max(recipe.fwd_x.k_multiple, spec.k_multiple)  # the forward pads K for both operands alike
+    in_features = param.shape[1]
+    return _Layer(
+        fqn=fqn,
+        param=param,
+        spec=spec,
+        recipe=recipe.name,
+        k_padded=(in_features + k_multiple - 1) // k_multiple * k_multiple,
+    )
+
+
+def _eligible_weight(weight: Optional[torch.Tensor]) -> bool:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
+        return False
+    out_features, in_features = weight.shape
+    return out_features > 0 and in_features > 0 and out_features % 16 == 0 and in_features % 16 == 0
+
+
+def _is_converted(root: nn.Module) -> bool:
+    """Whether the model holds ``NVFP4Linear`` layers (converted, e.g. by torchao's ``quantize_``)."""
+    from .nn import NVFP4Linear
+
+    return any(isinstance(m, NVFP4Linear) for m in root.modules())
+
+
+def _discover(root: nn.Module, recipe: Recipe, skip: tuple[str, ...]) -> list[_Layer]:
+    from .nn import NVFP4Linear
+
+    modules = list(root.named_modules())
+    converted = _is_converted(root)
+    patterns = tuple(recipe.keep_high_precision) + skip
+    layers: list[_Layer] = []
+    seen: set[int] = set()
+    for name, module in modules:
+        names = _relative_names(name)
+        names += tuple(n + ".weight" for n in names)
+        if converted:  # NVFP4Linear layers are quantized whatever their name; only ``skip`` applies
+            if not isinstance(module, NVFP4Linear) or _matches(skip, names):
+                continue
+            layer_recipe = Recipe.named(module.recipe)
+            if not layer_recipe.quantized:
+                continue
+        else:
+            if not isinstance(module, nn.Linear) or _matches(patterns, names):
+                continue
+            layer_recipe = recipe
+        weight = module.weight
+        if not _eligible_weight(weight) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        fqn = _normalize(name + ".weight" if name else "weight")
+        layers.append(_make_layer(fqn, weight, layer_recipe))
+    return layers
+
+
+def _named_weights(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[_Layer]:
+    if isinstance(names, str):
+        names = (names,)
+    params = {_normalize(n): p for n, p in root.named_parameters()}
+    layers: list[_Layer] = []
+    seen: set[int] = set()
+    for name in names:
+        param = params.get(_normalize(name))
+        if param is None:
+            raise ValueError(f"weights: the model has no parameter {name!r}")
+        if not _eligible_weight(param):
+            raise ValueError(
+                f"weights: {name!r} of shape {tuple(param.shape)} and dtype {param.dtype} is not a 2-D float weight "
+                "with dims multiples of 16"
+            )
+        if id(param) not in seen:
+            seen.add(id(param))
+            layers.append(_make_layer(_normalize(name), param, recipe))
+    return layers

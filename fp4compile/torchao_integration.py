@@ -1,0 +1,303 @@
+"""torchao integration: ``quantize_(model, NVFP4Config(...))`` for training, ``export_torchao_nvfp4`` for inference.
+
+Training::
+
+    from torchao.quantization import quantize_
+    from fp4compile import NVFP4Config
+
+    quantize_(model, NVFP4Config(recipe="quartet_ii"))   # eligible nn.Linear -> NVFP4Linear
+    model = torch.compile(model)                           # any backend; "nvfp4" leaves them as they are
+
+A linear is swapped when it is a plain ``nn.Linear`` (its own forward, not the
+``NonDynamicallyQuantizableLinear`` of ``nn.MultiheadAttention``), in and out features are
+multiples of 16, its weight is a plain bfloat16/float16/float32 tensor, and its FQN matches
+neither the recipe's ``keep_high_precision`` patterns (``lm_head``) nor ``skip``. Others stay
+``nn.Linear``. A ``filter_fn`` given to ``quantize_`` narrows this further (torchao calls the
+handler only where it returns True); ``NVFP4Config.filter_fn`` is the eligibility test itself.
+
+torchao 0.18 passes handlers only ``(module, config)``, not the module's FQN. The handler
+recovers the FQN from the frame of the torchao function that called it
+(``_replace_with_custom_fn_if_matches_filter``'s ``cur_fqn``, or ``_fqn_to_config_handler``'s
+``fqn`` under ``FqnToConfig``); if it cannot, it warns and applies no FQN patterns (pass
+``filter_fn=config.filter_fn`` to ``quantize_`` to apply them through torchao's own FQN argument).
+
+Inference: :func:`export_torchao_nvfp4` turns every ``NVFP4Linear`` into an ``nn.Linear`` whose
+weight is a torchao ``NVFP4Tensor`` laid out as torchao's own NVFP4 inference configs lay it out
+(swizzled E4M3 scales, FP32 per-tensor scale), with codes and scales bit-identical to
+``fp4compile.quantize(weight, "rtn")``.
+
+This module imports torchao; ``import fp4compile`` does not import this module (``fp4compile.NVFP4Config``
+and ``fp4compile.export_torchao_nvfp4`` load it on first access). Importing it registers the
+``NVFP4Config`` handler with torchao, nothing else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .nn import NVFP4Linear
+from .quantize import quantize
+from .recipe import Recipe
+from .spec import QuantSpec
+
+_INSTALL_HINT = "fp4compile's torchao integration needs torchao 0.18 or newer: pip install torchao>=0.18"
+_MIN_TORCHAO = (0, 18)
+
+
+def _torchao_version(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+try:
+    import torchao
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization.transform_module import register_quantize_module_handler
+except ImportError as error:  # torchao missing (or broken): say how to get it
+    raise ImportError(f"{_INSTALL_HINT} ({error})") from error
+if _torchao_version(getattr(torchao, "__version__", "0.0")) < _MIN_TORCHAO:
+    raise ImportError(f"{_INSTALL_HINT}; found torchao {torchao.__version__}")
+
+__all__ = ["NVFP4Config", "export_torchao_nvfp4", "nvfp4_tensor_from_weight"]
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class NVFP4Config(AOBaseConfig):
+    """torchao config: ``quantize_(model, NVFP4Config(recipe=...))`` swaps eligible linears for ``NVFP4Linear``.
+
+    Attributes:
+        recipe: a preset name (``fp4compile.Recipe.names()``) or a :class:`~fp4compile.Recipe`
+            (registered under its name). Unknown names raise ``ValueError`` listing the valid ones.
+        skip: ``fnmatch`` patterns of module FQNs kept as ``nn.Linear``, in addition to the
+            recipe's ``keep_high_precision`` (e.g. ``("*.mlp.*",)``).
+    """
+
+    recipe: Union[str, Recipe] = "nvidia"
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        resolved = Recipe.resolve(self.recipe)  # ValueError listing valid names, TypeError for other types
+        self.recipe = resolved.name if isinstance(self.recipe, str) else resolved
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        if not all(isinstance(p, str) for p in self.skip):
+            raise TypeError(f"NVFP4Config.skip must be FQN patterns (strings), got {self.skip!r}")
+
+    @property
+    def recipe_name(self) -> str:
+        """The name of the recipe (what ``NVFP4Linear.recipe`` holds)."""
+        return self.recipe if isinstance(self.recipe, str) else self.recipe.name
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """All FQN patterns kept in high precision: the recipe's ``keep_high_precision``, then ``skip``."""
+        return tuple(Recipe.named(self.recipe_name).keep_high_precision) + self.skip
+
+    def why_not(self, module: nn.Module, fqn: Optional[str]) -> Optional[str]:
+        """Why ``module`` (at ``fqn``; None if unknown) stays as it is, or None if it becomes an ``NVFP4Linear``."""
+        if isinstance(module, NVFP4Linear):
+            return "already an NVFP4Linear"
+        if not isinstance(module, nn.Linear):
+            return f"{type(module).__name__} is not an nn.Linear"
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return "NonDynamicallyQuantizableLinear (its owner reads the weight directly)"
+        if type(module).forward is not nn.Linear.forward:
+            return f"{type(module).__name__} overrides nn.Linear.forward"
+        weight = module.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter):
+            return f"weight is a {type(weight).__name__}, not a plain tensor"
+        if weight.dtype not in _FLOAT_DTYPES:
+            return f"weight dtype {weight.dtype} is not bfloat16, float16 or float32"
+        if module.in_features % 16 or module.out_features % 16 or not module.in_features or not module.out_features:
+            return f"in_features={module.in_features} or out_features={module.out_features} is not a multiple of 16"
+        if fqn:
+            for pattern in self.patterns:
+                if fnmatch.fnmatchcase(fqn, pattern):
+                    return f"FQN {fqn!r} matches {pattern!r}"
+        return None
+
+    def filter_fn(self, module: nn.Module, fqn: str) -> bool:
+        """Whether ``module`` at ``fqn`` is swapped; usable as ``quantize_(..., filter_fn=config.filter_fn)``."""
+        return self.why_not(module, fqn) is None
+
+
+# ----------------------------------------------------------------------------- the quantize_ handler
+_TORCHAO_CALLERS = {
+    # torchao function name -> (local holding the module, how to read the FQN from the frame's locals)
+    "_replace_with_custom_fn_if_matches_filter": ("model", lambda f: f["cur_fqn"][:-1]),
+    "_fqn_to_config_handler": ("module", lambda f: f["fqn"]),
+}
+
+
+def _fqn_from_torchao_caller(module: nn.Module, max_depth: int = 4) -> Optional[str]:
+    """The FQN torchao's ``quantize_`` knows for ``module``, read from the calling torchao frame; None if absent."""
+    frame = sys._getframe(2)  # skip this function and the handler
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        caller = _TORCHAO_CALLERS.get(frame.f_code.co_name)
+        if caller is not None and frame.f_globals.get("__name__", "").startswith("torchao."):
+            local_name, read_fqn = caller
+            f_locals = frame.f_locals
+            if f_locals.get(local_name) is module:
+                try:
+                    fqn = read_fqn(f_locals)
+                except (KeyError, TypeError):
+                    return None
+                return fqn if isinstance(fqn, str) else None
+        frame = frame.f_back
+    return None
+
+
+def _swap(module: nn.Module, config: NVFP4Config, fqn: Optional[str]) -> nn.Module:
+    """``module`` as an ``NVFP4Linear`` if eligible; a container gets its eligible descendant linears swapped."""
+    if isinstance(module, nn.Linear):
+        if config.why_not(module, fqn) is not None:
+            return module
+        return NVFP4Linear.from_linear(module, config.recipe_name)
+    for name, child in list(module.named_children()):
+        child_fqn = None if fqn is None else (f"{fqn}.{name}" if fqn else name)
+        new = _swap(child, config, child_fqn)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+@register_quantize_module_handler(NVFP4Config)
+def _nvfp4_config_transform(module: nn.Module, config: NVFP4Config) -> nn.Module:
+    """torchao handler: swap ``module`` (an ``nn.Linear`` that ``quantize_``'s filter accepted) for an ``NVFP4Linear``.
+
+    A non-linear module (a ``filter_fn`` that accepted a container) gets its eligible descendant
+    linears swapped, with their FQNs below the container's.
+    """
+    fqn = _fqn_from_torchao_caller(module)
+    if fqn is None and config.patterns:
+        warnings.warn(
+            "NVFP4Config: could not find the module's FQN in torchao's quantize_ call, so the FQN patterns "
+            f"{list(config.patterns)} are not applied to this module; pass filter_fn=config.filter_fn to quantize_",
+            stacklevel=2,
+        )
+    return _swap(module, config, fqn)
+
+
+# ----------------------------------------------------------------------------- inference export
+def _torchao_nvfp4():
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, QuantizeTensorToNVFP4Kwargs
+    from torchao.prototype.mx_formats.utils import hp_data_dims_to_swizzled_scale_dims_nvfp4, to_blocked
+
+    return NVFP4Tensor, QuantizeTensorToNVFP4Kwargs, to_blocked, hp_data_dims_to_swizzled_scale_dims_nvfp4
+
+
+def _check_export_spec(spec: Union[str, QuantSpec]) -> QuantSpec:
+    spec = QuantSpec.named(spec) if isinstance(spec, str) else spec
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec or a quantizer name, got {type(spec).__name__}")
+    if spec.outer != "tensor" or spec.rotation != "none" or spec.stochastic:
+        raise ValueError(
+            "export_torchao_nvfp4 needs a deterministic, unrotated spec with a per-tensor outer scale "
+            f"(NVFP4Tensor's layout), e.g. 'rtn', 'rtn_4over6' or 'rtn_2d'; got {spec.short_str()}"
+        )
+    return spec
+
+
+def nvfp4_tensor_from_weight(
+    weight: torch.Tensor,
+    spec: Union[str, QuantSpec] = "rtn",
+    *,
+    dynamic_activation: bool = False,
+    swizzle: bool = True,
+):
+    """A torchao ``NVFP4Tensor`` holding ``fp4compile.quantize(weight, spec)`` bit for bit.
+
+    ``qdata`` are our packed codes, ``scale`` our E4M3 block scales (in cuBLAS's swizzled layout
+    when ``swizzle``), ``per_tensor_scale`` our FP32 outer scale; ``orig_dtype`` is the weight's dtype.
+    With ``dynamic_activation`` the tensor carries torchao's activation settings (NVFP4 activations
+    with a dynamic per-tensor scale, as ``NVFP4DynamicActivationNVFP4WeightConfig``); otherwise it
+    is weight-only (``F.linear`` dequantizes it, as ``NVFP4WeightOnlyConfig``).
+    """
+    nvfp4_tensor, act_kwargs_cls, to_blocked, swizzled_dims = _torchao_nvfp4()
+    spec = _check_export_spec(spec)
+    with torch.no_grad():
+        q = quantize(weight.detach(), spec)
+    rows, k = q.shape
+    scale = q.scales
+    if swizzle:  # cuBLAS's blocked layout, zero-padded to 128 x 4 scale tiles, as NVFP4Tensor.to_nvfp4 stores it
+        scale = to_blocked(scale).view(*swizzled_dims(rows, k))
+    act_kwargs = None
+    if dynamic_activation:
+        act_kwargs = act_kwargs_cls(use_dynamic_per_tensor_scale=True, use_triton_kernel=False, is_swizzled_scales=True)
+    return nvfp4_tensor(
+        q.codes,
+        scale,
+        16,
+        weight.dtype,
+        q.outer.reshape(()),
+        None,
+        swizzle,
+        False,
+        act_kwargs,
+    )
+
+
+def export_torchao_nvfp4(
+    model: nn.Module,
+    *,
+    spec: Union[str, QuantSpec] = "rtn",
+    dynamic_activation: bool = False,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """Convert every ``NVFP4Linear`` of ``model`` (in place) to an ``nn.Linear`` with a torchao ``NVFP4Tensor`` weight.
+
+    The weight is ``fp4compile.quantize(weight, spec)`` bit for bit (default ``"rtn"``, the
+    NVIDIA/TransformerEngine 1x16 quantizer): codes, E4M3 block scales and the FP32 per-tensor
+    scale are ours, not re-derived by torchao's ``to_nvfp4`` (whose rounding differs in the cases
+    listed in ``tests/test_torchao_agreement.py``). The layout follows torchao's inference configs:
+    ``nn.Linear`` with ``weight = nn.Parameter(NVFP4Tensor, requires_grad=False)``, swizzled scales,
+    the bias unchanged.
+
+    Args:
+        model: a model (or a single ``NVFP4Linear``) after ``quantize_(model, NVFP4Config(...))``.
+        spec: a deterministic per-tensor quantizer without rotation: ``"rtn"``, ``"rtn_4over6"``
+            or ``"rtn_2d"`` (its 16x16 scales are stored per 1x16 block).
+        dynamic_activation: False (default): weight-only, runs anywhere (CPU included) by
+            dequantizing the weight in ``F.linear``. True: activations are quantized to NVFP4 at
+            run time by torchao (``NVFP4DynamicActivationNVFP4WeightConfig``'s layout); its
+            ``torch._scaled_mm`` FP4 GEMM needs a Blackwell (sm100+) GPU.
+        filter_fn: optional ``(module, fqn) -> bool``; only ``NVFP4Linear``\\ s it accepts are converted.
+
+    Returns:
+        ``model`` (the root itself is replaced when it is an ``NVFP4Linear``: use the return value).
+    """
+    spec = _check_export_spec(spec)
+
+    def convert(layer: NVFP4Linear) -> nn.Linear:
+        weight = nvfp4_tensor_from_weight(layer.weight, spec, dynamic_activation=dynamic_activation)
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype
+        )
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.bias = layer.bias
+        linear.train(layer.training)
+        return linear
+
+    def visit(module: nn.Module, fqn: str) -> nn.Module:
+        if isinstance(module, NVFP4Linear):
+            return convert(module) if filter_fn is None or filter_fn(module, fqn) else module
+        for name, child in list(module.named_children()):
+            new = visit(child, f"{fqn}.{name}" if fqn else name)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    return visit(model, "")

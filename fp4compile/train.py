@@ -1,0 +1,462 @@
+"""``fp4compile train``: train the same small byte-level GPT once per recipe and compare the losses.
+
+Every run builds the model from the same seed (same initial weights, checked by a hash of them),
+reseeds torch before its first step (the stochastic-rounding bits of one run are reproducible), and
+reads the same training batches in the same order (``corpus.train_batch`` depends only on seed and
+step). The model is compiled with ``torch.compile(model, backend="nvfp4", options={"recipe": ...})``;
+``bf16`` is compiled the same way and rewrites nothing, so the comparison isolates the quantization.
+
+``results.json`` (written by :func:`write_results`) holds:
+
+- ``config``: the :class:`TrainConfig` of the run, and the model's parameter count (``params``);
+- ``corpus``: the stdlib directory, bytes and files of each split;
+- ``runs``: per recipe ``train_loss`` (one value per step; null where not finite), ``final_train_loss``
+  (mean of the last 10 steps), ``val_loss`` (mean over the fixed validation batches after the last
+  step), ``val_curve`` ([step, loss] pairs), ``gap_to_bf16_pct`` (val loss relative to bf16's, null
+  without a bf16 run), ``tokens_per_s`` (training steps after the first ``TIMING_WARMUP``, evaluation
+  excluded), ``first_step_s`` (compilation plus one step), ``wall_s``, ``init_sha256``, ``diverged``,
+  ``osci_reset`` (with ``--osci-reset``, for quantized recipes: one ``{step, tracked, reset}`` per reset of
+  :class:`fp4compile.OsciReset`, with per-layer counts under ``layers``; null otherwise);
+- ``environment``: torch and fp4compile versions, Python, device name, CPU threads, date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .corpus import Corpus, load_corpus, train_batch, val_batches
+from .gpt import GPT, GPTConfig
+from .osci_reset import OsciReset
+from .recipe import Recipe
+
+__all__ = [
+    "DEFAULT_RECIPES",
+    "PRESETS",
+    "RecipeRun",
+    "TrainConfig",
+    "environment",
+    "format_table",
+    "run_training",
+    "train_recipe",
+    "write_results",
+]
+
+DEFAULT_RECIPES = ("bf16", "naive", "nvidia", "quartet_ii", "tetrajet_v2")
+#: Steps left out of the tokens/s measurement (compilation; CUDA-graph recording in "reduce-overhead").
+TIMING_WARMUP = 3
+#: Steps averaged for the final training loss.
+FINAL_WINDOW = 10
+
+# Defaults per device; every one can be overridden by a flag.
+#
+# CPU: the quantized linears run fp4compile's plain-torch reference quantizers, which cost far more than the
+# matmuls, so the model is tiny and the run short. Inner compiler: on 2 cores (AMD EPYC, torch 2.13, 2026-11-23)
+# Inductor takes ~25 s to compile one recipe's forward + backward and ~8 s for its no-grad eval graph, i.e.
+# ~2.5 min of compilation alone for 5 recipes, while "aot_eager" (AOTAutograd and the NVFP4 rewrite, eager
+# kernels) takes ~3 s + ~1 s, and the steps run as fast (nvidia: 227 ms/step with Inductor, 196 ms with
+# aot_eager; the quantizers dominate). So the default CPU run uses inner "aot_eager" (--inner inductor to
+# override), and the whole default 5-recipe run (100 steps each) takes ~2.2 min on 2 cores.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(
+        steps=100, batch=8, seq=64, d_model=64, layers=2, heads=4, lr=3e-3, warmup=10, val_batches=4,
+        inner="aot_eager", mode=None,
+    ),
+    "cuda": dict(
+        steps=1000, batch=32, seq=256, d_model=512, layers=6, heads=8, lr=1e-3, warmup=100, val_batches=16,
+        inner="inductor", mode="reduce-overhead",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a ``fp4compile train`` run (see ``fp4compile train --help``).
+
+    ``None`` fields take the device's value from :data:`PRESETS` in :meth:`resolved`.
+    """
+
+    recipes: tuple[str, ...] = DEFAULT_RECIPES
+    device: str = "cpu"
+    seed: int = 0
+    steps: Optional[int] = None
+    batch: Optional[int] = None
+    seq: Optional[int] = None
+    d_model: Optional[int] = None
+    layers: Optional[int] = None
+    heads: Optional[int] = None
+    lr: Optional[float] = None
+    warmup: Optional[int] = None
+    eval_every: Optional[int] = None
+    val_batches: Optional[int] = None
+    inner: Optional[str] = None
+    mode: Optional[str] = None
+    corpus_bytes: Optional[int] = None
+    grad_clip: float = 1.0
+    osci_reset: bool = False
+    osci_start: Optional[int] = None
+    osci_period: Optional[int] = None
+    osci_window: Optional[int] = None
+    osci_threshold: float = 8.0
+    osci_memory_efficient: bool = False
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every ``None`` replaced by the device preset (and derived defaults)."""
+        if self.device not in PRESETS:
+            raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(PRESETS)}")
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        for key, value in PRESETS[self.device].items():
+            values.setdefault(key, value)
+        merged = dataclasses.replace(self, **values)
+        if merged.eval_every is None:
+            merged = dataclasses.replace(merged, eval_every=max(1, merged.steps // 4))
+        if merged.corpus_bytes is None:  # about the bytes the run reads, between 1 MB and 32 MB
+            need = merged.steps * merged.batch * (merged.seq + 1)
+            merged = dataclasses.replace(merged, corpus_bytes=int(min(max(need * 1.2, 1e6), 32e6)))
+        if merged.warmup >= merged.steps:
+            merged = dataclasses.replace(merged, warmup=merged.steps // 10)
+        # OsciReset scaled from TetraJet-v2's (start in the learning-rate decay, period 200, window 50) to the
+        # run: the first snapshot at half the steps, a period of a fifth of the steps, a window of a quarter of it.
+        if merged.osci_period is None:
+            merged = dataclasses.replace(merged, osci_period=max(2, merged.steps // 5))
+        if merged.osci_window is None:
+            merged = dataclasses.replace(merged, osci_window=max(1, merged.osci_period // 4))
+        if merged.osci_start is None:
+            merged = dataclasses.replace(merged, osci_start=merged.steps // 2)
+        return merged
+
+    def model_config(self) -> GPTConfig:
+        """The GPT shape of this (resolved) config."""
+        return GPTConfig(seq_len=self.seq, d_model=self.d_model, n_layers=self.layers, n_heads=self.heads)
+
+    def compile_options(self, recipe: str) -> dict:
+        """The ``options`` of ``torch.compile(backend="nvfp4")`` for ``recipe``."""
+        options = {"recipe": recipe, "inner": self.inner}
+        if self.mode not in (None, "default"):
+            options["mode"] = self.mode
+        return options
+
+
+@dataclass
+class RecipeRun:
+    """The outcome of training one recipe (see the module docstring for the fields' meaning)."""
+
+    recipe: str
+    train_loss: list[float]
+    val_curve: list[tuple[int, float]]
+    tokens_per_s: float
+    first_step_s: float
+    wall_s: float
+    init_sha256: str
+    diverged: bool = False
+    osci_reset: Optional[list[dict]] = None
+
+    @property
+    def final_train_loss(self) -> float:
+        """Mean training loss of the last :data:`FINAL_WINDOW` steps."""
+        tail = self.train_loss[-FINAL_WINDOW:]
+        return sum(tail) / len(tail) if tail else math.nan
+
+    @property
+    def val_loss(self) -> float:
+        """Validation loss after the last step."""
+        return self.val_curve[-1][1] if self.val_curve else math.nan
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 10 % of ``config.lr``."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _parameter_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _evaluate(model, batches, device: str) -> float:
+    total = 0.0
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        for x, y in batches:
+            total += model(x.to(device), y.to(device)).item()
+    return total / len(batches)
+
+
+def train_recipe(
+    recipe: str,
+    config: TrainConfig,
+    corpus: Corpus,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RecipeRun:
+    """Build the model from ``config.seed``, compile it with ``recipe`` and train it for ``config.steps`` steps.
+
+    Args:
+        recipe: a name from ``fp4compile.Recipe.names()``.
+        config: a resolved :class:`TrainConfig`.
+        corpus: the data (:func:`fp4compile.corpus.load_corpus`).
+        progress: show a tqdm bar (on stderr) with the current loss.
+        log: where to report a divergence.
+    """
+    from tqdm.auto import tqdm
+
+    device = config.device
+    start = time.perf_counter()
+    torch._dynamo.reset()  # each recipe compiles afresh (and never hits Dynamo's recompile limit)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = GPT(config.model_config())
+    init_hash = _parameter_hash(model)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    compiled = torch.compile(model, backend="nvfp4", options=config.compile_options(recipe), dynamic=False)
+    osci = None
+    if config.osci_reset and Recipe.named(recipe).quantized:
+        osci = OsciReset(
+            compiled, recipe, start=config.osci_start, period=config.osci_period, window=config.osci_window,
+            threshold=config.osci_threshold, memory_efficient=config.osci_memory_efficient,
+            autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+        )  # fmt: skip
+        osci.register(optimizer)
+    validation = val_batches(corpus.val, config.val_batches, config.batch, config.seq)
+    torch.manual_seed(config.seed)  # the random bits of stochastic rounding and rotations
+    if device == "cuda":
+        torch.cuda.manual_seed_all(config.seed)
+
+    losses: list[torch.Tensor] = []
+    val_curve: list[tuple[int, float]] = []
+    untimed = min(TIMING_WARMUP, config.steps - 1)  # steps left out of tokens/s (all but one of a short run)
+    timed_s, first_step_s, diverged = 0.0, math.nan, False
+    log_every = 1 if device == "cpu" else 10  # .item() synchronizes a GPU
+    bar = tqdm(total=config.steps, desc=f"{recipe:<12}", unit="step", disable=not progress, file=sys.stderr)
+    try:
+        tic = time.perf_counter()
+        for step in range(config.steps):
+            x, y = train_batch(corpus.train, step, config.batch, config.seq, config.seed)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = compiled(x, y)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().clone())  # a clone: CUDA graphs reuse their output buffers
+            done = step + 1
+            if done == 1:
+                _sync(device)
+                first_step_s = time.perf_counter() - start
+            if done == untimed:
+                _sync(device)
+                tic = time.perf_counter()  # tokens/s counts the steps after this one
+            last = done == config.steps
+            if done % log_every == 0 or last:
+                value = losses[-1].item()
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                diverged = not math.isfinite(value)
+            if last or diverged or (config.eval_every > 0 and done % config.eval_every == 0):
+                if done > untimed:
+                    _sync(device)
+                    timed_s += time.perf_counter() - tic
+                val_curve.append((done, _evaluate(compiled, validation, device)))
+                bar.set_postfix(loss=f"{losses[-1].item():.4f}", val=f"{val_curve[-1][1]:.4f}", refresh=False)
+                tic = time.perf_counter()
+            bar.update(1)
+            if diverged:
+                log(f"{recipe}: the training loss is not finite at step {step}; stopping this run")
+                break
+    finally:
+        bar.close()
+    timed_steps = len(losses) - untimed
+    tokens_per_s = timed_steps * config.batch * config.seq / timed_s if timed_s > 0 and timed_steps > 0 else math.nan
+    return RecipeRun(
+        recipe=recipe,
+        train_loss=torch.stack(losses).float().cpu().tolist(),
+        val_curve=val_curve,
+        tokens_per_s=tokens_per_s,
+        first_step_s=first_step_s,
+        wall_s=time.perf_counter() - start,
+        init_sha256=init_hash,
+        diverged=diverged,
+        osci_reset=None if osci is None else osci.history,
+    )
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: str) -> dict:
+    """Library versions, the device's name, CPU threads and the date and time, for ``results.json``."""
+    from . import __version__
+
+    return {
+        "torch": torch.__version__,
+        "fp4compile": __version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": _device_name(device),
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _gap_pct(run: RecipeRun, runs: dict[str, RecipeRun]) -> Optional[float]:
+    if "bf16" not in runs:
+        return None
+    base = runs["bf16"].val_loss
+    return 100.0 * (run.val_loss - base) / base
+
+
+def _osci_summary(history: list[dict]) -> str:
+    """``"12 in 3 resets of 40,960"``: weight elements reset in all of a run's resets, and how many each tracked."""
+    if not history:
+        return "no reset ran"
+    reset = sum(r["reset"] for r in history)
+    return f"{reset:,} in {len(history)} resets of {history[-1]['tracked']:,}"
+
+
+def format_table(runs: dict[str, RecipeRun]) -> str:
+    """The final table: recipe, final train loss, val loss, val gap to bf16 (when bf16 ran), tokens/s."""
+    with_gap = "bf16" in runs
+    header = ["recipe", f"train loss (last {FINAL_WINDOW})", "val loss"]
+    header += ["vs bf16 (val)"] if with_gap else []
+    header += ["tokens/s", "1st step s"]
+    with_osci = any(run.osci_reset is not None for run in runs.values())
+    header += ["OsciReset resets"] if with_osci else []
+    rows = []
+    for name, run in runs.items():
+        row = [name + (" +osci" if run.osci_reset is not None else ""), f"{run.final_train_loss:.4f}"]
+        row.append(f"{run.val_loss:.4f}")
+        if with_gap:
+            row.append("-" if name == "bf16" else f"{_gap_pct(run, runs):+.2f} %")
+        row += [f"{run.tokens_per_s:,.0f}", f"{run.first_step_s:.1f}"]
+        if with_osci:
+            row.append("-" if run.osci_reset is None else _osci_summary(run.osci_reset))
+        if run.diverged:
+            row[0] += " (diverged)"
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def write_results(
+    path: str, config: TrainConfig, corpus: Corpus, runs: dict[str, RecipeRun], params: int, wall_s: float
+) -> dict:
+    """Write ``results.json`` (layout in the module docstring) and return what was written."""
+    payload = {
+        "config": {**dataclasses.asdict(config), "params": params, "wall_s": wall_s},
+        "corpus": {
+            "root": corpus.root,
+            "train_bytes": len(corpus.train),
+            "val_bytes": len(corpus.val),
+            "train_files": list(corpus.train_files),
+            "val_files": list(corpus.val_files),
+        },
+        "runs": {
+            name: {
+                "train_loss": [_finite_or_none(v) for v in run.train_loss],
+                "final_train_loss": _finite_or_none(run.final_train_loss),
+                "val_loss": _finite_or_none(run.val_loss),
+                "val_curve": [[s, _finite_or_none(v)] for s, v in run.val_curve],
+                "gap_to_bf16_pct": _finite_or_none(_gap_pct(run, runs)),
+                "tokens_per_s": _finite_or_none(run.tokens_per_s),
+                "first_step_s": _finite_or_none(run.first_step_s),
+                "wall_s": run.wall_s,
+                "init_sha256": run.init_sha256,
+                "diverged": run.diverged,
+                "osci_reset": run.osci_reset,
+            }
+            for name, run in runs.items()
+        },
+        "environment": environment(config.device),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, allow_nan=False)
+    return payload
+
+
+def run_training(
+    config: TrainConfig, out_dir: str, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, RecipeRun]:
+    """Train every recipe of ``config``, print the table, write ``results.json`` and ``loss.png`` to ``out_dir``.
+
+    Returns:
+        recipe name -> :class:`RecipeRun`, in the order of ``config.recipes``.
+    """
+    from .plot import plot_losses
+
+    start = time.perf_counter()
+    config = config.resolved()
+    corpus = load_corpus(config.corpus_bytes)
+    params = GPT(config.model_config()).num_parameters()
+    compiler = config.inner + (f", mode {config.mode}" if config.mode not in (None, "default") else "")
+    log(
+        f"{params / 1e6:.2f}M-parameter byte-level GPT (layers {config.layers}, d_model {config.d_model}, "
+        f"heads {config.heads}, seq {config.seq}), batch {config.batch}, {config.steps} steps, lr {config.lr:g}, "
+        f"on {config.device} ({_device_name(config.device)}), "
+        f"backend nvfp4 (inner {compiler}){', bf16 autocast' if config.device == 'cuda' else ', float32'}"
+    )
+    if config.osci_reset:
+        variant = "memory-efficient" if config.osci_memory_efficient else "full"
+        log(
+            f"OsciReset ({variant}) on the quantized recipes: snapshots at step {config.osci_start} and every "
+            f"{config.osci_period} steps after, window {config.osci_window}, threshold {config.osci_threshold:g}"
+        )
+    log(corpus.describe())
+    runs: dict[str, RecipeRun] = {}
+    for recipe in config.recipes:
+        runs[recipe] = train_recipe(recipe, config, corpus, progress=progress, log=log)
+    wall_s = time.perf_counter() - start
+    results = os.path.join(out_dir, "results.json")
+    write_results(results, config, corpus, runs, params, wall_s)
+    plot = plot_losses(
+        {name + (" +osci" if run.osci_reset is not None else ""): run.train_loss for name, run in runs.items()},
+        os.path.join(out_dir, "loss.png"),
+        title=f"byte-level GPT ({params / 1e6:.2f}M params) on Python stdlib source, {config.device}",
+    )
+    log(format_table(runs))
+    log(f"wrote {results} and {plot} ({wall_s:.0f} s in all)")
+    return runs

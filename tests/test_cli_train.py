@@ -1,0 +1,215 @@
+"""``fp4compile train``, ``bench`` and ``explain``: outputs, determinism, the corpus split and flag errors (CPU)."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from fp4compile.cli import main
+from fp4compile.corpus import load_corpus, train_batch, val_batches
+from fp4compile.plot import moving_average
+from fp4compile.recipe import Recipe
+
+# A tiny model and run: seconds per recipe on a CPU.
+TINY = ["--steps", "5", "--d-model", "32", "--layers", "1", "--heads", "2", "--batch", "2", "--seq", "32",
+        "--val-batches", "2", "--eval-every", "0", "--corpus-mb", "0.3", "--no-progress"]  # fmt: skip
+
+
+def _train(out_dir, *flags) -> tuple[str, dict]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["train", *TINY, "--out", str(out_dir), *flags]) == 0
+    with open(out_dir / "results.json") as f:
+        return stdout.getvalue(), json.load(f)
+
+
+@pytest.fixture(scope="module")
+def two_recipes(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("train")
+    printed, results = _train(out_dir, "--recipes", "bf16,naive")
+    return out_dir, printed, results
+
+
+def test_train_writes_results_json_with_the_documented_keys(two_recipes):
+    _, _, results = two_recipes
+    assert set(results) == {"config", "corpus", "runs", "environment"}
+    assert results["config"]["recipes"] == ["bf16", "naive"] and results["config"]["steps"] == 5
+    assert results["config"]["params"] > 0
+    assert {"torch", "device_name", "date"} <= set(results["environment"])
+    assert results["environment"]["torch"] == torch.__version__
+    assert list(results["runs"]) == ["bf16", "naive"]
+    for name, run in results["runs"].items():
+        assert {"train_loss", "final_train_loss", "val_loss", "val_curve", "gap_to_bf16_pct", "tokens_per_s",
+                "first_step_s", "init_sha256", "diverged"} <= set(run)  # fmt: skip
+        assert len(run["train_loss"]) == 5 and not run["diverged"]
+        assert run["final_train_loss"] == pytest.approx(sum(run["train_loss"]) / 5)  # fewer than 10 steps: all
+        assert run["val_curve"] == [[5, run["val_loss"]]]  # --eval-every 0: once, after the last step
+        assert run["tokens_per_s"] > 0
+    assert results["runs"]["bf16"]["gap_to_bf16_pct"] == 0.0
+    bf16, naive = results["runs"]["bf16"]["val_loss"], results["runs"]["naive"]["val_loss"]
+    assert results["runs"]["naive"]["gap_to_bf16_pct"] == pytest.approx(100 * (naive - bf16) / bf16)
+
+
+def test_train_writes_a_png_plot(two_recipes):
+    out_dir, _, _ = two_recipes
+    png = (out_dir / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_train_prints_a_table_row_per_recipe(two_recipes):
+    _, printed, results = two_recipes
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("recipe"))
+    assert "val loss" in lines[header] and "vs bf16" in lines[header] and "tokens/s" in lines[header]
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 4]}
+    assert set(rows) == {"bf16", "naive"}
+    assert float(rows["naive"][2]) == pytest.approx(results["runs"]["naive"]["val_loss"], abs=1e-4)
+    assert "results.json" in printed and "loss.png" in printed
+
+
+def test_recipes_start_from_the_same_weights_and_data(two_recipes):
+    _, _, results = two_recipes
+    bf16, naive = results["runs"]["bf16"], results["runs"]["naive"]
+    assert bf16["init_sha256"] == naive["init_sha256"]
+    # Same weights and first batch: the first losses differ only by the quantization of the forward.
+    assert naive["train_loss"][0] == pytest.approx(bf16["train_loss"][0], rel=0.01)
+    assert bf16["train_loss"] != naive["train_loss"]  # but the recipes do differ
+
+
+def test_the_same_seed_gives_the_same_bf16_loss_curve(two_recipes, tmp_path):
+    _, _, first = two_recipes
+    _, again = _train(tmp_path, "--recipes", "bf16")
+    assert again["runs"]["bf16"]["train_loss"] == first["runs"]["bf16"]["train_loss"]
+    assert again["runs"]["bf16"]["val_loss"] == first["runs"]["bf16"]["val_loss"]
+    assert again["runs"]["bf16"]["gap_to_bf16_pct"] == 0.0
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+    a, b = load_corpus(300_000), load_corpus(300_000)
+    assert a.train_files == b.train_files and a.val_files == b.val_files
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert not set(a.train_files) & set(a.val_files)
+    assert a.val_files and all(f.endswith(".py") and "site-packages" not in f for f in a.train_files + a.val_files)
+    assert 250_000 < len(a.train) + len(a.val) < 3_000_000
+    assert len(a.val) < len(a.train)
+    x, y = train_batch(a.train, 3, 4, 16, seed=0)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next bytes
+    assert torch.equal(x, train_batch(a.train, 3, 4, 16, seed=0)[0])
+    assert not torch.equal(x, train_batch(a.train, 4, 4, 16, seed=0)[0])
+    val = val_batches(a.val, 2, 4, 16)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(val, val_batches(a.val, 2, 4, 16)))
+
+
+def _one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--recipes", "bf16,bogus"], "unknown recipe 'bogus'; valid recipes: " + ", ".join(Recipe.names())),
+        (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["--steps", "-3"], "argument --steps: must be a positive integer, got -3"),
+        (["--d-model", "40"], "--d-model must be a multiple of 16"),
+        (["--d-model", "48", "--heads", "5"], "--d-model (48) must be a multiple of --heads (5)"),
+        (["--mode", "reduce-overhead", "--inner", "aot_eager"], "--mode reduce-overhead needs --inner inductor"),
+    ],
+)
+def test_train_bad_flags_give_a_one_line_error(capsys, flags, message):
+    line = _one_line_error(capsys, ["train", *flags])
+    assert line.startswith("fp4compile train: error:") and message in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_train_on_cuda_without_a_gpu_is_an_error(capsys):
+    assert "--device cuda needs a CUDA GPU" in _one_line_error(capsys, ["train", "--device", "cuda"])
+
+
+def test_train_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--recipes", "--steps", "--device", "--out", "--seed", "--batch", "--seq", "--d-model", "--layers",
+                 "--heads", "--lr", "--warmup", "--eval-every", "--val-batches", "--inner", "--mode", "--corpus-mb",
+                 "--threads", "--no-progress", "--osci-reset", "--osci-start", "--osci-period", "--osci-window",
+                 "--osci-threshold", "--osci-memory-efficient"):  # fmt: skip
+        assert flag in text
+    assert "aot_eager" in text and "standard library" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_without_a_gpu_exits_nonzero_with_one_line(capsys):
+    assert main(["bench"]) != 0
+    captured = capsys.readouterr()
+    assert "needs a CUDA GPU" in captured.err and captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_explain_prints_the_demo_models_table(capsys):
+    assert main(["explain", "--recipe", "quartet_ii"]) == 0
+    out = capsys.readouterr().out
+    assert "rewritten" in out and "quartet_ii" in out
+    assert "8 of 9 matmuls rewritten to NVFP4" in out  # 2 blocks x (qkv, proj, fc, proj); lm_head stays
+    assert "skipped: skip pattern 'lm_head'" in out
+    assert main(["explain", "--skip", "*.mlp.*"]) == 0
+    assert "4 of 9 matmuls rewritten" in capsys.readouterr().out
+
+
+def test_explain_unknown_recipe_is_a_one_line_error(capsys):
+    assert "unknown recipe 'fp3'; valid recipes: nvidia" in _one_line_error(capsys, ["explain", "--recipe", "fp3"])
+
+
+def test_moving_average_is_a_trailing_mean():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_osci_reset_defaults_scale_with_the_steps(tmp_path):
+    _, results = _train(tmp_path, "--steps", "8", "--recipes", "naive", "--osci-reset")
+    config = results["config"]
+    assert (config["osci_start"], config["osci_period"], config["osci_window"]) == (4, 2, 1)  # 8 // 2, 8 // 5, 1
+    assert [r["step"] for r in results["runs"]["naive"]["osci_reset"]] == [6]  # snapshot 4, track 5, reset after 6
+
+
+def test_osci_reset_runs_on_the_quantized_recipes_only(tmp_path):
+    # 10 steps; snapshot after step 2, track step 3, reset after step 4; the next snapshot would be step 10.
+    flags = ["--steps", "10", "--recipes", "bf16,naive"]
+    osci = ["--osci-reset", "--osci-start", "2", "--osci-period", "8", "--osci-window", "1"]
+    printed, with_hook = _train(tmp_path / "osci", *flags, *osci)
+    _, without = _train(tmp_path / "plain", *flags)
+    assert with_hook["config"]["osci_reset"] and not without["config"]["osci_reset"]
+    assert with_hook["runs"]["bf16"]["osci_reset"] is None and without["runs"]["naive"]["osci_reset"] is None
+    history = with_hook["runs"]["naive"]["osci_reset"]
+    assert [r["step"] for r in history] == [4]
+    tracked = 96 * 32 + 32 * 32 + 128 * 32 + 32 * 128  # d_model 32, 1 block: qkv, attn proj, fc, mlp proj
+    assert history[0]["tracked"] == tracked and sum(v["tracked"] for v in history[0]["layers"].values()) == tracked
+    assert history[0]["reset"] == sum(v["reset"] for v in history[0]["layers"].values()) > 0
+    plain, hooked = without["runs"]["naive"]["train_loss"], with_hook["runs"]["naive"]["train_loss"]
+    assert hooked[:5] == plain[:5]  # nothing touches the weights before the reset after step 4
+    assert hooked[5:] != plain[5:]  # the reset moved weights, and the run went on from there
+    assert with_hook["runs"]["bf16"]["train_loss"] == without["runs"]["bf16"]["train_loss"]
+    header = next(line for line in printed.splitlines() if line.startswith("recipe"))
+    assert "OsciReset resets" in header
+    assert "naive +osci" in printed and f"{history[0]['reset']:,} in 1 resets of {tracked:,}" in printed
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--osci-period", "5"], "--osci-period needs --osci-reset"),
+        (["--recipes", "bf16", "--osci-reset"], "--osci-reset needs a quantized recipe; --recipes is bf16"),
+        (["--osci-reset", "--osci-period", "4", "--osci-window", "4"], "--osci-window (4) must be smaller than"),
+        (["--steps", "10", "--osci-reset", "--osci-start", "8"], "must come by the last step (9)"),
+    ],
+)
+def test_osci_reset_bad_flags_give_a_one_line_error(capsys, flags, message):
+    line = _one_line_error(capsys, ["train", *flags])
+    assert line.startswith("fp4compile train: error:") and message in line
