@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import requires_gpu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp4compile
@@ -97,9 +98,12 @@ class _Probe:
         optimizer.register_step_post_hook(lambda *_: self.seen.append(weight.detach().clone()))
 
 
-def _run(recipe="tetrajet_v2", memory_efficient=False, with_reset=True, dtype=torch.float32, steps=STEPS, **kw):
+def _run(
+    recipe="tetrajet_v2", memory_efficient=False, with_reset=True, dtype=torch.float32, steps=STEPS, device="cpu", **kw
+):
     weight, target, kind = _problem()
-    model = Toy(weight, dtype)
+    model = Toy(weight, dtype).to(device)
+    target, kind = target.to(device), kind.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     probe = _Probe(optimizer, model.fc.weight)
     osc = None
@@ -153,6 +157,20 @@ def test_oscillating_weights_are_reset_at_the_scheduled_step(recipe, memory_effi
     _, _, fc_plain, head_plain, _ = _run(recipe, with_reset=False)
     assert all(torch.equal(a, b) for a, b in zip(head, head_plain))
     assert all(torch.equal(a, b) for a, b in zip(fc[: RESET_STEPS[0]], fc_plain[: RESET_STEPS[0]]))
+
+
+@requires_gpu
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["full", "memeff"])
+@pytest.mark.parametrize("recipe", ["tetrajet_v2", "nvidia"])
+def test_gpu_weights_are_reset_to_the_specs_quantization(recipe, memory_efficient):
+    # On CUDA, Q runs the Triton quantize kernels; the reset values must be the CPU spec's bits.
+    osc, probe, fc, _, kind = _run(recipe, memory_efficient, device="cuda")
+    cpu_osc = _run(recipe, memory_efficient)[0]
+    assert osc.history == cpu_osc.history and [r["step"] for r in osc.history] == RESET_STEPS
+    for step in RESET_STEPS:
+        changed = (fc[step] != probe.seen[step]).cpu()
+        assert torch.equal(changed, (kind == 2).cpu())
+        assert torch.equal(fc[step].cpu()[changed], _q(probe.seen[step].cpu(), recipe)[changed])
 
 
 def test_bf16_weights_are_reset_in_their_dtype():
