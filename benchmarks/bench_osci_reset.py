@@ -7,7 +7,8 @@ Model: ``fp4compile.gpt.GPT`` at GPT-2 small's body (12 layers, d_model 768, 12 
 master weights, bf16 autocast, fused AdamW, batch 8, compiled with ``backend="nvfp4"``. One
 compiled model serves every variant. After warm-up, each variant (full, memory-efficient at 10 %)
 is registered with ``period=8, window=4``: step 0 snapshots, steps 1-4 track, step 5 resets, steps
-6-7 do nothing; two periods are run. Per step the CUDA time of the training step and of the hook
+6-7 do nothing; three periods are run, so each phase's median is not the first call's (Triton
+compiles). Per step the CUDA time of the training step and of the hook
 (``OsciReset.on_step``, called right after ``optimizer.step()`` exactly as the registered hook is)
 are measured with CUDA events, and the window state held (``bytes_held``) and the allocator's peak
 during the hook above what was allocated before the window (the state plus the transient
@@ -82,7 +83,7 @@ def main() -> None:
                         autocast_dtype=torch.bfloat16)  # fmt: skip
         phases: dict[str, list[float]] = {}
         held, peak = 0, 0
-        for i in range(2 * PERIOD):
+        for i in range(3 * PERIOD):
             phase = "+".join(osc.schedule(i)) or "idle"
             step()
             torch.cuda.synchronize()

@@ -371,7 +371,14 @@ class OsciReset:
         return _quantize_tensor(layer.param.detach(), layer, self.autocast_dtype)
 
     def _dequantized(self, layer: _Layer, q: NVFP4) -> torch.Tensor:
-        """FP32 ``Q(W)`` [out, in] from its packed quantization (padding cropped)."""
+        """FP32 ``Q(W)`` [out, in] from its packed quantization (padding cropped).
+
+        On a GPU one Triton decode (bit-identical to ``q.dequantize``; forward weight specs never rotate).
+        """
+        if q.codes.is_cuda and q.spec.rotation == "none":
+            from .kernels.decode import decode_triton
+
+            return decode_triton(q, with_outer=True, dtype=torch.float32, cols=layer.in_features)
         return q.dequantize(torch.float32)[:, : layer.in_features]
 
     def _sample_size(self, numel: int) -> int:
@@ -431,10 +438,15 @@ class OsciReset:
             if not self.memory_efficient:
                 if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
                     layer.q_prev = _quantize_tensor(state["prev"], layer, self.autocast_dtype)
-                deq = self._dequantized(layer, q)
-                state["d_q"].add_((deq - self._dequantized(layer, layer.q_prev)).abs())
-                state["d_w"].add_((w.to(torch.float32) - state["prev"].to(torch.float32)).abs())
-                state["prev"].copy_(w)
+                deq, deq_prev = self._dequantized(layer, q), self._dequantized(layer, layer.q_prev)
+                if w.is_cuda and w.is_contiguous():
+                    from .kernels.osci import track_update_triton
+
+                    track_update_triton(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
+                else:
+                    state["d_q"].add_((deq - deq_prev).abs())
+                    state["d_w"].add_((w.to(torch.float32) - state["prev"].to(torch.float32)).abs())
+                    state["prev"].copy_(w)
                 layer.q_prev = q
                 continue
             index = state["index"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, Sequence
 
-__all__ = ["moving_average", "plot_losses"]
+__all__ = ["moving_average", "plot_losses", "plot_results"]
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -24,6 +25,9 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, smooth: int = 0) -> str:
     """Draw every recipe's per-step training loss on one plot and save it as a PNG at ``path``.
 
+    With a ``bf16`` curve among several, a second panel below shows each other recipe's smoothed loss
+    minus bf16's (the curves of the first panel lie on top of each other at this scale).
+
     Args:
         curves: recipe name -> training loss per step (nats per byte).
         path: the PNG to write (its directory is created).
@@ -37,17 +41,19 @@ def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, sm
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5), dpi=110)
+    with_gap = "bf16" in curves and len(curves) > 1
+    figure = Figure(figsize=(8, 7.5 if with_gap else 5), dpi=110)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    axes = figure.add_subplot(2, 1, 1) if with_gap else figure.add_subplot()
     longest = max((len(c) for c in curves.values()), default=0)
     window = smooth if smooth > 0 else max(1, longest // 20)
+    smoothed = {name: moving_average(list(losses), window) for name, losses in curves.items()}
     for i, (name, losses) in enumerate(curves.items()):
         color = f"C{i % 10}"
         steps = range(len(losses))
         if window > 1:
             axes.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
-            axes.plot(steps, moving_average(list(losses), window), color=color, linewidth=1.6, label=name)
+            axes.plot(steps, smoothed[name], color=color, linewidth=1.6, label=name)
         else:
             axes.plot(steps, losses, color=color, linewidth=1.4, label=name)
     axes.set_xlabel("step")
@@ -56,8 +62,46 @@ def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, sm
     axes.grid(True, alpha=0.3)
     if curves:
         axes.legend()
+    if with_gap:
+        gap_axes = figure.add_subplot(2, 1, 2, sharex=axes)
+        base = smoothed["bf16"]
+        for i, name in enumerate(curves):
+            if name == "bf16":
+                continue
+            n = min(len(base), len(smoothed[name]))
+            gap = [a - b for a, b in zip(smoothed[name][:n], base[:n])]
+            gap_axes.plot(range(n), gap, color=f"C{i % 10}", linewidth=1.4, label=name)
+        gap_axes.axhline(0.0, color="C0", linewidth=1.0, label="bf16")
+        gap_axes.set_xlabel("step")
+        gap_axes.set_ylabel(f"loss - bf16 loss (mean of last {window})" if window > 1 else "loss - bf16 loss")
+        gap_axes.grid(True, alpha=0.3)
+        gap_axes.legend()
     figure.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def plot_results(results_json: str, path: str) -> str:
+    """Re-draw the ``loss.png`` of a ``fp4compile train`` run from its ``results.json``."""
+    import json
+
+    with open(results_json) as f:
+        results = json.load(f)
+    curves = {}
+    for name, run in results["runs"].items():
+        label = name + (" +osci" if run.get("osci_reset") is not None else "")
+        curves[label] = [math.nan if v is None else v for v in run["train_loss"]]
+    params = results["config"]["params"]
+    device = results["config"]["device"]
+    title = f"byte-level GPT ({params / 1e6:.2f}M params) on Python stdlib source, {device}"
+    return plot_losses(curves, path, title=title)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m fp4compile.plot RESULTS_JSON OUT_PNG")
+    print(plot_results(sys.argv[1], sys.argv[2]))

@@ -9,7 +9,7 @@ import torch
 
 from fp4compile.cli import main
 from fp4compile.corpus import load_corpus, train_batch, val_batches
-from fp4compile.plot import moving_average
+from fp4compile.plot import moving_average, plot_results
 from fp4compile.recipe import Recipe
 
 # A tiny model and run: seconds per recipe on a CPU.
@@ -56,6 +56,16 @@ def test_train_writes_a_png_plot(two_recipes):
     out_dir, _, _ = two_recipes
     png = (out_dir / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_plot_results_redraws_the_plot_from_results_json(two_recipes, tmp_path):
+    out_dir, _, _ = two_recipes
+    png = plot_results(str(out_dir / "results.json"), str(tmp_path / "again.png"))
+    assert png == str(tmp_path / "again.png")
+    data = (tmp_path / "again.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    height = int.from_bytes(data[20:24], "big")  # IHDR: with bf16 among the runs, a second (gap) panel
+    assert height == int.from_bytes((out_dir / "loss.png").read_bytes()[20:24], "big") == int(7.5 * 110)
 
 
 def test_train_prints_a_table_row_per_recipe(two_recipes):
@@ -213,3 +223,16 @@ def test_osci_reset_runs_on_the_quantized_recipes_only(tmp_path):
 def test_osci_reset_bad_flags_give_a_one_line_error(capsys, flags, message):
     line = _one_line_error(capsys, ["train", *flags])
     assert line.startswith("fp4compile train: error:") and message in line
+
+
+def test_a_recipe_trained_in_a_fresh_process_matches_in_process():
+    # GPU runs train each recipe in a spawned process (train._train_in_fresh_process); same losses as in-process.
+    from fp4compile import train
+
+    config = train.TrainConfig(recipes=("naive",), steps=3, d_model=32, layers=1, heads=2, batch=2, seq=32,
+                               eval_every=0, val_batches=1, corpus_bytes=300_000).resolved()  # fmt: skip
+    corpus = load_corpus(config.corpus_bytes)
+    spawned = train._train_in_fresh_process("naive", config, corpus, progress=False)
+    here = train.train_recipe("naive", config, corpus, progress=False)
+    assert spawned.train_loss == here.train_loss and spawned.val_curve == here.val_curve
+    assert spawned.init_sha256 == here.init_sha256
