@@ -6,11 +6,10 @@ Run on a GPU:  python -m benchmarks.profile_linear [--recipe nvidia] [--shape 40
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.utils import wall_and_profile
 from fp4compile.linear import nvfp4_linear
 
 TOKENS = 8192
@@ -31,18 +30,7 @@ def main() -> None:
         x.grad = w.grad = None
         nvfp4_linear(x, w, None, args.recipe).backward(dy)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / 10
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+    wall, prof = wall_and_profile(step)
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events) / 3
     print(f"{args.recipe} {args.shape}: wall {wall * 1e3:.3f} ms/step, CUDA kernels {kernel_us / 1e3:.3f} ms/step")

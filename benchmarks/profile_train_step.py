@@ -9,12 +9,11 @@ If the wall time per step is well above the summed kernel time, the step is boun
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_train_step import make_step
+from benchmarks.utils import wall_and_profile
 
 
 def main() -> None:
@@ -26,18 +25,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<recipe>_<mode>.txt")
     args = parser.parse_args()
     _, step = make_step(args.recipe, args.batch, args.mode)
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / 10
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+    wall, prof = wall_and_profile(step, cpu=True)
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_ms = sum(e.device_time_total for e in kernels) / 3e3  # kernel events only: op rows repeat them

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -66,3 +67,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def wall_and_profile(
+    step: Callable[[], object], cpu: bool = False, warmup: int = 5, timed: int = 10, profiled: int = 3
+):
+    """Mean wall seconds per call of ``step`` (after ``warmup`` calls) and a ``torch.profiler`` run of ``profiled``
+    calls (CUDA activity, plus CPU with ``cpu``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / timed
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        for _ in range(profiled):
+            step()
+        torch.cuda.synchronize()
+    return wall, prof
+

@@ -84,7 +84,7 @@ def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, sm
 
 
 def plot_results(results_json: str, path: str) -> str:
-    """Re-draw the ``loss.png`` of a ``fp4compile train`` run from its ``results.json``."""
+    """Draw the ``loss.png`` of a ``fp4compile train`` run from its ``results.json`` (the train command does so too)."""
     import json
 
     with open(results_json) as f:

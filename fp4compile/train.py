@@ -196,11 +196,9 @@ def _sync(device: str) -> None:
 
 
 def _evaluate(model, batches, device: str) -> float:
-    total = 0.0
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        for x, y in batches:
-            total += model(x.to(device), y.to(device)).item()
-    return total / len(batches)
+        losses = [model(x.to(device), y.to(device)).detach().clone() for x, y in batches]  # clones: CUDA graphs
+    return sum(torch.stack(losses).tolist()) / len(batches)  # one host sync for the whole set
 
 
 def train_recipe(
@@ -443,7 +441,7 @@ def run_training(
     Returns:
         recipe name -> :class:`RecipeRun`, in the order of ``config.recipes``.
     """
-    from .plot import plot_losses
+    from .plot import plot_results
 
     start = time.perf_counter()
     config = config.resolved()
@@ -472,11 +470,7 @@ def run_training(
     wall_s = time.perf_counter() - start
     results = os.path.join(out_dir, "results.json")
     write_results(results, config, corpus, runs, params, wall_s)
-    plot = plot_losses(
-        {name + (" +osci" if run.osci_reset is not None else ""): run.train_loss for name, run in runs.items()},
-        os.path.join(out_dir, "loss.png"),
-        title=f"byte-level GPT ({params / 1e6:.2f}M params) on Python stdlib source, {config.device}",
-    )
+    plot = plot_results(results, os.path.join(out_dir, "loss.png"))
     log(format_table(runs))
     log(f"wrote {results} and {plot} ({wall_s:.0f} s in all)")
     return runs
