@@ -13,7 +13,8 @@ Public API:
 - :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, NVFP4Config(recipe=...))``
   swaps eligible linears for :class:`NVFP4Linear` (needs ``torchao>=0.18``).
 - :func:`export_torchao_nvfp4`: ``NVFP4Linear`` -> ``nn.Linear`` with a torchao ``NVFP4Tensor`` weight,
-  bit-identical to ``quantize(weight, "rtn")``, for inference (needs ``torchao>=0.18``).
+  bit-identical to ``quantize(weight, "rtn")``, for inference (needs ``torchao>=0.18``);
+  :func:`load_torchao_nvfp4` loads a checkpoint of such a model back.
 
 ``torch.compile(model, backend="nvfp4")`` finds the backend through the
 ``torch_dynamo_backends`` entry point (``fp4compile.backend:nvfp4_backend``).
@@ -33,8 +34,8 @@ from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
 
-# NVFP4Config and export_torchao_nvfp4 are public too but left out of __all__: they need torchao, and
-# ``from fp4compile import *`` must work without it.
+# NVFP4Config, export_torchao_nvfp4 and load_torchao_nvfp4 are public too but left out of __all__: they need
+# torchao, and ``from fp4compile import *`` must work without it.
 __all__ = [
     "NVFP4",
     "NVFP4Linear",
@@ -52,13 +53,14 @@ _LAZY = {
     "NVFP4Linear": ".nn",
     "NVFP4Config": ".torchao_integration",
     "export_torchao_nvfp4": ".torchao_integration",
+    "load_torchao_nvfp4": ".torchao_integration",
 }
 
 
 def __getattr__(name: str):
-    """Load ``NVFP4Linear``, ``NVFP4Config`` and ``export_torchao_nvfp4`` on first access.
+    """Load ``NVFP4Linear``, ``NVFP4Config``, ``export_torchao_nvfp4`` and ``load_torchao_nvfp4`` on first access.
 
-    The torchao ones raise ``ImportError`` (``pip install torchao>=0.18``) when torchao is missing.
+    The torchao ones raise ``ImportError`` (``pip install "torchao>=0.18"``) when torchao is missing.
     """
     module = _LAZY.get(name)
     if module is None:

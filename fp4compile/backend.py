@@ -11,21 +11,28 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .passes import RewriteReport, rewrite_matmuls
+from .eligibility import LayerFilter, warn_unmatched_patterns
+from .nn import NVFP4Linear
+from .passes import MatmulRecord, ModuleNames, RewriteReport, nvfp4_op_recipes, rewrite_matmuls
+from .passes.report import INELIGIBLE
 from .recipe import Recipe
 
-__all__ = ["BackendOptions", "nvfp4_backend"]
+__all__ = ["BackendOptions", "check_recipe_mix", "converted_recipes", "nvfp4_backend", "rewrite_graph"]
 
 log = logging.getLogger(__name__)
 
 INNER_COMPILERS = ("inductor", "aot_eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+_OPTION_NAMES = ("recipe", "skip", "inner", "mode", "mix_recipes")
 
 
 @dataclass(frozen=True)
@@ -34,33 +41,36 @@ class BackendOptions:
 
     Attributes:
         recipe: a :class:`Recipe` or preset name (default ``"nvidia"``).
-        skip: FQN patterns (``fnmatch``) of layers kept in high precision, in addition to the
-            recipe's ``keep_high_precision``.
+        skip: layers kept in high precision, in addition to the recipe's ``keep_high_precision``:
+            ``fnmatch`` patterns of the model's own module FQNs (``"model.layers.0.*"``), a callable
+            ``(fqn, module) -> bool`` returning True for the layers to keep, or a list of both.
         inner: ``"inductor"`` (default) compiles the rewritten graph; ``"aot_eager"`` runs it
             through AOTAutograd without Inductor (for debugging).
         mode: an Inductor mode (``"max-autotune"``, ``"reduce-overhead"``, ...). ``torch.compile``
             does not accept ``mode=`` together with ``options=``, so it can be given here.
+        mix_recipes: allow a ``recipe`` that differs from the recipe of layers already converted to
+            ``NVFP4Linear`` (by ``quantize_``); without it that is an error.
+        recipe_given: whether the user named the recipe (the options held ``"recipe"``).
     """
 
     recipe: Recipe
-    skip: tuple[str, ...] = ()
+    skip: LayerFilter = LayerFilter()
     inner: str = "inductor"
     mode: Optional[str] = None
+    mix_recipes: bool = False
+    recipe_given: bool = False
 
     @classmethod
     def parse(cls, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> "BackendOptions":
         """Validate a user's options dict; unknown keys, recipes, compilers or modes raise ``ValueError``."""
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"nvfp4 backend options must be a dict, got {type(options).__name__}")
         options = dict(options or {})
-        valid = [f for f in cls.__dataclass_fields__]
-        unknown = sorted(set(options) - set(valid))
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
         if unknown:
-            raise ValueError(f"unknown nvfp4 backend option(s) {unknown}; valid options: {', '.join(valid)}")
+            raise ValueError(f"unknown nvfp4 backend option(s) {unknown}; valid options: {', '.join(_OPTION_NAMES)}")
         recipe = Recipe.resolve(options.get("recipe", "nvidia"))
-        skip = options.get("skip", ())
-        if isinstance(skip, str):
-            skip = (skip,)
-        if not all(isinstance(p, str) for p in skip):
-            raise TypeError(f"nvfp4 option 'skip' must be FQN patterns (strings), got {skip!r}")
+        skip = LayerFilter.parse(options.get("skip"), what="nvfp4 option 'skip'")
         inner = options.get("inner", "inductor")
         if inner not in INNER_COMPILERS:
             raise ValueError(f"unknown nvfp4 option inner={inner!r}; valid: {', '.join(INNER_COMPILERS)}")
@@ -69,7 +79,73 @@ class BackendOptions:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
         if mode not in (None, "default") and inner != "inductor":
             raise ValueError(f"mode={mode!r} needs inner='inductor' (got inner={inner!r})")
-        return cls(recipe=recipe, skip=tuple(skip), inner=inner, mode=mode)
+        mix_recipes = options.get("mix_recipes", False)
+        if not isinstance(mix_recipes, bool):
+            raise TypeError(f"nvfp4 option 'mix_recipes' must be True or False, got {mix_recipes!r}")
+        return cls(recipe, skip, inner, mode, mix_recipes, recipe_given="recipe" in options)
+
+
+def converted_recipes(named_modules: Iterable[tuple[str, torch.nn.Module]]) -> set[str]:
+    """Recipes of the ``NVFP4Linear`` layers among ``named_modules`` (a model converted by ``quantize_``)."""
+    return {m.recipe for _, m in named_modules if isinstance(m, NVFP4Linear)}
+
+
+def check_recipe_mix(options: BackendOptions, converted: Iterable[str]) -> None:
+    """Refuse a ``recipe`` option that differs from the recipes of already converted layers, unless ``mix_recipes``."""
+    converted = sorted(converted)
+    if converted and options.recipe_given and set(converted) != {options.recipe.name} and not options.mix_recipes:
+        raise ValueError(
+            f"the model holds NVFP4Linear layers of recipe(s) {converted} (from quantize_), but the nvfp4 backend "
+            f"was given recipe {options.recipe.name!r}; drop the recipe option to keep the conversion, pass "
+            f"the same recipe, or options={{'mix_recipes': True}} to run both"
+        )
+
+
+def rewrite_graph(
+    gm: torch.fx.GraphModule, options: BackendOptions, names: ModuleNames, graph_index: int = 0
+) -> list[MatmulRecord]:
+    """Run the matmul pass on ``gm`` as the backend does, and say what the user must hear.
+
+    A model that holds ``NVFP4Linear`` layers (``quantize_``) keeps its conversion: with no
+    ``recipe`` option its other linears stay in high precision (a warning says how to quantize
+    them), and a ``recipe`` that differs from the converted layers' raises ``ValueError`` unless
+    ``mix_recipes=True``. Skip patterns that match no linear of the model are warned about, and
+    weight matmuls that stay in high precision for a reason no filter chose are listed in one
+    WARNING log record.
+    """
+    converted = sorted(nvfp4_op_recipes(gm) | converted_recipes(names.modules()))
+    check_recipe_mix(options, converted)
+    keep_plain = None
+    if converted:
+        if not options.recipe_given:
+            keep_plain = (
+                f"kept: the model was converted by quantize_ (recipe {', '.join(converted)}); "
+                f"options={{'recipe': {converted[0]!r}}} quantizes it too"
+            )
+    records = rewrite_matmuls(gm, options.recipe, options.skip, graph_index, names, keep_plain)
+    linear_fqns, linear_names = names.linear_names()
+    seen = [n for r in records if r.weight for n in (r.module, r.weight)]
+    warn_unmatched_patterns(options.skip, linear_fqns + seen, "nvfp4 backend", candidates=linear_names + seen)
+    kept = [r for r in records if keep_plain is not None and r.reason == keep_plain]
+    if kept:
+        warnings.warn(
+            f"nvfp4 backend: the model holds NVFP4Linear layers (recipe {', '.join(converted)}), so its "
+            f"{len(kept)} other linear matmul(s) stay in high precision, as quantize_ left them "
+            f"({', '.join(r.module or r.weight for r in kept[:3])}{', ...' if len(kept) > 3 else ''}); "
+            f"pass options={{'recipe': {converted[0]!r}}} to quantize them too",
+            UserWarning,
+            stacklevel=2,
+        )
+    ineligible = [r for r in records if r.status == INELIGIBLE]
+    if ineligible:
+        listing = "\n".join(f"  {r.module or r.weight or '(root)'}: {r.reason}" for r in ineligible)
+        log.warning(
+            "nvfp4 backend: %d matmul(s) with a weight stay in high precision (they run unquantized):\n%s\n"
+            "To silence this, name them in options={'skip': [...]}; fp4compile.explain(model, ...) shows every matmul.",
+            len(ineligible),
+            listing,
+        )
+    return records
 
 
 def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: BackendOptions):
@@ -112,6 +188,6 @@ def _source_hash() -> bytes:
 def nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Union[dict, str, None]):
     """torch.compile backend: rewrite eligible matmuls into NVFP4 linears, then compile with ``inner``."""
     options = BackendOptions.parse(kwargs.get("options"), kwargs.get("mode"))
-    report = RewriteReport(rewrite_matmuls(gm, options.recipe, options.skip), [gm])
+    report = RewriteReport(rewrite_graph(gm, options, ModuleNames.from_call_stack()), [gm])
     log.info("nvfp4 backend (recipe %s):\n%s", options.recipe.name, report)
     return compile_rewritten(gm, example_inputs, options)

@@ -20,6 +20,16 @@ import torch
 __all__ = ["main", "build_parser"]
 
 
+class _Failure(Exception):
+    """An expected failure (bad input, I/O): :func:`main` prints ``fp4compile CMD: error: MESSAGE`` and returns
+    ``status``, without a traceback. Raise it only for what can be explained to the user; a bug keeps its traceback.
+    """
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -97,25 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_DESCRIPTION = """\
 Train the same small byte-level GPT (fp4compile.gpt) once per recipe, from the same initialization and on the
-same data in the same order, each compiled with torch.compile(model, backend="nvfp4", options={{"recipe": ...}}),
+same data in the same order, each compiled with torch.compile(model, backend="nvfp4", options={"recipe": ...}),
 then print a table (final train loss = mean of the last 10 steps, validation loss on a fixed set of batches,
-validation gap to bf16, tokens/s) and write results.json and loss.png to --out.
+validation gap to bf16, tokens/s) and write results.json and loss.png to --out (checked before training starts).
 
 The corpus is this Python's own standard library source (.py files under sysconfig's "stdlib" path, a
 deterministic sorted subset, split by file into train and validation): nothing is downloaded.
 
 On the CPU the model is float32 and tiny, and the inner compiler is "aot_eager": the NVFP4 rewrite runs, but the
-graphs are not compiled by Inductor, whose compilation takes ~35 s per recipe on 2 cores against ~5 s for
-aot_eager, for no speed-up on these quantization-bound CPU steps (--inner inductor to use it anyway). The default
-CPU run (5 recipes) takes about {cpu_wall} on 2 cores (`taskset -c 0,1 fp4compile train`, {cpu_when}). On a GPU
-the model is larger (6 layers, d_model 512, seq 256, ~19M parameters), runs under bf16 autocast, and is compiled
-with Inductor in mode reduce-overhead (CUDA graphs, which remove most of the kernel-launch overhead; --mode default
-to compare).
+graphs are not compiled by Inductor, whose compilation takes far longer, for no speed-up on these
+quantization-bound CPU steps (--inner inductor to use it anyway). On a GPU the model is larger (6 layers, d_model
+512, seq 256, ~19M parameters), runs under bf16 autocast, and is compiled with Inductor in mode reduce-overhead
+(CUDA graphs, which remove most of the kernel-launch overhead; --mode default to compare). Measured run times:
+the README, "Results of the demo".
 Defaults marked "cpu X / cuda Y" depend on --device."""
-
-#: Measured wall time of the default CPU run, shown in ``fp4compile train --help``.
-_CPU_WALL = "2 minutes"
-_CPU_WHEN = "AMD EPYC, torch 2.13, 2026-11-23"
 
 
 def _add_train_parser(commands) -> None:
@@ -129,7 +134,7 @@ def _add_train_parser(commands) -> None:
     t = commands.add_parser(
         "train",
         help="train a small byte-level GPT once per recipe and compare the losses",
-        description=_TRAIN_DESCRIPTION.format(cpu_wall=_CPU_WALL, cpu_when=_CPU_WHEN),
+        description=_TRAIN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.set_defaults(parser=t)
@@ -268,11 +273,14 @@ def _run_quantizers(args: argparse.Namespace) -> int:
 
     names = QuantSpec.names() if args.names is None else tuple(n.strip() for n in args.names.split(","))
     for name in names:
-        QuantSpec.named(name)  # one clear error for a bad name before any work
+        try:
+            QuantSpec.named(name)  # one clear error for a bad name before any work
+        except ValueError as error:
+            raise _Failure(str(error)) from error
     if args.cols % 128:
-        raise ValueError(f"--cols must be a multiple of 128 (double-block and RHT-128 quantizers), got {args.cols}")
+        raise _Failure(f"--cols must be a multiple of 128 (double-block and RHT-128 quantizers), got {args.cols}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU and none is available; use --device cpu")
+        raise _Failure("--device cuda needs a CUDA GPU and none is available; use --device cpu")
 
     data_gen = torch.Generator().manual_seed(args.seed)
     draw_gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
@@ -298,21 +306,24 @@ def _run_quantizers(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .recipe import Recipe
-    from .train import TrainConfig, run_training
+    from .train import PlotError, TrainConfig, TrainInputError, prepare_out_dir, run_training
 
     parser = args.parser
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU and none is available; use --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(
-        recipes=args.recipes, device=args.device, seed=args.seed, steps=args.steps, batch=args.batch, seq=args.seq,
-        d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
-        eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
-        corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
-        osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
-        osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient,
-    ).resolved()  # fmt: skip
+    try:
+        config = TrainConfig(
+            recipes=args.recipes, device=args.device, seed=args.seed, steps=args.steps, batch=args.batch, seq=args.seq,
+            d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
+            eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
+            corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
+            osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
+            osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient,
+        ).resolved()  # fmt: skip
+    except ValueError as error:  # TrainConfig's own validation
+        parser.error(str(error))
     if config.d_model % 16:
         parser.error(f"--d-model must be a multiple of 16 (the NVFP4 block size), got {config.d_model}")
     if config.d_model % config.heads:
@@ -338,7 +349,19 @@ def _run_train(args: argparse.Namespace) -> int:
             parser.error(f"OsciReset's first reset (at step --osci-start + --osci-window + 1 = "
                          f"{config.osci_start + config.osci_window + 1}) must come by the last step "
                          f"({config.steps - 1}); lower --osci-start or raise --steps")  # fmt: skip
-    run_training(config, args.out, progress=not args.no_progress)
+    try:
+        prepare_out_dir(args.out)  # before any model is built: an unwritable --out fails now, not after training
+    except OSError as error:
+        parser.exit(2, f"{parser.prog}: error: --out {args.out}: {error.strerror or error}\n")
+    try:
+        run_training(config, args.out, progress=not args.no_progress)
+    except TrainInputError as error:  # found before training (e.g. --corpus-mb too small for --seq)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except PlotError as error:  # results.json is safe
+        message = f"the plot failed ({error.reason}); results.json was written at {error.results_path}"
+        raise _Failure(message, 1) from error
+    except OSError as error:  # e.g. results.json cannot be written (disk full)
+        raise _Failure(str(error), 1) from error
     return 0
 
 
@@ -363,23 +386,22 @@ def _run_explain(args: argparse.Namespace) -> int:
     from .gpt import demo_batch, demo_model
 
     skip = [p.strip() for p in args.skip.split(",") if p.strip()]
-    print(explain(demo_model(), demo_batch(), recipe=args.recipe, skip=skip))
+    print(explain(demo_model(), demo_batch(), options={"recipe": args.recipe, "skip": skip}))
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fp4compile`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handlers = {"train": _run_train, "bench": _run_bench, "explain": _run_explain}
+    handlers = {"quantizers": _run_quantizers, "train": _run_train, "bench": _run_bench, "explain": _run_explain}
+    if args.command not in handlers:
+        raise AssertionError(f"unhandled command {args.command}")
     try:
-        if args.command == "quantizers":
-            return _run_quantizers(args)
-        if args.command in handlers:
-            return handlers[args.command](args)
-    except ValueError as error:
-        print(f"fp4compile {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    raise AssertionError(f"unhandled command {args.command}")
+        return handlers[args.command](args)
+    except _Failure as failure:  # expected: one line, no traceback
+        message = " ".join(str(failure).splitlines())
+        print(f"fp4compile {args.command}: error: {message}", file=sys.stderr)
+        return failure.status
 
 
 if __name__ == "__main__":

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
-from .backend import BackendOptions
-from .passes import RewriteReport, rewrite_matmuls
+from .backend import BackendOptions, check_recipe_mix, converted_recipes, rewrite_graph
+from .passes import ModuleNames, RewriteReport
 
 __all__ = ["explain"]
 
 
-def explain(model, *args, **options) -> RewriteReport:
-    """Capture ``model(*args)`` with Dynamo, run the matmul pass, and report what it did.
+def explain(model, *args, options: Optional[dict[str, Any]] = None, **kwargs) -> RewriteReport:
+    """Capture ``model(*args, **kwargs)`` with Dynamo, run the matmul pass, and report what it did.
 
     Nothing is compiled for training: the rewritten graphs run once, eagerly, under
-    ``torch.no_grad()``. ``options`` are those of ``backend="nvfp4"`` (``recipe``, ``skip``, ...).
+    ``torch.no_grad()``. ``args`` and ``kwargs`` are the model's inputs (``input_ids=ids`` for a
+    Hugging Face model); ``options`` are those of ``backend="nvfp4"``, as given to
+    ``torch.compile(model, backend="nvfp4", options={...})`` (``recipe``, ``skip``, ...).
 
     Returns:
         A :class:`~fp4compile.passes.RewriteReport`: ``print(report)`` shows a table of every
@@ -23,13 +27,18 @@ def explain(model, *args, **options) -> RewriteReport:
     """
     parsed = BackendOptions.parse(options)
     report = RewriteReport()
+    target = getattr(model, "_orig_mod", model)
+    if isinstance(target, torch.nn.Module):
+        check_recipe_mix(parsed, converted_recipes(target.named_modules()))  # before Dynamo wraps the error
 
-    def capture(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        report.records.extend(rewrite_matmuls(gm, parsed.recipe, parsed.skip, graph_index=len(report.graphs)))
+    def capture(gm: torch.fx.GraphModule, example_inputs, **backend_kwargs):
+        names = ModuleNames.from_call_stack()
+        if isinstance(target, torch.nn.Module):
+            names.add_root(target)
+        report.records.extend(rewrite_graph(gm, parsed, names, graph_index=len(report.graphs)))
         report.graphs.append(gm)
         return gm.forward
 
-    target = getattr(model, "_orig_mod", model)
     with torch.no_grad():
-        torch.compile(target, backend=capture)(*args)
+        torch.compile(target, backend=capture)(*args, **kwargs)
     return report

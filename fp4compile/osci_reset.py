@@ -55,7 +55,6 @@ above for this model and :meth:`OsciReset.bytes_per_weight` that maximum per tra
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .eligibility import FLOAT_DTYPES, LayerFilter, SkipRule, normalize_fqn, relative_names, warn_unmatched_patterns
 from .format import NVFP4, e2m1_decode, unpack_nibbles
 from .quantize import quantize
 from .recipe import Recipe
@@ -74,7 +74,6 @@ __all__ = ["OsciReset"]
 
 log = logging.getLogger(__name__)
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Width of the rounding bin of each E2M1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6), as TetraJet-v2's memeff variant.
 _BIN_WIDTHS = (0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0)
 _STATE_VERSION = 1
@@ -141,8 +140,9 @@ class OsciReset:
         memory_efficient: track only the ``sample_fraction`` of each weight's elements closest to a
             rounding edge at the snapshot (TetraJet-v2's ``distance_ratio_memeff``).
         sample_fraction: in (0, 1]; used by the memory-efficient variant.
-        skip: extra ``fnmatch`` patterns of module FQNs kept in high precision (as the backend's
-            ``skip`` option; pass the same ones).
+        skip: layers kept in high precision, as the backend's ``skip`` option (pass the same):
+            ``fnmatch`` patterns of module FQNs, callables ``(fqn, module) -> bool``, or both. A
+            pattern that matches no ``nn.Linear`` of the model is warned about.
         autocast_dtype: when the forward runs under ``torch.autocast`` (e.g. ``torch.bfloat16``), the
             dtype the forward casts the weights to before quantizing them; ``Q`` then quantizes
             ``W.to(autocast_dtype)`` as the forward does. None (default): the weights' own dtype.
@@ -175,7 +175,7 @@ class OsciReset:
         threshold: float = 8.0,
         memory_efficient: bool = False,
         sample_fraction: float = 0.1,
-        skip: Sequence[str] = (),
+        skip: SkipRule = (),
         autocast_dtype: Optional[torch.dtype] = None,
         weights: Optional[Sequence[str]] = None,
     ) -> None:
@@ -197,13 +197,9 @@ class OsciReset:
             raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction!r}")
         if not isinstance(memory_efficient, bool):
             raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
-        if autocast_dtype is not None and autocast_dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"autocast_dtype must be None or one of {_FLOAT_DTYPES}, got {autocast_dtype!r}")
-        if isinstance(skip, str):
-            skip = (skip,)
-        skip = tuple(skip)
-        if not all(isinstance(p, str) for p in skip):
-            raise TypeError(f"skip must be FQN patterns (strings), got {skip!r}")
+        if autocast_dtype is not None and autocast_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"autocast_dtype must be None or one of {FLOAT_DTYPES}, got {autocast_dtype!r}")
+        skip = LayerFilter.parse(skip, what="OsciReset skip")
         if not isinstance(model, nn.Module):
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
         resolved = Recipe.resolve(recipe)
@@ -231,17 +227,20 @@ class OsciReset:
                     f"the model was compiled with backend='nvfp4' and recipe {compiled_recipe.name!r}, but OsciReset "
                     f"got recipe {resolved.name!r}; pass recipe={compiled_recipe.name!r} (Q is the forward's quantizer)"
                 )
-            extra = options.get("skip", ())
-            skip += (extra,) if isinstance(extra, str) else tuple(extra)
+            skip = skip + LayerFilter.parse(options.get("skip"))
         if weights is not None:
             layers = _named_weights(root, weights, resolved)
         else:
+            linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+            names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
+            warn_unmatched_patterns(skip, [normalize_fqn(n) for n in linears], "OsciReset", candidates=names)
             layers = _discover(root, resolved, skip)
         if not layers:
             raise ValueError(
                 f"OsciReset found no eligible weight in {type(root).__name__}: it tracks nn.Linear layers (or "
                 "NVFP4Linear) with in and out features multiples of 16, a float weight and an FQN not kept in "
-                f"high precision by {resolved.keep_high_precision + skip}; pass weights=[...] to name them"
+                f"high precision by {resolved.keep_high_precision + skip.patterns + skip.callables}; pass "
+                "weights=[...] to name them"
             )
         self._layers: dict[str, _Layer] = {layer.fqn: layer for layer in layers}
 
@@ -678,24 +677,6 @@ def _nvfp4_compile_options(module: nn.Module) -> Optional[dict]:
     return None
 
 
-def _normalize(fqn: str) -> str:
-    return ".".join(part for part in fqn.split(".") if part != "_orig_mod")
-
-
-def _relative_names(fqn: str) -> tuple[str, ...]:
-    """``fqn`` without ``_orig_mod``, and relative to each compiled submodule (the backend sees those names)."""
-    parts = fqn.split(".")
-    names = [_normalize(fqn)]
-    for i, part in enumerate(parts):
-        if part == "_orig_mod":
-            names.append(_normalize(".".join(parts[i + 1 :])))
-    return tuple(n for n in names if n)
-
-
-def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
-
-
 def _make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> _Layer:
     spec = _forward_weight_spec(recipe)
     k_multiple = max(recipe.fwd_x.k_multiple, spec.k_multiple)  # the forward pads K for both operands alike
@@ -710,7 +691,7 @@ def _make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> _Layer:
 
 
 def _eligible_weight(weight: Optional[torch.Tensor]) -> bool:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
         return False
     out_features, in_features = weight.shape
     return out_features > 0 and in_features > 0 and out_features % 16 == 0 and in_features % 16 == 0
@@ -723,32 +704,32 @@ def _is_converted(root: nn.Module) -> bool:
     return any(isinstance(m, NVFP4Linear) for m in root.modules())
 
 
-def _discover(root: nn.Module, recipe: Recipe, skip: tuple[str, ...]) -> list[_Layer]:
+def _discover(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[_Layer]:
     from .nn import NVFP4Linear
 
     modules = list(root.named_modules())
     converted = _is_converted(root)
-    patterns = tuple(recipe.keep_high_precision) + skip
+    patterns = LayerFilter(tuple(recipe.keep_high_precision)) + skip
     layers: list[_Layer] = []
     seen: set[int] = set()
     for name, module in modules:
-        names = _relative_names(name)
+        names = relative_names(name)
         names += tuple(n + ".weight" for n in names)
         if converted:  # NVFP4Linear layers are quantized whatever their name; only ``skip`` applies
-            if not isinstance(module, NVFP4Linear) or _matches(skip, names):
+            if not isinstance(module, NVFP4Linear) or skip.match(names, normalize_fqn(name), module):
                 continue
             layer_recipe = Recipe.named(module.recipe)
             if not layer_recipe.quantized:
                 continue
         else:
-            if not isinstance(module, nn.Linear) or _matches(patterns, names):
+            if not isinstance(module, nn.Linear) or patterns.match(names, normalize_fqn(name), module):
                 continue
             layer_recipe = recipe
         weight = module.weight
         if not _eligible_weight(weight) or id(weight) in seen:
             continue
         seen.add(id(weight))
-        fqn = _normalize(name + ".weight" if name else "weight")
+        fqn = normalize_fqn(name + ".weight" if name else "weight")
         layers.append(_make_layer(fqn, weight, layer_recipe))
     return layers
 
@@ -756,11 +737,11 @@ def _discover(root: nn.Module, recipe: Recipe, skip: tuple[str, ...]) -> list[_L
 def _named_weights(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[_Layer]:
     if isinstance(names, str):
         names = (names,)
-    params = {_normalize(n): p for n, p in root.named_parameters()}
+    params = {normalize_fqn(n): p for n, p in root.named_parameters()}
     layers: list[_Layer] = []
     seen: set[int] = set()
     for name in names:
-        param = params.get(_normalize(name))
+        param = params.get(normalize_fqn(name))
         if param is None:
             raise ValueError(f"weights: the model has no parameter {name!r}")
         if not _eligible_weight(param):
@@ -770,5 +751,5 @@ def _named_weights(root: nn.Module, names: Sequence[str], recipe: Recipe) -> lis
             )
         if id(param) not in seen:
             seen.add(id(param))
-            layers.append(_make_layer(_normalize(name), param, recipe))
+            layers.append(_make_layer(normalize_fqn(name), param, recipe))
     return layers

@@ -104,4 +104,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m fp4compile.plot RESULTS_JSON OUT_PNG")
-    print(plot_results(sys.argv[1], sys.argv[2]))
+    try:
+        print(plot_results(sys.argv[1], sys.argv[2]))
+    except (OSError, ValueError) as error:  # a file that cannot be read or written, or is not JSON
+        raise SystemExit(f"python -m fp4compile.plot: error: {error}") from error

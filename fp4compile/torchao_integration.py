@@ -33,7 +33,6 @@ and ``fp4compile.export_torchao_nvfp4`` load it on first access). Importing it r
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import sys
 import warnings
@@ -43,12 +42,13 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .eligibility import FLOAT_DTYPES, LayerFilter, relative_names
 from .nn import NVFP4Linear
 from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
 
-_INSTALL_HINT = "fp4compile's torchao integration needs torchao 0.18 or newer: pip install torchao>=0.18"
+_INSTALL_HINT = "fp4compile's torchao integration needs torchao 0.18 or newer: pip install \"torchao>=0.18\""
 _MIN_TORCHAO = (0, 18)
 
 
@@ -66,9 +66,7 @@ except ImportError as error:  # torchao missing (or broken): say how to get it
 if _torchao_version(getattr(torchao, "__version__", "0.0")) < _MIN_TORCHAO:
     raise ImportError(f"{_INSTALL_HINT}; found torchao {torchao.__version__}")
 
-__all__ = ["NVFP4Config", "export_torchao_nvfp4", "nvfp4_tensor_from_weight"]
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+__all__ = ["NVFP4Config", "export_torchao_nvfp4", "load_torchao_nvfp4", "nvfp4_tensor_from_weight"]
 
 
 @dataclass
@@ -78,21 +76,20 @@ class NVFP4Config(AOBaseConfig):
     Attributes:
         recipe: a preset name (``fp4compile.Recipe.names()``) or a :class:`~fp4compile.Recipe`
             (registered under its name). Unknown names raise ``ValueError`` listing the valid ones.
-        skip: ``fnmatch`` patterns of module FQNs kept as ``nn.Linear``, in addition to the
-            recipe's ``keep_high_precision`` (e.g. ``("*.mlp.*",)``).
+        skip: layers kept as ``nn.Linear``, in addition to the recipe's ``keep_high_precision``:
+            ``fnmatch`` patterns of module FQNs (e.g. ``("*.mlp.*",)``), callables
+            ``(fqn, module) -> bool`` returning True for the layers to keep, or both (as the
+            backend's ``skip`` option).
     """
 
     recipe: Union[str, Recipe] = "nvidia"
-    skip: tuple[str, ...] = ()
+    skip: tuple = ()
 
     def __post_init__(self) -> None:
         resolved = Recipe.resolve(self.recipe)  # ValueError listing valid names, TypeError for other types
         self.recipe = resolved.name if isinstance(self.recipe, str) else resolved
-        if isinstance(self.skip, str):
-            self.skip = (self.skip,)
-        self.skip = tuple(self.skip)
-        if not all(isinstance(p, str) for p in self.skip):
-            raise TypeError(f"NVFP4Config.skip must be FQN patterns (strings), got {self.skip!r}")
+        parsed = LayerFilter.parse(self.skip, what="NVFP4Config.skip")  # TypeError for anything else
+        self.skip = parsed.patterns + parsed.callables
 
     @property
     def recipe_name(self) -> str:
@@ -100,9 +97,14 @@ class NVFP4Config(AOBaseConfig):
         return self.recipe if isinstance(self.recipe, str) else self.recipe.name
 
     @property
+    def layer_filter(self) -> LayerFilter:
+        """Everything kept in high precision: the recipe's ``keep_high_precision``, then ``skip``."""
+        return LayerFilter(tuple(Recipe.named(self.recipe_name).keep_high_precision)) + LayerFilter.parse(self.skip)
+
+    @property
     def patterns(self) -> tuple[str, ...]:
-        """All FQN patterns kept in high precision: the recipe's ``keep_high_precision``, then ``skip``."""
-        return tuple(Recipe.named(self.recipe_name).keep_high_precision) + self.skip
+        """All FQN patterns kept in high precision: the recipe's ``keep_high_precision``, then ``skip``'s."""
+        return self.layer_filter.patterns
 
     def why_not(self, module: nn.Module, fqn: Optional[str]) -> Optional[str]:
         """Why ``module`` (at ``fqn``; None if unknown) stays as it is, or None if it becomes an ``NVFP4Linear``."""
@@ -117,14 +119,14 @@ class NVFP4Config(AOBaseConfig):
         weight = module.weight
         if type(weight) not in (torch.Tensor, nn.Parameter):
             return f"weight is a {type(weight).__name__}, not a plain tensor"
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in FLOAT_DTYPES:
             return f"weight dtype {weight.dtype} is not bfloat16, float16 or float32"
         if module.in_features % 16 or module.out_features % 16 or not module.in_features or not module.out_features:
             return f"in_features={module.in_features} or out_features={module.out_features} is not a multiple of 16"
-        if fqn:
-            for pattern in self.patterns:
-                if fnmatch.fnmatchcase(fqn, pattern):
-                    return f"FQN {fqn!r} matches {pattern!r}"
+        if fqn is not None:
+            matched = self.layer_filter.match(relative_names(fqn) + relative_names(f"{fqn}.weight"), fqn, module)
+            if matched is not None:
+                return f"FQN {fqn!r}: {matched}"
         return None
 
     def filter_fn(self, module: nn.Module, fqn: str) -> bool:
@@ -182,10 +184,11 @@ def _nvfp4_config_transform(module: nn.Module, config: NVFP4Config) -> nn.Module
     linears swapped, with their FQNs below the container's.
     """
     fqn = _fqn_from_torchao_caller(module)
-    if fqn is None and config.patterns:
+    if fqn is None and config.layer_filter:
         warnings.warn(
-            "NVFP4Config: could not find the module's FQN in torchao's quantize_ call, so the FQN patterns "
-            f"{list(config.patterns)} are not applied to this module; pass filter_fn=config.filter_fn to quantize_",
+            "NVFP4Config: could not find the module's FQN in torchao's quantize_ call, so the skip rules "
+            f"{list(config.patterns + config.layer_filter.callables)} are not applied to this module; pass "
+            "filter_fn=config.filter_fn to quantize_",
             stacklevel=2,
         )
     return _swap(module, config, fqn)
@@ -266,6 +269,18 @@ def export_torchao_nvfp4(
     ``nn.Linear`` with ``weight = nn.Parameter(NVFP4Tensor, requires_grad=False)``, swizzled scales,
     the bias unchanged.
 
+    Saving and loading: save ``model.state_dict()`` with ``torch.save``. To load it, build the model
+    as it was saved -- the same dtype, ``quantize_(model, NVFP4Config(...))`` swapping the same
+    layers, then ``export_torchao_nvfp4`` with the same ``dynamic_activation`` (``spec`` does not
+    matter: the checkpoint's codes and scales replace the weights) -- and call
+    :func:`load_torchao_nvfp4` ``(model, path)``. Plain ``model.load_state_dict(torch.load(path))``
+    works too once torchao's ``torchao.prototype.mx_formats`` is imported (as this function does):
+    torchao allow-lists ``NVFP4Tensor`` for ``torch.load``'s ``weights_only=True`` on that import,
+    and ``torch.load`` before it fails with "Unsupported global ... NVFP4Tensor";
+    ``load_torchao_nvfp4`` allow-lists it for its own load. An exported layer's ``load_state_dict``
+    says what to do when a checkpoint does not fit it (a weight saved before export, another dtype
+    or ``dynamic_activation``) instead of failing in torchao's ``NVFP4Tensor.copy_``.
+
     Args:
         model: a model (or a single ``NVFP4Linear``) after ``quantize_(model, NVFP4Config(...))``.
         spec: a deterministic per-tensor quantizer without rotation: ``"rtn"``, ``"rtn_4over6"``
@@ -289,6 +304,7 @@ def export_torchao_nvfp4(
         linear.weight = nn.Parameter(weight, requires_grad=False)
         linear.bias = layer.bias
         linear.train(layer.training)
+        linear.register_load_state_dict_pre_hook(_check_exported_weight_on_load)
         return linear
 
     def visit(module: nn.Module, fqn: str) -> nn.Module:
@@ -301,3 +317,136 @@ def export_torchao_nvfp4(
         return module
 
     return visit(model, "")
+
+
+# ----------------------------------------------------------------------------- loading an exported checkpoint
+_HOW_TO_BUILD = (
+    "build the model as the saved one was built (same dtype, quantize_(model, NVFP4Config(...)), "
+    "export_torchao_nvfp4(model, dynamic_activation=<as when saved>)) and load into it"
+)
+
+
+def _what(value) -> str:
+    return f"a plain {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
+def _nvfp4_layout_differences(mine, theirs) -> list[str]:
+    """The fields torchao's ``NVFP4Tensor.copy_`` needs equal where the model's tensor and the checkpoint's differ."""
+
+    def shape(t):
+        return None if t is None else tuple(t.shape)
+
+    fields = {
+        "shape": (tuple(mine.shape), tuple(theirs.shape)),
+        "dtype": (mine.orig_dtype, theirs.orig_dtype),
+        "block_size": (mine.block_size, theirs.block_size),
+        "is_swizzled_scales": (mine.is_swizzled_scales, theirs.is_swizzled_scales),
+        "use_triton_kernel": (mine.use_triton_kernel, theirs.use_triton_kernel),
+        "qdata shape": (shape(mine.qdata), shape(theirs.qdata)),
+        "scale shape": (shape(mine.scale), shape(theirs.scale)),
+        "per_tensor_scale shape": (shape(mine.per_tensor_scale), shape(theirs.per_tensor_scale)),
+        "act_per_tensor_scale shape": (shape(mine.act_per_tensor_scale), shape(theirs.act_per_tensor_scale)),
+    }
+    act = (mine.act_quant_kwargs, theirs.act_quant_kwargs)
+    if (act[0] is None) != (act[1] is None):  # export_torchao_nvfp4's dynamic_activation
+        fields["dynamic_activation"] = (act[0] is not None, act[1] is not None)
+    else:
+        fields["act_quant_kwargs"] = act
+    return [f"{name}: model {a}, checkpoint {b}" for name, (a, b) in fields.items() if a != b]
+
+
+def _load_problem(key: str, param, value) -> Optional[str]:
+    """Why ``value`` (a checkpoint's ``key``) cannot be copied into ``param`` (the model's), or None."""
+    nvfp4_tensor = _torchao_nvfp4()[0]
+    saved, exported = isinstance(value, nvfp4_tensor), isinstance(param, nvfp4_tensor)
+    if saved and not exported:
+        return (
+            f"'{key}' of the checkpoint is an NVFP4Tensor (saved from a model exported by export_torchao_nvfp4) but "
+            f"the model's '{key}' is {_what(param)}, not exported: {_HOW_TO_BUILD}"
+        )
+    if exported and not saved:
+        return (
+            f"'{key}' of the checkpoint is {_what(value)} but the model's '{key}' is an exported NVFP4Tensor: "
+            "load a checkpoint saved before export into the model before export_torchao_nvfp4 (after quantize_), "
+            "then export; an exported model loads checkpoints of exported models"
+        )
+    if saved and exported:
+        differences = _nvfp4_layout_differences(param, value)
+        if differences:
+            return (
+                f"'{key}': the checkpoint's NVFP4Tensor does not fit the model's ({'; '.join(differences)}): "
+                f"{_HOW_TO_BUILD}"
+            )
+    return None
+
+
+def _check_exported_weight_on_load(
+    module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    """``load_state_dict`` pre-hook of an exported ``nn.Linear``: a clear error where torchao's ``copy_`` is obscure.
+
+    Skipped under ``load_state_dict(..., assign=True)``, which replaces the weight by the checkpoint's tensor as it is.
+    """
+    if local_metadata.get("assign_to_params_buffers", False):
+        return
+    key = prefix + "weight"
+    if key in state_dict:
+        problem = _load_problem(key, module.weight, state_dict[key])
+        if problem is not None:
+            raise RuntimeError(f"cannot load the state dict into the exported model: {problem}")
+
+
+def load_torchao_nvfp4(
+    model: nn.Module,
+    checkpoint,
+    *,
+    strict: bool = True,
+    map_location=None,
+):
+    """Load a checkpoint of a model exported by :func:`export_torchao_nvfp4` into an exported ``model``.
+
+    ``model`` is built as the saved one was: the same dtype, ``quantize_(model, NVFP4Config(...))``
+    swapping the same layers, then ``export_torchao_nvfp4(model, dynamic_activation=...)`` with the
+    saved model's ``dynamic_activation`` (its ``spec`` does not matter). The checkpoint's ``qdata``,
+    ``scale`` and ``per_tensor_scale`` are copied into the model's ``NVFP4Tensor`` weights bit for
+    bit (torchao's ``NVFP4Tensor.copy_``), the other entries as ``model.load_state_dict`` copies them.
+
+    Every entry is checked before anything is copied: a checkpoint that does not fit (an
+    ``NVFP4Tensor`` for a layer that was not exported, a weight saved before export, another dtype
+    or ``dynamic_activation``) raises ``RuntimeError`` saying what to do and leaves ``model`` as it was.
+
+    Args:
+        model: the exported model to load into.
+        checkpoint: a state dict (``model.state_dict()`` of an exported model), or a path or file
+            object ``torch.save`` wrote one to. A file is read with ``torch.load(..., weights_only=True)``,
+            allow-listing ``NVFP4Tensor`` and its activation settings for this call only.
+        strict: as ``nn.Module.load_state_dict``: missing or unexpected keys are an error.
+        map_location: as ``torch.load``, for a file.
+
+    Returns:
+        ``model.load_state_dict``'s ``(missing_keys, unexpected_keys)``.
+    """
+    from collections.abc import Mapping
+
+    if isinstance(checkpoint, Mapping):
+        state_dict = checkpoint
+    else:
+        nvfp4_tensor, act_kwargs_cls, _, _ = _torchao_nvfp4()
+        # safe_globals removes its globals on exit: pass only those torchao has not registered for good
+        registered = torch.serialization.get_safe_globals()
+        missing = [cls for cls in (nvfp4_tensor, act_kwargs_cls) if cls not in registered]
+        with torch.serialization.safe_globals(missing):
+            state_dict = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"the checkpoint holds a {type(state_dict).__name__}, not a state dict: save model.state_dict()"
+            )
+    params = model.state_dict(keep_vars=True)
+    problems = [_load_problem(key, params[key], value) for key, value in state_dict.items() if key in params]
+    problems = [problem for problem in problems if problem is not None]
+    if problems:
+        raise RuntimeError(
+            f"cannot load the checkpoint into this {type(model).__name__} (nothing was loaded):\n\t"
+            + "\n\t".join(problems)
+        )
+    return model.load_state_dict(state_dict, strict=strict)

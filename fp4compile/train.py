@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -44,10 +46,13 @@ from .recipe import Recipe
 __all__ = [
     "DEFAULT_RECIPES",
     "PRESETS",
+    "PlotError",
     "RecipeRun",
     "TrainConfig",
+    "TrainInputError",
     "environment",
     "format_table",
+    "prepare_out_dir",
     "run_training",
     "train_recipe",
     "write_results",
@@ -62,12 +67,10 @@ FINAL_WINDOW = 10
 # Defaults per device; every one can be overridden by a flag.
 #
 # CPU: the quantized linears run fp4compile's plain-torch reference quantizers, which cost far more than the
-# matmuls, so the model is tiny and the run short. Inner compiler: on 2 cores (AMD EPYC, torch 2.13, 2026-11-23)
-# Inductor takes ~25 s to compile one recipe's forward + backward and ~8 s for its no-grad eval graph, i.e.
-# ~2.5 min of compilation alone for 5 recipes, while "aot_eager" (AOTAutograd and the NVFP4 rewrite, eager
-# kernels) takes ~3 s + ~1 s, and the steps run as fast (nvidia: 227 ms/step with Inductor, 196 ms with
-# aot_eager; the quantizers dominate). So the default CPU run uses inner "aot_eager" (--inner inductor to
-# override), and the whole default 5-recipe run (100 steps each) takes ~2.2 min on 2 cores.
+# matmuls, so the model is tiny and the run short. Inner compiler: on the CPU, Inductor's compilation costs far
+# more than "aot_eager"'s (AOTAutograd and the NVFP4 rewrite, eager kernels) and the steps run no faster (the
+# quantizers dominate), so the default CPU run uses inner "aot_eager" (--inner inductor to override).
+# Measured run times: the README, "Results of the demo".
 PRESETS: dict[str, dict] = {
     "cpu": dict(
         steps=100, batch=8, seq=64, d_model=64, layers=2, heads=4, lr=3e-3, warmup=10, val_batches=4,
@@ -78,6 +81,50 @@ PRESETS: dict[str, dict] = {
         inner="inductor", mode="reduce-overhead",
     ),
 }  # fmt: skip
+
+
+class TrainInputError(ValueError):
+    """Inputs a run cannot start with (e.g. a corpus too small for the sequence length), found before training."""
+
+
+class PlotError(RuntimeError):
+    """Drawing ``loss.png`` failed after ``results.json`` was written (the results are safe).
+
+    Attributes:
+        results_path: the ``results.json`` that was written.
+        plot_path: the PNG that could not be drawn.
+        reason: why, in words (the original exception is the ``__cause__``).
+    """
+
+    def __init__(self, results_path: str, plot_path: str, reason: str):
+        super().__init__(f"{results_path} was written, but drawing {plot_path} failed: {reason}")
+        self.results_path, self.plot_path, self.reason = results_path, plot_path, reason
+
+
+def prepare_out_dir(path: str) -> str:
+    """Create the directory ``path`` (and its parents) if it is missing, and check that files can be written in it.
+
+    A probe file is created in it and deleted again.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: it cannot be created or written; ``strerror`` says why in words, ``filename`` is ``path``.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create the directory ({error.strerror or error})", path) from error
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".fp4compile-write-probe-", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write in the directory ({error.strerror or error})", path) from error
+    return path
 
 
 @dataclass(frozen=True)
@@ -438,14 +485,32 @@ def run_training(
 ) -> dict[str, RecipeRun]:
     """Train every recipe of ``config``, print the table, write ``results.json`` and ``loss.png`` to ``out_dir``.
 
+    ``out_dir`` is created and checked for writing (:func:`prepare_out_dir`) and the corpus is loaded and checked
+    before any model is built; ``results.json`` is written before ``loss.png`` is drawn.
+
     Returns:
         recipe name -> :class:`RecipeRun`, in the order of ``config.recipes``.
+
+    Raises:
+        OSError: ``out_dir`` cannot be created or written (before training), or ``results.json`` cannot be written.
+        TrainInputError: the corpus is too small for the run (before training).
+        PlotError: ``results.json`` was written but ``loss.png`` could not be drawn.
     """
     from .plot import plot_results
 
     start = time.perf_counter()
     config = config.resolved()
-    corpus = load_corpus(config.corpus_bytes)
+    prepare_out_dir(out_dir)  # before any training: an unwritable --out fails now, not after the last recipe
+    try:
+        corpus = load_corpus(config.corpus_bytes)
+    except ValueError as error:  # too small a corpus_bytes
+        raise TrainInputError(f"corpus: {error}") from error
+    for split, data in (("training", corpus.train), ("validation", corpus.val)):
+        if len(data) < config.seq + 2:  # corpus.train_batch and corpus.val_batches need one window and a byte
+            raise TrainInputError(
+                f"the {split} split of the corpus ({len(data)} bytes) is too short for sequences of {config.seq} "
+                f"bytes (at least {config.seq + 2}); read more of the corpus or shorten the sequences"
+            )
     params = GPT(config.model_config()).num_parameters()
     compiler = config.inner + (f", mode {config.mode}" if config.mode not in (None, "default") else "")
     log(
@@ -468,9 +533,15 @@ def run_training(
         else:
             runs[recipe] = train_recipe(recipe, config, corpus, progress=progress, log=log)
     wall_s = time.perf_counter() - start
+    # The results first, then the table, then the plot: a failing plot loses nothing.
     results = os.path.join(out_dir, "results.json")
     write_results(results, config, corpus, runs, params, wall_s)
-    plot = plot_results(results, os.path.join(out_dir, "loss.png"))
     log(format_table(runs))
-    log(f"wrote {results} and {plot} ({wall_s:.0f} s in all)")
+    log(f"wrote {results} ({wall_s:.0f} s in all)")
+    png = os.path.join(out_dir, "loss.png")
+    try:
+        plot = plot_results(results, png)
+    except (OSError, ImportError) as error:  # the PNG cannot be written, or matplotlib cannot be imported
+        raise PlotError(results, png, str(error) or type(error).__name__) from error
+    log(f"wrote {plot}")
     return runs

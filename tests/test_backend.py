@@ -101,7 +101,7 @@ def forward(self, L_self_modules_fc1_parameters_weight_ : torch.nn.parameter.Par
     return (nvfp4_linear_1,)""")
 
     def test_mlp_without_bias(self):
-        report = fp4compile.explain(MLP(bias=False), torch.randn(8, 32), recipe="quartet_ii")
+        report = fp4compile.explain(MLP(bias=False), torch.randn(8, 32), options={"recipe": "quartet_ii"})
         self.assertExpectedInline(_code(report), """\
 def forward(self, L_self_modules_fc1_parameters_weight_ : torch.nn.parameter.Parameter, L_x_ : torch.Tensor, L_self_modules_fc2_parameters_weight_ : torch.nn.parameter.Parameter):
     l_self_modules_fc1_parameters_weight_ = L_self_modules_fc1_parameters_weight_
@@ -128,7 +128,7 @@ def forward(self, L_self_modules_fc1_parameters_weight_ : torch.nn.parameter.Par
     return (nvfp4_linear_1,)""")
 
     def test_hand_written_matmuls(self):
-        report = fp4compile.explain(HandWritten(), torch.randn(8, 32), recipe="naive")
+        report = fp4compile.explain(HandWritten(), torch.randn(8, 32), options={"recipe": "naive"})
         self.assertEqual([r.op for r in report.rewritten], ["matmul", "mm", "addmm", "matmul"])
         self.assertExpectedInline(_code(report), """\
 def forward(self, L_self_parameters_w_ : torch.nn.parameter.Parameter, L_x_ : torch.Tensor, L_self_parameters_b_ : torch.nn.parameter.Parameter, L_self_parameters_v_ : torch.nn.parameter.Parameter):
@@ -166,7 +166,7 @@ graph  module  weight      op      x       weight [out, in]  recipe  NVFP4
 2 of 2 matmuls rewritten to NVFP4 in 1 graph(s), 0 graph break(s)""")
 
     def test_skip_patterns(self):
-        report = fp4compile.explain(Block(), torch.randn(2, 16, 64), skip=["mlp.*", "proj"])
+        report = fp4compile.explain(Block(), torch.randn(2, 16, 64), options={"skip": ["mlp.*", "proj"]})
         self.assertExpectedInline(str(report), """\
 graph  module   weight          op      x          weight [out, in]  recipe  NVFP4
 -----  -------  --------------  ------  ---------  ----------------  ------  -------------------------------------------------------
@@ -200,7 +200,7 @@ def test_shapes_not_multiple_of_16_and_integer_weights_are_left_alone_with_reaso
 
 
 def test_bf16_recipe_rewrites_nothing():
-    report = fp4compile.explain(MLP(), torch.randn(4, 32), recipe="bf16")
+    report = fp4compile.explain(MLP(), torch.randn(4, 32), options={"recipe": "bf16"})
     assert not report.rewritten and {r.reason for r in report.records} == {"recipe bf16 quantizes nothing"}
 
 

@@ -76,3 +76,15 @@ def test_quantizer_stats_of_a_deterministic_spec_do_not_depend_on_draws():
     assert one.rel_error == many.rel_error == many.mean_error
     with pytest.raises(ValueError, match="draws must be >= 1"):
         quantizer_stats("rtn", x, distribution="gaussian", draws=0)
+
+
+def test_an_unexplained_error_keeps_its_traceback(monkeypatch):
+    # Only expected failures (bad flags, I/O) become one-line errors; a bug inside the work is not swallowed.
+    import fp4compile.quantizer_report
+
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug, not a bad flag")
+
+    monkeypatch.setattr(fp4compile.quantizer_report, "quantizer_stats", buggy)
+    with pytest.raises(ValueError, match="a bug, not a bad flag"):
+        main(["quantizers", "--rows", "4", "--cols", "128", "--draws", "1", "--names", "rtn"])

@@ -3,10 +3,14 @@
 import contextlib
 import io
 import json
+import math
+import os
+import re
 
 import pytest
 import torch
 
+from fp4compile import plot, train
 from fp4compile.cli import main
 from fp4compile.corpus import load_corpus, train_batch, val_batches
 from fp4compile.plot import moving_average, plot_results
@@ -154,6 +158,9 @@ def test_train_help_explains_every_flag(capsys):
                  "--osci-threshold", "--osci-memory-efficient"):  # fmt: skip
         assert flag in text
     assert "aot_eager" in text and "standard library" in text
+    # Measured times live in the README only: the help points there and states none of its own.
+    assert "Results of the demo" in " ".join(text.split())
+    assert not re.search(r"\d\s*(s|sec|min|minutes?|ms)\b", text), re.findall(r".{20}\d\s*(?:s|min)\b.{5}", text)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -236,3 +243,134 @@ def test_a_recipe_trained_in_a_fresh_process_matches_in_process():
     here = train.train_recipe("naive", config, corpus, progress=False)
     assert spawned.train_loss == here.train_loss and spawned.val_curve == here.val_curve
     assert spawned.init_sha256 == here.init_sha256
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("training started, but it should not have")
+
+
+def _unwritable_out_dirs(tmp_path) -> list[str]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    paths = [str(a_file / "out"), str(a_file)]  # under a regular file; a regular file itself
+    if os.path.isdir("/proc/self"):
+        paths.append("/proc/fp4compile-out")  # procfs: no mkdir, even as root
+    return paths
+
+
+def test_train_out_that_cannot_be_created_exits_2_with_one_line_before_training(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "run_training", _never_called)
+    monkeypatch.setattr(train, "train_recipe", _never_called)
+    monkeypatch.setattr(train, "GPT", _never_called)
+    for out in _unwritable_out_dirs(tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *TINY, "--out", out])
+        assert exit_info.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1, captured.err  # one line: no usage, no traceback
+        assert captured.err.startswith(f"fp4compile train: error: --out {out}: "), captured.err
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # nothing written
+
+
+def test_train_out_errors_name_the_reason(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "run_training", _never_called)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, reason in [(a_file, "exists and is not a directory"), (a_file / "sub", "cannot create the directory")]:
+        with pytest.raises(SystemExit):
+            main(["train", *TINY, "--out", str(out)])
+        assert reason in capsys.readouterr().err
+
+
+def test_train_creates_the_out_directory_and_its_parents_before_training(monkeypatch, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    seen = []
+
+    def fake_run_training(config, out_dir, progress=True):
+        seen.append((os.path.isdir(out_dir), sorted(os.listdir(out_dir))))  # created, and the probe is gone
+        return {}
+
+    monkeypatch.setattr(train, "run_training", fake_run_training)
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    assert seen == [(True, [])]
+
+
+def test_bad_flags_are_reported_before_the_out_directory_is_created(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--d-model", "40", "--out", str(tmp_path / "out")])
+    assert "--d-model must be a multiple of 16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_training_checks_out_dir_before_building_a_model(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(train, "GPT", _never_called)
+    monkeypatch.setattr(train, "load_corpus", _never_called)
+    with pytest.raises(NotADirectoryError, match="cannot create the directory"):
+        train.run_training(train.TrainConfig(), str(tmp_path / "a-file" / "out"), progress=False)
+
+
+def test_a_corpus_too_small_for_the_sequences_is_a_one_line_error_before_training(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "train_recipe", _never_called)
+    monkeypatch.setattr(train, "GPT", _never_called)
+    for flags, message in [
+        (["--corpus-mb", "0.3", "--seq", "200000"], "is too short for sequences of 200000 bytes"),
+        (["--corpus-mb", "0.001"], "selects too few files to split"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *TINY, *flags, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fp4compile train: error: ") and message in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failing_plot_keeps_results_json_and_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    def no_space(results_json, path):
+        assert os.path.isfile(results_json)  # the results are written before the plot is drawn
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(plot, "plot_results", no_space)
+    assert main(["train", *TINY, "--recipes", "bf16", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    results = str(tmp_path / "results.json")
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("fp4compile train: error: the plot failed (")
+    assert "No space left on device" in captured.err and f"results.json was written at {results}" in captured.err
+    assert "recipe" in captured.out and "bf16" in captured.out  # the table is printed before the plot
+    with open(results) as f:
+        written = json.load(f)
+    assert list(written["runs"]) == ["bf16"] and len(written["runs"]["bf16"]["train_loss"]) == 5
+    assert all(math.isfinite(v) for v in written["runs"]["bf16"]["train_loss"])
+    assert not (tmp_path / "loss.png").exists()
+
+
+def _fake_train_recipe(recipe, config, corpus, progress=True, log=print):
+    losses = [3.0 - 0.1 * i for i in range(config.steps)]
+    return train.RecipeRun(recipe, losses, [(config.steps, 2.5)], 100.0, 0.1, 0.2, "0" * 64)
+
+
+def test_a_bug_in_the_plot_is_not_swallowed(monkeypatch, tmp_path):
+    def buggy(results_json, path):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(train, "train_recipe", _fake_train_recipe)
+    monkeypatch.setattr(plot, "plot_results", buggy)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["train", *TINY, "--recipes", "bf16,naive", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        assert list(json.load(f)["runs"]) == ["bf16", "naive"]
+
+
+def test_results_json_that_cannot_be_written_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(train, "train_recipe", _fake_train_recipe)
+    monkeypatch.setattr(train, "write_results", full_disk)
+    monkeypatch.setattr(plot, "plot_results", _never_called)
+    assert main(["train", *TINY, "--recipes", "bf16", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fp4compile train: error: ") and "No space left" in err, err

@@ -175,9 +175,23 @@ def test_skip_patterns_and_ineligible_layers_stay_nn_linear():
     config = NVFP4Config(skip="*.down")  # a single pattern as a string
     assert config.skip == ("*.down",)
     assert config.why_not(model.odd, "odd") == "in_features=32 or out_features=24 is not a multiple of 16"
-    assert config.why_not(model.lm_head, "lm_head") == "FQN 'lm_head' matches 'lm_head'"
+    assert config.why_not(model.lm_head, "lm_head") == "FQN 'lm_head': skip pattern 'lm_head'"
     assert config.why_not(model.int_layer, "x") == "weight dtype torch.int32 is not bfloat16, float16 or float32"
-    assert config.why_not(TinyLM().blocks[1].down, "blocks.1.down") == "FQN 'blocks.1.down' matches '*.down'"
+    assert config.why_not(TinyLM().blocks[1].down, "blocks.1.down") == "FQN 'blocks.1.down': skip pattern '*.down'"
+
+
+def test_skip_callable_gets_the_fqn_and_the_module():
+    seen = []
+
+    def keep_block_1(fqn, module):
+        seen.append((fqn, type(module).__name__))
+        return fqn.startswith("blocks.1.")
+
+    model = TinyLM()
+    quantize_(model, NVFP4Config(recipe="naive", skip=["blocks.0.down", keep_block_1]))
+    assert _nvfp4_names(model) == ["blocks.0.up"]
+    assert ("blocks.1.up", "Linear") in seen and ("blocks.0.up", "Linear") in seen
+    assert NVFP4Config(skip=keep_block_1).skip == (keep_block_1,)
 
 
 def test_user_filter_fn_is_honoured():
@@ -251,7 +265,7 @@ def test_compiled_equals_eager_with_aot_eager_and_nvfp4_backends():
     graphs = []
 
     def nvfp4_inner_aot_eager(gm, example_inputs, **kwargs):
-        compiled = nvfp4_backend(gm, example_inputs, options={"recipe": "nvidia", "inner": "aot_eager"})
+        compiled = nvfp4_backend(gm, example_inputs, options={"inner": "aot_eager"})
         graphs.append(gm)  # as rewritten by the backend's pass
         return compiled
 
@@ -270,17 +284,28 @@ def test_compiled_equals_eager_with_aot_eager_and_nvfp4_backends():
 def test_explain_lists_swapped_layers_as_already_nvfp4():
     model = TinyLM()
     quantize_(model, NVFP4Config(recipe="quartet_ii", skip=["blocks.1.down"]))
-    report = fp4compile.explain(model, torch.randn(4, 32), recipe="nvidia")
+    x = torch.randn(4, 32)
+    # No recipe given: the conversion stands, the linear quantize_ skipped stays high precision, and a warning says so.
+    with pytest.warns(UserWarning, match=r"NVFP4Linear layers \(recipe quartet_ii\).*1 other linear matmul.*blocks\.1"):
+        report = fp4compile.explain(model, x)
     rows = {r.module: (r.op, r.recipe, r.rewritten, r.reason) for r in report.records}
     assert rows["blocks.0.up"] == (ALREADY_NVFP4_OP, "quartet_ii", False, "already NVFP4 (recipe 'quartet_ii')")
-    assert rows["blocks.1.down"] == ("linear", "nvidia", True, "")  # nn.Linear: the backend rewrites it
+    assert rows["blocks.1.down"][2] is False and rows["blocks.1.down"][3].startswith("kept: the model was converted")
     assert rows["lm_head"] == ("linear", "nvidia", False, "skip pattern 'lm_head'")
     assert rows["odd"] == ("linear", "nvidia", False, "K=32 or N=24 is not a multiple of 16")
     already = [r for r in report.records if r.op == ALREADY_NVFP4_OP]
     assert sorted(r.module for r in already) == ["blocks.0.down", "blocks.0.up", "blocks.1.up"]
     assert [r.weight for r in already] == [f"{r.module}.weight" for r in already]
     assert "skipped: already NVFP4 (recipe 'quartet_ii')" in str(report)
-    assert len(report.rewritten) == 1
+    assert not report.rewritten
+    # The converted recipe, asked for: the rest is quantized with it.
+    report = fp4compile.explain(model, x, options={"recipe": "quartet_ii"})
+    assert [(r.module, r.recipe) for r in report.rewritten] == [("blocks.1.down", "quartet_ii")]
+    # Another recipe mixes two in one model: refused unless asked for.
+    with pytest.raises(ValueError, match=r"recipe\(s\) \['quartet_ii'\].*given recipe 'nvidia'.*mix_recipes"):
+        fp4compile.explain(model, x, options={"recipe": "nvidia"})
+    report = fp4compile.explain(model, x, options={"recipe": "nvidia", "mix_recipes": True})
+    assert [(r.module, r.recipe) for r in report.rewritten] == [("blocks.1.down", "nvidia")]
 
 
 def test_inductor_compiles_a_swapped_layer():
@@ -409,7 +434,7 @@ def test_lazy_names_and_missing_torchao_error():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "nvidia"
-    assert len(lines) == 4 and all("pip install torchao>=0.18" in line for line in lines[1:3])
+    assert len(lines) == 4 and all('pip install "torchao>=0.18"' in line for line in lines[1:3])
     assert lines[3] == "AttributeError: module 'fp4compile' has no attribute 'not_a_name'"
 
 
@@ -426,7 +451,7 @@ def test_gpu_quantize_then_nvfp4_backend_under_bf16_autocast_trains():
 
     def backend(gm, example_inputs, **kwargs):
         graphs.append(gm)
-        return nvfp4_backend(gm, example_inputs, options={"recipe": "nvidia"})
+        return nvfp4_backend(gm, example_inputs)
 
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(8, 128, d, device="cuda")

@@ -17,21 +17,20 @@ reports them as ``already NVFP4`` (never quantized twice).
 from __future__ import annotations
 
 import builtins
-import fnmatch
 import operator
 import re
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 
+from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn
 from ..linear import nvfp4_linear
 from ..recipe import Recipe
-from .report import MatmulRecord
+from .names import ModuleNames, source_to_fqn
+from .report import ALREADY_NVFP4, FILTERED, INELIGIBLE, NO_WEIGHT, REWRITTEN, MatmulRecord
 
-__all__ = ["ALREADY_NVFP4_OP", "rewrite_matmuls", "module_fqn", "parameter_fqn"]
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+__all__ = ["ALREADY_NVFP4_OP", "module_fqn", "nvfp4_op_recipes", "parameter_fqn", "rewrite_matmuls"]
 
 # (call target or method name) -> op label; a, b, bias argument positions are decoded per label.
 _FUNCTIONS = {
@@ -47,28 +46,28 @@ _METHODS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "addmm": "ad
 # Ops that look through to the tensor they come from: (flips orientation of a 2-D tensor?).
 _TRANSPOSE_ATTRS = ("T", "mT")
 _CAST_METHODS = ("to", "type", "contiguous", "bfloat16", "half", "float")
-_SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
+_MODULE_PATH_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])*\.?")
 #: Label of the already-quantized linear op in records.
 ALREADY_NVFP4_OP = "fp4compile.linear"
 _LINEAR_OP = "fp4compile::linear"
 
 
 # ----------------------------------------------------------------------------- names
-def _source_to_fqn(source: str) -> str:
-    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
-    path = _SOURCE_PREFIX.sub("", source)
-    path = re.sub(r"_(?:modules|parameters|buffers)\['([^']*)'\]", r"\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".").replace("..", ".")
+def module_fqn(node: fx.Node, names: Optional[ModuleNames] = None) -> tuple[str, Optional[torch.nn.Module]]:
+    """(FQN, module) of the innermost ``nn.Module`` whose forward produced ``node`` (``("", None)`` for the root).
 
-
-def module_fqn(node: fx.Node) -> str:
-    """FQN of the innermost ``nn.Module`` whose forward produced ``node`` ("" for the root)."""
+    Dynamo keys ``nn_module_stack`` by ``id(module)``: the module is looked up in ``names`` by
+    identity; a module ``names`` does not know is named after Dynamo's path (without its root).
+    """
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _source_to_fqn(path if "[" in path or "." in path else "")
+        return "", None
+    key, (path, _) = list(stack.items())[-1]
+    if names is not None and isinstance(key, str) and key.isdigit():
+        found = names.module(int(key))
+        if found is not None:
+            return found
+    return normalize_fqn(_MODULE_PATH_ROOT.sub("", path)), None
 
 
 def _parameter(node: fx.Node) -> Optional[torch.nn.Parameter]:
@@ -86,13 +85,18 @@ def _parameter(node: fx.Node) -> Optional[torch.nn.Parameter]:
     return None
 
 
-def parameter_fqn(node: fx.Node) -> str:
-    """FQN of the parameter behind a placeholder or get_attr node (its Dynamo source path)."""
+def parameter_fqn(node: fx.Node, names: Optional[ModuleNames] = None) -> str:
+    """FQN of the parameter behind a placeholder or get_attr node: by identity in ``names``, else Dynamo's path."""
+    param = _parameter(node)
+    if names is not None and param is not None:
+        fqn = names.parameter(param)
+        if fqn is not None:
+            return fqn
     if node.op == "get_attr":
         return str(node.target)
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
-    return _source_to_fqn(source.name) if source is not None else node.name
+    return source_to_fqn(source.name) if source is not None else node.name
 
 
 # ----------------------------------------------------------------------------- operands
@@ -177,21 +181,27 @@ def _nvfp4_op_recipe(node: fx.Node) -> Optional[str]:
     return str(recipe)
 
 
-def _already_nvfp4_record(node: fx.Node, recipe: str, graph_index: int) -> MatmulRecord:
+def _already_nvfp4_record(node: fx.Node, recipe: str, graph_index: int, names: Optional[ModuleNames]) -> MatmulRecord:
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     param, _ = _trace_to_parameter(weight)
     return MatmulRecord(
         graph=graph_index,
         node=node.name,
-        module=module_fqn(node),
-        weight=parameter_fqn(param) if param is not None else "",
+        module=module_fqn(node, names)[0],
+        weight=parameter_fqn(param, names) if param is not None else "",
         op=ALREADY_NVFP4_OP,
         x_shape=_shape(node.args[0] if node.args else node.kwargs.get("x")),
         w_shape=_shape(weight),
         recipe=recipe,
         rewritten=False,
         reason=f"already NVFP4 (recipe {recipe!r})",
+        status=ALREADY_NVFP4,
     )
+
+
+def nvfp4_op_recipes(gm: fx.GraphModule) -> set[str]:
+    """Recipes of the layers of ``gm`` that are NVFP4 already (``fp4compile::linear`` op nodes)."""
+    return {r for r in map(_nvfp4_op_recipe, gm.graph.nodes) if r is not None}
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -209,7 +219,7 @@ def _why_not(op, a, b, bias, param_b, param_a, w_shape) -> Optional[str]:
         return "addmm with alpha/beta or a non-vector input"
     x_val, w_val = _val(a), _val(b)
     for name, value in (("activation", x_val), ("weight", w_val)):
-        if value is not None and value.dtype not in _FLOAT_DTYPES:
+        if value is not None and value.dtype not in FLOAT_DTYPES:
             return f"{name} dtype {value.dtype} is not bfloat16, float16 or float32"
     if x_val is not None and x_val.dim() < 2:
         return "1-D activation"
@@ -222,31 +232,52 @@ def _why_not(op, a, b, bias, param_b, param_a, w_shape) -> Optional[str]:
     return None
 
 
-def _is_skipped(patterns: Sequence[str], fqns: Sequence[str]) -> Optional[str]:
-    for pattern in patterns:
-        for fqn in fqns:
-            if fqn and fnmatch.fnmatchcase(fqn, pattern):
-                return pattern
-    return None
+def _filter_reason(
+    layer_filter: LayerFilter, names: Optional[ModuleNames], param, module: tuple[str, Optional[torch.nn.Module]],
+    weight_fqn: str,
+) -> Optional[str]:  # fmt: skip
+    """Why ``layer_filter`` keeps the matmul of weight ``param`` (in ``module``) in high precision, or None."""
+    owner_fqn, owner = names.owner(param) if names is not None else ("", None)
+    candidates = names.parameter_names(param) if names is not None else ()
+    if not candidates:  # a parameter no module on the stack holds: Dynamo's path
+        owner_fqn = weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else ""
+        candidates = (owner_fqn, weight_fqn)
+    if owner is None:
+        owner_fqn, owner = (owner_fqn or module[0]), module[1]
+    return layer_filter.match((module[0],) + tuple(candidates), owner_fqn, owner)
 
 
 def rewrite_matmuls(
-    gm: fx.GraphModule, recipe: Recipe, skip: Sequence[str] = (), graph_index: int = 0
+    gm: fx.GraphModule,
+    recipe: Recipe,
+    skip: Union[LayerFilter, Sequence[str]] = (),
+    graph_index: int = 0,
+    names: Optional[ModuleNames] = None,
+    keep_plain: Optional[str] = None,
 ) -> list[MatmulRecord]:
     """Rewrite every eligible matmul of Dynamo graph ``gm`` in place; return one record per matmul found.
 
-    ``skip`` adds FQN patterns (``fnmatch``) to the recipe's ``keep_high_precision``; a matmul is
-    skipped when a pattern matches its module's FQN or its weight's FQN (with or without ``.weight``).
+    Args:
+        gm: a graph captured by Dynamo (torch-level calls, parameters as placeholders).
+        recipe: the recipe of the rewritten matmuls.
+        skip: a :class:`~fp4compile.eligibility.LayerFilter` (or FQN patterns) added to the recipe's
+            ``keep_high_precision``; it is matched against the module's and the weight's names.
+        graph_index: the graph's number in a report.
+        names: the model's names by identity (:class:`ModuleNames`); without it, or for a
+            parameter it does not know, names are Dynamo's source paths without their root.
+        keep_plain: when set, the reason every otherwise eligible matmul stays in high precision
+            (the model was converted by ``quantize_`` and the backend was not asked for a recipe).
+
     ``fp4compile::linear`` op nodes (layers already in NVFP4) are left unchanged and recorded as
     not rewritten, with the reason ``already NVFP4`` and their own recipe.
     """
-    patterns = tuple(recipe.keep_high_precision) + tuple(skip)
+    layer_filter = LayerFilter(tuple(recipe.keep_high_precision)) + LayerFilter.parse(skip)
     graph = gm.graph
     records: list[MatmulRecord] = []
     for node in list(graph.nodes):
         existing = _nvfp4_op_recipe(node)
         if existing is not None:
-            records.append(_already_nvfp4_record(node, existing, graph_index))
+            records.append(_already_nvfp4_record(node, existing, graph_index, names))
             continue
         decoded = _decode(node)
         if decoded is None:
@@ -258,20 +289,23 @@ def rewrite_matmuls(
         b_shape = _shape(b)
         w_shape = b_shape if out_in else tuple(reversed(b_shape)) if len(b_shape) == 2 else b_shape
         reason = _why_not(op, a, b, bias, param_b, param_a, w_shape)
-        module = module_fqn(node)
-        weight_fqn = parameter_fqn(param_b) if param_b is not None else ""
-        if reason is None:
-            owner = weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else ""
-            pattern = _is_skipped(patterns, (module, weight_fqn, owner))
-            if pattern is not None:
-                reason = f"skip pattern {pattern!r}"
+        status = (NO_WEIGHT if param_a is None and param_b is None else INELIGIBLE) if reason else REWRITTEN
+        module = module_fqn(node, names)
+        weight_node = param_b if param_b is not None else param_a  # W @ x: name the weight all the same
+        weight_fqn = parameter_fqn(weight_node, names) if weight_node is not None else ""
+        if weight_node is not None:  # the user's filter also silences a weight matmul that cannot be rewritten
+            filtered = _filter_reason(layer_filter, names, _parameter(weight_node), module, weight_fqn)
+            if filtered is not None:
+                reason, status = filtered, FILTERED
         if reason is None and not recipe.quantized:
-            reason = "recipe bf16 quantizes nothing"
+            reason, status = "recipe bf16 quantizes nothing", FILTERED
+        if reason is None and keep_plain is not None:
+            reason, status = keep_plain, FILTERED
         records.append(
             MatmulRecord(
                 graph=graph_index,
                 node=node.name,
-                module=module,
+                module=module[0],
                 weight=weight_fqn,
                 op=op,
                 x_shape=_shape(a),
@@ -279,6 +313,7 @@ def rewrite_matmuls(
                 recipe=recipe.name,
                 rewritten=reason is None,
                 reason=reason or "",
+                status=status,
             )
         )
         if reason is None:

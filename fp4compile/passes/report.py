@@ -7,7 +7,19 @@ from typing import NamedTuple
 
 import torch.fx as fx
 
-__all__ = ["MatmulRecord", "RewriteReport"]
+__all__ = ["ALREADY_NVFP4", "FILTERED", "INELIGIBLE", "MatmulRecord", "NO_WEIGHT", "REWRITTEN", "RewriteReport"]
+
+#: ``MatmulRecord.status``: rewritten to NVFP4.
+REWRITTEN = "rewritten"
+#: Kept in high precision by a filter the user chose: ``skip``, the recipe's ``keep_high_precision``,
+#: the ``bf16`` recipe, or a model converted by ``quantize_``.
+FILTERED = "filtered"
+#: Has a weight but cannot run in NVFP4 (dims not multiples of 16, dtype, shape, ...): warned about.
+INELIGIBLE = "ineligible"
+#: Activation x activation (attention scores, ...): not a layer, never a candidate.
+NO_WEIGHT = "no weight"
+#: An ``fp4compile::linear`` op already (``NVFP4Linear``, ``nvfp4_linear`` by hand).
+ALREADY_NVFP4 = "already NVFP4"
 
 
 class MatmulRecord(NamedTuple):
@@ -23,6 +35,7 @@ class MatmulRecord(NamedTuple):
     recipe: str
     rewritten: bool
     reason: str
+    status: str = REWRITTEN
 
 
 def _shape(shape: tuple) -> str:
@@ -50,6 +63,11 @@ class RewriteReport:
     def skipped(self) -> list[MatmulRecord]:
         """The matmuls left in high precision, each with its reason."""
         return [r for r in self.records if not r.rewritten]
+
+    @property
+    def ineligible(self) -> list[MatmulRecord]:
+        """The matmuls with a weight that stay in high precision for a reason no filter chose."""
+        return [r for r in self.records if r.status == INELIGIBLE]
 
     @property
     def graph_breaks(self) -> int:
