@@ -7,6 +7,9 @@ For an input ``x`` [rows, K] and its quantization ``x_hat``:
   quantizations (fresh seed and signs each). An unbiased quantizer's falls as 1/B, so
   ``rel_error / mean_error`` is close to B; a deterministic or biased one's stays near
   its single-draw error (ratio near 1, or well below B).
+
+:func:`markdown_table` is README's table of the named quantizers: one row per
+``QuantSpec.names()``, with the one-line description from :data:`DESCRIPTIONS`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,34 @@ import torch
 from .quantize import quantize
 from .spec import QuantSpec
 
-__all__ = ["DISTRIBUTIONS", "QuantizerStats", "make_data", "relative_quadratic_error", "quantizer_stats"]
+__all__ = [
+    "DESCRIPTIONS",
+    "DISTRIBUTIONS",
+    "QuantizerStats",
+    "make_data",
+    "markdown_table",
+    "relative_quadratic_error",
+    "quantizer_stats",
+]
+
+#: One line per named quantizer (``QuantSpec.names()``): what it is and where it comes from.
+DESCRIPTIONS = {
+    "rtn": "NVIDIA / TransformerEngine: per-tensor scale amax/(6*448), E4M3 RNE block scales, E2M1 RNE saturating",
+    "rtn_4over6": "Four Over Six: per block, scale the max to 6 or to 4, whichever has the lower squared error; "
+    "cap 256",
+    "rtn_2d": "NVIDIA's 16x16 weight blocks (the same scales serve W and W^T)",
+    "sr": "unbiased stochastic rounding: block max maps to 6*16/17 so no element is clipped",
+    "sr_te": "TransformerEngine's stochastic rounding (max maps to 6, clamp at 6: slightly biased)",
+    "rht16_sr_te": "TransformerEngine's fixed-sign 16-point random Hadamard transform, then `sr_te` "
+    "(nvidia's wgrad.dy)",
+    "ms_eden": "Quartet II: random-sign RHT-128, clip 6*16/17/0.93, cap 256, per-16 EDEN correction rounded "
+    "stochastically into the E4M3 scale",
+    "double_block_rtn": "TetraJet-v2: an unrounded FP32 scale per 1x128 block, no per-tensor scale",
+    "double_block_rht16_sr": "TetraJet-v2 backward: double block, random-sign RHT-16, unbiased SR",
+    "sr_4over6": "SR combined with the 4/6 rule: biased (kept to show it)",
+    "rht16_rtn_te": "TransformerEngine's fixed-sign RHT-16, then `rtn` (nvidia's wgrad.x: the forward input's "
+    "columnwise copy)",
+}
 
 #: Synthetic inputs: name -> description.
 DISTRIBUTIONS = {
@@ -90,3 +120,18 @@ def quantizer_stats(
         draws=draws,
         bytes_per_element=spec.bytes_per_element,
     )
+
+
+def markdown_table(names: Optional[tuple[str, ...]] = None) -> str:
+    """The quantizer table (name, ``QuantSpec.short_str()``, description) as GitHub markdown.
+
+    One row per name of ``names`` (default: every ``QuantSpec.names()``, in that order); a name
+    without an entry in :data:`DESCRIPTIONS` is a ``KeyError`` that says so.
+    """
+    rows = ["| name | spec | what it is |", "|---|---|---|"]
+    for name in QuantSpec.names() if names is None else names:
+        spec = QuantSpec.named(name)
+        if name not in DESCRIPTIONS:
+            raise KeyError(f"quantizer {name!r} has no description in fp4compile.quantizer_report.DESCRIPTIONS")
+        rows.append(f"| `{name}` | `{spec.short_str()}` | {DESCRIPTIONS[name]} |")
+    return "\n".join(rows)
