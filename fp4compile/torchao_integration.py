@@ -42,7 +42,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .eligibility import FLOAT_DTYPES, LayerFilter, relative_names
+from .eligibility import FLOAT_DTYPES, LayerFilter, relative_names, warn_unmatched_patterns
 from .nn import NVFP4Linear
 from .quantize import quantize
 from .recipe import Recipe
@@ -162,6 +162,32 @@ def _fqn_from_torchao_caller(module: nn.Module, max_depth: int = 4) -> Optional[
     return None
 
 
+def _root_from_torchao_caller(max_depth: int = 256) -> Optional[nn.Module]:
+    """The model given to the ``quantize_`` call in progress (its frame's ``model``), or None."""
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "quantize_" and frame.f_globals.get("__name__", "").startswith("torchao."):
+            model = frame.f_locals.get("model")
+            return model if isinstance(model, nn.Module) else None
+        frame = frame.f_back
+    return None
+
+
+_checked_patterns: list[tuple[int, int]] = []  # (id(model), id(config)) of the last quantize_ call checked
+
+
+def _warn_unmatched_once(root: Optional[nn.Module], config: NVFP4Config) -> None:
+    """Warn, once per ``quantize_`` call, about ``skip`` patterns that match no linear layer of the model."""
+    if root is None or not config.skip or _checked_patterns == [(id(root), id(config))]:
+        return
+    _checked_patterns[:] = [(id(root), id(config))]
+    linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
+    names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
+    warn_unmatched_patterns(LayerFilter.parse(config.skip), linears, "NVFP4Config", candidates=names, stacklevel=4)
+
+
 def _swap(module: nn.Module, config: NVFP4Config, fqn: Optional[str]) -> nn.Module:
     """``module`` as an ``NVFP4Linear`` if eligible; a container gets its eligible descendant linears swapped."""
     if isinstance(module, nn.Linear):
@@ -184,6 +210,7 @@ def _nvfp4_config_transform(module: nn.Module, config: NVFP4Config) -> nn.Module
     linears swapped, with their FQNs below the container's.
     """
     fqn = _fqn_from_torchao_caller(module)
+    _warn_unmatched_once(_root_from_torchao_caller(), config)
     if fqn is None and config.layer_filter:
         warnings.warn(
             "NVFP4Config: could not find the module's FQN in torchao's quantize_ call, so the skip rules "

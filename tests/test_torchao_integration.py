@@ -194,6 +194,19 @@ def test_skip_callable_gets_the_fqn_and_the_module():
     assert NVFP4Config(skip=keep_block_1).skip == (keep_block_1,)
 
 
+def test_a_skip_pattern_that_matches_no_linear_warns_once_with_real_names():
+    model = TinyLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_(model, NVFP4Config(recipe="naive", skip=["block.*", "*.down"]))
+    messages = [str(w.message) for w in caught if "matches no linear" in str(w.message)]
+    assert messages == [
+        "NVFP4Config: skip pattern 'block.*' matches no linear layer, so it keeps nothing in high precision; "
+        "the model's linear layers are named like 'blocks.0.up', 'blocks.0.down'"
+    ]
+    assert _nvfp4_names(model) == ["blocks.0.up", "blocks.1.up"]
+
+
 def test_user_filter_fn_is_honoured():
     model = TinyLM()
     seen = []
