@@ -1,7 +1,7 @@
 """torch.library ops of the quantized linear layer (namespace ``fp4compile``), with fake kernels and autograd.
 
 - ``fp4compile::linear(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
-  quantized tensors the backward needs (see ``linear.py``), returned as outputs so that
+  quantized tensors the backward needs (see ``linear_gemms.py``), returned as outputs so that
   AOTAutograd saves exactly them (never a high-precision copy of x).
 - ``fp4compile::linear_backward(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
 
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .linear import linear_backward, linear_forward, saved_shapes
+from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
 
 __all__ = ["linear", "linear_backward_op"]

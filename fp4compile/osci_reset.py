@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dispatch
 from .eligibility import FLOAT_DTYPES, LayerFilter, SkipRule, normalize_fqn, relative_names, warn_unmatched_patterns
 from .format import NVFP4, e2m1_decode, unpack_nibbles
 from .quantize import quantize
@@ -374,11 +375,7 @@ class OsciReset:
 
         On a GPU one Triton decode (bit-identical to ``q.dequantize``; forward weight specs never rotate).
         """
-        if q.codes.is_cuda and q.spec.rotation == "none":
-            from .kernels.decode import decode_triton
-
-            return decode_triton(q, with_outer=True, dtype=torch.float32, cols=layer.in_features)
-        return q.dequantize(torch.float32)[:, : layer.in_features]
+        return dispatch.dequantize(q, layer.in_features)
 
     def _sample_size(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.sample_fraction * numel - 1e-9)))
@@ -438,14 +435,7 @@ class OsciReset:
                 if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
                     layer.q_prev = _quantize_tensor(state["prev"], layer, self.autocast_dtype)
                 deq, deq_prev = self._dequantized(layer, q), self._dequantized(layer, layer.q_prev)
-                if w.is_cuda and w.is_contiguous():
-                    from .kernels.osci import track_update_triton
-
-                    track_update_triton(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
-                else:
-                    state["d_q"].add_((deq - deq_prev).abs())
-                    state["d_w"].add_((w.to(torch.float32) - state["prev"].to(torch.float32)).abs())
-                    state["prev"].copy_(w)
+                dispatch.osci_track_update(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
                 layer.q_prev = q
                 continue
             index = state["index"]

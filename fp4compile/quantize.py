@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from .format import NVFP4, TE_RHT_SIGNS, quantize_reference
+from . import dispatch
+from .format import NVFP4, TE_RHT_SIGNS
 from .spec import QuantSpec
 
 __all__ = ["quantize", "draw_seed", "draw_signs"]
@@ -123,12 +124,7 @@ def quantize(
     if seed is not None:
         seed = seed.to(device)
 
-    if device.type == "cuda":
-        from .kernels import quantize_triton
-
-        q = quantize_triton(x, spec, seed=seed, signs=signs)
-    else:
-        q = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    q = dispatch.quantize(x, spec, seed, signs)
     if validate and not bool(torch.isfinite(q.outer).all()):
         raise ValueError("x contains NaN or inf; NVFP4 cannot represent them (pass validate=False to get NaN scales).")
     return q

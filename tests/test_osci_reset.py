@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fp4compile
 from fp4compile import Recipe
 from fp4compile import osci_reset as osci_reset_module
-from fp4compile.linear import linear_forward
+from fp4compile.linear_gemms import linear_forward
 from fp4compile.nn import NVFP4Linear
 from fp4compile.osci_reset import OsciReset, _dequantize_at
 

@@ -1,0 +1,142 @@
+"""Where NVFP4 work runs: the Triton kernels for CUDA tensors, the plain-torch spec (``format.py``) elsewhere.
+
+This is the one module that makes that choice; everything above it (``quantize``, the GEMM, the
+quantized linear, OsciReset) calls these functions and never a kernel or the reference directly.
+Both sides give the same bits for the same inputs, seed and signs (``tests/test_kernels.py``).
+The kernels are imported on first use, so that importing fp4compile does not import Triton's
+runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference
+from .spec import QuantSpec
+
+__all__ = [
+    "dequantize",
+    "dequantize_transposed",
+    "gemm",
+    "gemm_values",
+    "on_triton",
+    "osci_track_update",
+    "quantize",
+    "quantize_with_values",
+]
+
+
+def on_triton(t: torch.Tensor) -> bool:
+    """Whether work on ``t`` runs in the Triton kernels (CUDA tensors) rather than the reference."""
+    return t.is_cuda
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:
+    """``x`` [rows, K] quantized by ``spec`` with the given Philox ``seed`` and rotation ``signs`` (no checks)."""
+    if on_triton(x):
+        from .kernels.quantize import quantize_triton
+
+        return quantize_triton(x, spec, seed=seed, signs=signs)
+    return quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+
+
+def quantize_with_values(
+    x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]
+) -> tuple[NVFP4, torch.Tensor]:
+    """``x`` quantized, and its exact ``code * block scale`` GEMM values (fp16 on CUDA, FP32 on the reference).
+
+    The CUDA kernel reads transposed views in place and writes the values as it quantizes. ``signs``
+    None with TE's fixed RHT-16 means the fixed signs (the kernel holds them as a constant).
+    """
+    if on_triton(x):
+        from .kernels.quantize import quantize_triton
+
+        values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+        return quantize_triton(x, spec, seed=seed, signs=signs, values=values), values
+    if signs is None and spec.rotation == "rht16_te":
+        signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32)
+    q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    return q, gemm_operand(q)
+
+
+def gemm_values(q: NVFP4) -> torch.Tensor:
+    """The exact ``code * block scale`` values of ``q`` (fp16 on CUDA, FP32 on the reference), rotation kept."""
+    if on_triton(q.codes):
+        from .kernels.decode import decode_triton
+
+        return decode_triton(q, with_outer=False, dtype=torch.float16)
+    return gemm_operand(q)
+
+
+def dequantize(q: NVFP4, cols: int) -> torch.Tensor:
+    """FP32 dequantized ``q`` cropped to ``cols`` columns (for specs without rotation)."""
+    if on_triton(q.codes) and q.spec.rotation == "none":
+        from .kernels.decode import decode_triton
+
+        return decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
+    return q.dequantize(torch.float32)[:, :cols]
+
+
+def dequantize_transposed(q: NVFP4, rows: int, cols: int, padded_rows: int) -> torch.Tensor:
+    """FP32 transpose of the dequantized ``q`` cropped to [rows, cols], zero-padded to [cols, padded_rows]:
+    the source of a re-quantization along the other dim."""
+    if on_triton(q.codes):
+        from .kernels.decode import decode_triton
+
+        return decode_triton(
+            q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows, cols=cols, padded_rows=padded_rows
+        )
+    t = q.dequantize(torch.float32)[:rows, :cols].T
+    return t if t.shape[1] == padded_rows else torch.nn.functional.pad(t, (0, padded_rows - t.shape[1]))
+
+
+def _reference_gemm(va: torch.Tensor, vb: torch.Tensor, oa: torch.Tensor, ob: torch.Tensor) -> torch.Tensor:
+    va, vb = va.float(), vb.float()
+    if oa.dim() == 0:
+        return (va @ vb.T) * (oa * ob)
+    out = torch.zeros(va.shape[0], vb.shape[0], dtype=torch.float32, device=va.device)
+    for kb in range(oa.shape[1]):
+        cols = slice(128 * kb, 128 * kb + 128)
+        out += (va[:, cols] @ vb[:, cols].T) * (oa[:, kb, None] * ob[None, :, kb])
+    return out
+
+
+def gemm(
+    va: torch.Tensor,
+    vb: torch.Tensor,
+    outer_a: torch.Tensor,
+    outer_b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(va @ vb^T) * outer`` (+ bias) as ``out_dtype``, FP32 accumulation; outer scales per tensor or per 1x128
+    K-block (``[rows, K/128]``)."""
+    if on_triton(va):
+        from .kernels.gemm import gemm_triton
+
+        return gemm_triton(va, vb, outer_a, outer_b, bias, out_dtype)
+    out = _reference_gemm(va, vb, outer_a, outer_b)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def osci_track_update(
+    w: torch.Tensor,
+    prev: torch.Tensor,
+    deq: torch.Tensor,
+    deq_prev: torch.Tensor,
+    d_q: torch.Tensor,
+    d_w: torch.Tensor,
+) -> None:
+    """OsciReset's tracked step, in place: ``d_q += |deq - deq_prev|``, ``d_w += |w - prev|``, ``prev = w``."""
+    if on_triton(w) and w.is_contiguous():
+        from .kernels.osci import track_update_triton
+
+        track_update_triton(w, prev, deq, deq_prev, d_q, d_w)
+        return
+    d_q.add_((deq - deq_prev).abs())
+    d_w.add_((w.to(torch.float32) - prev.to(torch.float32)).abs())
+    prev.copy_(w)
