@@ -1,7 +1,8 @@
 """Test setup: Triton kernels run in the interpreter on machines without a GPU.
 
-TRITON_INTERPRET must be set before any ``@triton.jit`` function is decorated,
-i.e. before ``fp4compile.kernels`` is imported, hence here.
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is decorated, i.e. before
+``fp4compile.kernels`` is imported, hence here (pytest loads this file first). Helpers shared by
+the tests live in ``testing.py``.
 """
 
 import os
@@ -9,13 +10,8 @@ import os
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-KERNEL_DEVICE = "cuda" if ON_GPU else "cpu"
-
-requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run on the device machine)")
 
 
 @pytest.fixture(autouse=True)

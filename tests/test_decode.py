@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, ON_GPU
+from testing import KERNEL_DEVICE, ON_GPU
 
 from fp4compile import quantize
 from fp4compile.format import gemm_operand

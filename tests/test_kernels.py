@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import KERNEL_DEVICE, ON_GPU
+from testing import KERNEL_DEVICE, ON_GPU
 
 from fp4compile import QuantSpec
 from fp4compile.format import TE_RHT_SIGNS, quantize_reference

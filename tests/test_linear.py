@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, requires_gpu
+from testing import KERNEL_DEVICE, requires_gpu
 
 from fp4compile import QuantSpec, quantize
 from fp4compile.format import TE_RHT_SIGNS, gemm_operand, gemm_reference, quantize_reference

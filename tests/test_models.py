@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import requires_gpu
+from testing import requires_gpu
 
 import fp4compile
 

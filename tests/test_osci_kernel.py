@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
+from testing import KERNEL_DEVICE
 
 from fp4compile.kernels.osci import track_update_triton
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import requires_gpu
+from testing import requires_gpu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp4compile

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import requires_gpu
+from testing import requires_gpu
 
 import fp4compile
 from fp4compile import NVFP4Linear, Recipe, quantize
