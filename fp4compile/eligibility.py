@@ -1,4 +1,7 @@
-"""Which layers are kept in high precision: FQN names and the ``skip`` filter shared by every entry point.
+"""Which layers run in NVFP4: the eligibility rule, FQN names, the ``skip`` filter and the module walker.
+
+Every entry point (the backend's pass, ``nvfp4_linear``, ``NVFP4Linear``, ``quantize_``, OsciReset)
+asks :func:`why_not_nvfp4` whether a weight can be quantized, so they agree and say it the same way.
 
 The backend's ``options={"skip": ...}``, ``NVFP4Config(skip=...)`` and ``OsciReset(skip=...)`` take
 the same thing: ``fnmatch`` patterns of module FQNs (``"model.layers.0.*"``), a callable
@@ -24,7 +27,9 @@ __all__ = [
     "SkipRule",
     "normalize_fqn",
     "relative_names",
+    "swap_linear_layers",
     "warn_unmatched_patterns",
+    "why_not_nvfp4",
 ]
 
 #: Dtypes an NVFP4 operand may have before quantization.
@@ -34,6 +39,42 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SkipRule = Union[str, Callable[[str, Optional[nn.Module]], bool], Sequence[Union[str, Callable]]]
 
 _COMPILE_WRAPPER = "_orig_mod"
+
+
+def why_not_nvfp4(out_features, in_features, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why a linear with weight ``[out_features, in_features]`` of ``dtype`` cannot run in NVFP4, or None if it can.
+
+    NVFP4 blocks are 16 wide along every GEMM's reduction dim, and in and out are each the reduction
+    dim of one GEMM (forward and dgrad), so both must be positive multiples of 16; the weight must be
+    bfloat16, float16 or float32. Symbolic sizes (Dynamo's dynamic shapes) are not decided.
+    """
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        return f"weight dtype {dtype} is not bfloat16, float16 or float32"
+    if not isinstance(in_features, int) or not isinstance(out_features, int):
+        return "symbolic weight shape"
+    if in_features <= 0 or out_features <= 0 or in_features % 16 or out_features % 16:
+        return f"in_features={in_features} or out_features={out_features} is not a multiple of 16"
+    return None
+
+
+def swap_linear_layers(
+    module: nn.Module,
+    from_linear: Callable[[nn.Module, str], nn.Module],
+    filter_fn: Callable[[nn.Module, str], bool],
+    fqn: str = "",
+) -> nn.Module:
+    """Replace, depth first, each submodule ``m`` at ``fqn`` with ``filter_fn(m, fqn)`` by ``from_linear(m, fqn)``.
+
+    A replaced module's children are not visited. Returns ``module`` itself, or its replacement when
+    ``module`` itself matches (use the return value). ``fqn`` is ``module``'s own name.
+    """
+    if filter_fn(module, fqn):
+        return from_linear(module, fqn)
+    for name, child in list(module.named_children()):
+        new = swap_linear_layers(child, from_linear, filter_fn, f"{fqn}.{name}" if fqn else name)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 def normalize_fqn(fqn: str) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .eligibility import FLOAT_DTYPES
+from .eligibility import FLOAT_DTYPES, why_not_nvfp4
 from .recipe import Recipe
 
 __all__ = ["nvfp4_linear"]
@@ -39,10 +39,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
             "or weight.to(x.dtype))"
         )
     out_features, in_features = weight.shape
-    if in_features % 16 or out_features % 16 or in_features == 0 or out_features == 0:
+    reason = why_not_nvfp4(out_features, in_features)
+    if reason is not None:
         raise ValueError(
-            f"nvfp4_linear: in_features ({in_features}) and out_features ({out_features}) must be positive multiples "
-            "of 16 (NVFP4 blocks are 16 wide along every GEMM's K); keep this layer in high precision"
+            f"nvfp4_linear: {reason} (NVFP4 blocks are 16 wide along every GEMM's K, so in and out features must "
+            "be positive multiples of 16); keep this layer in high precision"
         )
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != weight.dtype):
         raise ValueError(

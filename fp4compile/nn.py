@@ -13,6 +13,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from .eligibility import why_not_nvfp4
 from .linear import nvfp4_linear
 from .recipe import Recipe
 
@@ -82,8 +83,9 @@ class NVFP4Linear(nn.Linear):
 
 
 def _check_features(in_features: int, out_features: int) -> None:
-    if in_features <= 0 or out_features <= 0 or in_features % 16 or out_features % 16:
+    reason = why_not_nvfp4(out_features, in_features)
+    if reason is not None:
         raise ValueError(
-            f"NVFP4Linear: in_features ({in_features}) and out_features ({out_features}) must be positive "
-            "multiples of 16 (NVFP4 blocks are 16 wide along every GEMM's K); keep this layer an nn.Linear"
+            f"NVFP4Linear: {reason} (NVFP4 blocks are 16 wide along every GEMM's K, so in and out features must be "
+            "positive multiples of 16); keep this layer an nn.Linear"
         )

@@ -65,7 +65,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch
-from .eligibility import FLOAT_DTYPES, LayerFilter, SkipRule, normalize_fqn, relative_names, warn_unmatched_patterns
+from .eligibility import (
+    FLOAT_DTYPES,
+    LayerFilter,
+    SkipRule,
+    normalize_fqn,
+    relative_names,
+    warn_unmatched_patterns,
+    why_not_nvfp4,
+)
 from .format import NVFP4, e2m1_decode, unpack_nibbles
 from .quantize import quantize
 from .recipe import Recipe
@@ -681,10 +689,9 @@ def _make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> _Layer:
 
 
 def _eligible_weight(weight: Optional[torch.Tensor]) -> bool:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
-    out_features, in_features = weight.shape
-    return out_features > 0 and in_features > 0 and out_features % 16 == 0 and in_features % 16 == 0
+    return why_not_nvfp4(*weight.shape, weight.dtype) is None
 
 
 def _is_converted(root: nn.Module) -> bool:

@@ -12,12 +12,12 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
+from .eligibility import FLOAT_DTYPES
 from .format import NVFP4, TE_RHT_SIGNS
 from .spec import QuantSpec
 
 __all__ = ["quantize", "draw_seed", "draw_signs"]
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _check_input(x: torch.Tensor, spec: QuantSpec) -> None:
             f"quantize expects a 2-D tensor [rows, K] quantized along its last dim; got shape {tuple(x.shape)}. "
             "Flatten leading dims first: x.reshape(-1, x.shape[-1])."
         )
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"quantize expects a bfloat16, float16 or float32 tensor; got {x.dtype}. Convert it with x.float()."
         )

@@ -22,10 +22,10 @@ gradient of the quantized forward, as TetraJet-v2 and Quartet II do).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .eligibility import LayerFilter
 from .spec import QuantSpec
 
 __all__ = ["Recipe", "SLOTS", "markdown_table"]
@@ -110,7 +110,7 @@ class Recipe:
 
     def keeps_high_precision(self, fqn: str) -> bool:
         """Whether the linear at module path ``fqn`` matches one of ``keep_high_precision``."""
-        return any(fnmatch.fnmatchcase(fqn, pattern) for pattern in self.keep_high_precision)
+        return LayerFilter(tuple(self.keep_high_precision)).match([fqn]) is not None
 
     @property
     def reuses_forward_weight(self) -> bool:

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .eligibility import FLOAT_DTYPES, LayerFilter, relative_names, warn_unmatched_patterns
+from .eligibility import LayerFilter, relative_names, swap_linear_layers, warn_unmatched_patterns, why_not_nvfp4
 from .nn import NVFP4Linear
 from .quantize import quantize
 from .recipe import Recipe
@@ -119,10 +119,9 @@ class NVFP4Config(AOBaseConfig):
         weight = module.weight
         if type(weight) not in (torch.Tensor, nn.Parameter):
             return f"weight is a {type(weight).__name__}, not a plain tensor"
-        if weight.dtype not in FLOAT_DTYPES:
-            return f"weight dtype {weight.dtype} is not bfloat16, float16 or float32"
-        if module.in_features % 16 or module.out_features % 16 or not module.in_features or not module.out_features:
-            return f"in_features={module.in_features} or out_features={module.out_features} is not a multiple of 16"
+        reason = why_not_nvfp4(module.out_features, module.in_features, weight.dtype)
+        if reason is not None:
+            return reason
         if fqn is not None:
             matched = self.layer_filter.match(relative_names(fqn) + relative_names(f"{fqn}.weight"), fqn, module)
             if matched is not None:
@@ -189,17 +188,19 @@ def _warn_unmatched_once(root: Optional[nn.Module], config: NVFP4Config) -> None
 
 
 def _swap(module: nn.Module, config: NVFP4Config, fqn: Optional[str]) -> nn.Module:
-    """``module`` as an ``NVFP4Linear`` if eligible; a container gets its eligible descendant linears swapped."""
-    if isinstance(module, nn.Linear):
-        if config.why_not(module, fqn) is not None:
-            return module
-        return NVFP4Linear.from_linear(module, config.recipe_name)
-    for name, child in list(module.named_children()):
-        child_fqn = None if fqn is None else (f"{fqn}.{name}" if fqn else name)
-        new = _swap(child, config, child_fqn)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+    """``module`` as an ``NVFP4Linear`` if eligible; a container gets its eligible descendant linears swapped.
+
+    ``fqn`` None (unknown) applies no FQN rule below ``module`` either.
+    """
+    known = fqn is not None
+
+    def eligible(m: nn.Module, name: str) -> bool:
+        return isinstance(m, nn.Linear) and config.why_not(m, name if known else None) is None
+
+    def convert(m: nn.Module, name: str) -> nn.Module:
+        return NVFP4Linear.from_linear(m, config.recipe_name)
+
+    return swap_linear_layers(module, convert, eligible, fqn or "")
 
 
 @register_quantize_module_handler(NVFP4Config)
@@ -334,16 +335,10 @@ def export_torchao_nvfp4(
         linear.register_load_state_dict_pre_hook(_check_exported_weight_on_load)
         return linear
 
-    def visit(module: nn.Module, fqn: str) -> nn.Module:
-        if isinstance(module, NVFP4Linear):
-            return convert(module) if filter_fn is None or filter_fn(module, fqn) else module
-        for name, child in list(module.named_children()):
-            new = visit(child, f"{fqn}.{name}" if fqn else name)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+    def selected(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, NVFP4Linear) and (filter_fn is None or filter_fn(module, fqn))
 
-    return visit(model, "")
+    return swap_linear_layers(model, lambda layer, fqn: convert(layer), selected)
 
 
 # ----------------------------------------------------------------------------- loading an exported checkpoint

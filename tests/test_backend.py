@@ -193,7 +193,7 @@ def test_shapes_not_multiple_of_16_and_integer_weights_are_left_alone_with_reaso
 
     report = fp4compile.explain(Odd(), torch.randn(4, 32))
     assert [r.reason for r in report.records] == [
-        "K=32 or N=24 is not a multiple of 16",
+        "in_features=32 or out_features=24 is not a multiple of 16",
         "activation dtype torch.int64 is not bfloat16, float16 or float32",
     ]
     assert not report.rewritten

@@ -255,7 +255,7 @@ def test_matmuls_left_in_high_precision_get_one_warning_per_compile(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "2 matmul(s) with a weight stay in high precision" in warnings[0]
-    assert "odd: K=32 or N=24 is not a multiple of 16" in warnings[0]
+    assert "odd: in_features=32 or out_features=24 is not a multiple of 16" in warnings[0]
     assert "  w: weight is the left operand (W @ x); write x @ W.T" in warnings[0]
     assert "options={'skip': [...]}" in warnings[0]
 

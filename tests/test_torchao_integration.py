@@ -305,7 +305,7 @@ def test_explain_lists_swapped_layers_as_already_nvfp4():
     assert rows["blocks.0.up"] == (ALREADY_NVFP4_OP, "quartet_ii", False, "already NVFP4 (recipe 'quartet_ii')")
     assert rows["blocks.1.down"][2] is False and rows["blocks.1.down"][3].startswith("kept: the model was converted")
     assert rows["lm_head"] == ("linear", "nvidia", False, "skip pattern 'lm_head'")
-    assert rows["odd"] == ("linear", "nvidia", False, "K=32 or N=24 is not a multiple of 16")
+    assert rows["odd"] == ("linear", "nvidia", False, "in_features=32 or out_features=24 is not a multiple of 16")
     already = [r for r in report.records if r.op == ALREADY_NVFP4_OP]
     assert sorted(r.module for r in already) == ["blocks.0.down", "blocks.0.up", "blocks.1.up"]
     assert [r.weight for r in already] == [f"{r.module}.weight" for r in already]

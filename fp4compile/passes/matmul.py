@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn
+from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn, why_not_nvfp4
 from ..linear import nvfp4_linear
 from ..recipe import Recipe
 from .names import ModuleNames, source_to_fqn
@@ -218,18 +218,12 @@ def _why_not(op, a, b, bias, param_b, param_a, w_shape) -> Optional[str]:
     if op == "addmm" and (bias is None or len(_shape(bias)) != 1):
         return "addmm with alpha/beta or a non-vector input"
     x_val, w_val = _val(a), _val(b)
-    for name, value in (("activation", x_val), ("weight", w_val)):
-        if value is not None and value.dtype not in FLOAT_DTYPES:
-            return f"{name} dtype {value.dtype} is not bfloat16, float16 or float32"
+    if x_val is not None and x_val.dtype not in FLOAT_DTYPES:
+        return f"activation dtype {x_val.dtype} is not bfloat16, float16 or float32"
     if x_val is not None and x_val.dim() < 2:
         return "1-D activation"
     # Mixed float dtypes only trace under autocast (eager would have raised); nvfp4_linear casts like autocast.
-    n_out, k_in = w_shape
-    if not isinstance(k_in, int) or not isinstance(n_out, int):
-        return "symbolic weight shape"
-    if k_in % 16 or n_out % 16:
-        return f"K={k_in} or N={n_out} is not a multiple of 16"
-    return None
+    return why_not_nvfp4(*w_shape, w_val.dtype if w_val is not None else None)
 
 
 def _filter_reason(
