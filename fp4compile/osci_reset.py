@@ -57,12 +57,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import dispatch
 from .eligibility import (
@@ -72,12 +70,18 @@ from .eligibility import (
     normalize_fqn,
     relative_names,
     warn_unmatched_patterns,
-    why_not_nvfp4,
 )
 from .format import NVFP4, e2m1_decode, unpack_nibbles
-from .quantize import quantize
+from .osci_layers import (
+    TrackedLayer,
+    discover_layers,
+    forward_weight_spec,
+    is_converted,
+    named_layers,
+    quantize_weight,
+    unwrap_model,
+)
 from .recipe import Recipe
-from .spec import QuantSpec
 
 __all__ = ["OsciReset"]
 
@@ -87,27 +91,6 @@ log = logging.getLogger(__name__)
 _BIN_WIDTHS = (0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0)
 _STATE_VERSION = 1
 _SCHEDULE_KEYS = ("start", "period", "window", "memory_efficient", "sample_fraction")
-
-
-@dataclass
-class _Layer:
-    """One tracked weight: its parameter, forward quantizer and the live window state."""
-
-    fqn: str
-    param: torch.Tensor
-    spec: QuantSpec
-    recipe: str
-    k_padded: int
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    q_prev: Optional[NVFP4] = None  # full variant: packed Q(previous weight), derivable from state["prev"]
-
-    @property
-    def numel(self) -> int:
-        return self.param.numel()
-
-    @property
-    def in_features(self) -> int:
-        return self.param.shape[1]
 
 
 class _Handle:
@@ -212,7 +195,7 @@ class OsciReset:
         if not isinstance(model, nn.Module):
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
         resolved = Recipe.resolve(recipe)
-        _forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
+        forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
 
         self.recipe = resolved
         self.start = int(start)
@@ -226,8 +209,8 @@ class OsciReset:
         self._history: list[dict[str, Any]] = []
         self._handle: Optional[_Handle] = None
 
-        root, compiled = _unwrap(model)
-        if weights is None and _is_converted(root):
+        root, compiled = unwrap_model(model)
+        if weights is None and is_converted(root):
             compiled = []  # NVFP4Linear layers keep their own recipe under any backend
         for options in compiled:
             compiled_recipe = Recipe.resolve(options.get("recipe", "nvidia"))
@@ -238,12 +221,12 @@ class OsciReset:
                 )
             skip = skip + LayerFilter.parse(options.get("skip"))
         if weights is not None:
-            layers = _named_weights(root, weights, resolved)
+            layers = named_layers(root, weights, resolved)
         else:
             linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
             names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
             warn_unmatched_patterns(skip, [normalize_fqn(n) for n in linears], "OsciReset", candidates=names)
-            layers = _discover(root, resolved, skip)
+            layers = discover_layers(root, resolved, skip)
         if not layers:
             raise ValueError(
                 f"OsciReset found no eligible weight in {type(root).__name__}: it tracks nn.Linear layers (or "
@@ -251,7 +234,7 @@ class OsciReset:
                 f"high precision by {resolved.keep_high_precision + skip.patterns + skip.callables}; pass "
                 "weights=[...] to name them"
             )
-        self._layers: dict[str, _Layer] = {layer.fqn: layer for layer in layers}
+        self._layers: dict[str, TrackedLayer] = {layer.fqn: layer for layer in layers}
 
     # ------------------------------------------------------------------ public queries
     @property
@@ -374,11 +357,11 @@ class OsciReset:
                     self._reset(step)
 
     # ------------------------------------------------------------------ the three actions
-    def _quantize(self, layer: _Layer) -> NVFP4:
+    def _quantize(self, layer: TrackedLayer) -> NVFP4:
         """``Q``'s packed quantization of the layer's current weight, as the forward computes it."""
-        return _quantize_tensor(layer.param.detach(), layer, self.autocast_dtype)
+        return quantize_weight(layer.param.detach(), layer, self.autocast_dtype)
 
-    def _dequantized(self, layer: _Layer, q: NVFP4) -> torch.Tensor:
+    def _dequantized(self, layer: TrackedLayer, q: NVFP4) -> torch.Tensor:
         """FP32 ``Q(W)`` [out, in] from its packed quantization (padding cropped).
 
         On a GPU one Triton decode (bit-identical to ``q.dequantize``; forward weight specs never rotate).
@@ -413,7 +396,7 @@ class OsciReset:
             }
             layer.q_prev = None
 
-    def _edge_score(self, layer: _Layer, q: NVFP4) -> torch.Tensor:
+    def _edge_score(self, layer: TrackedLayer, q: NVFP4) -> torch.Tensor:
         """``|W/s - Q(W)/s| / binwidth(Q(W)/s)`` per element (s = block scale x outer scale): 0 at a bin
         centre, highest next to a rounding edge (TetraJet-v2's memeff selection)."""
         rows, k = layer.param.shape
@@ -441,7 +424,7 @@ class OsciReset:
             q = self._quantize(layer)
             if not self.memory_efficient:
                 if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
-                    layer.q_prev = _quantize_tensor(state["prev"], layer, self.autocast_dtype)
+                    layer.q_prev = quantize_weight(state["prev"], layer, self.autocast_dtype)
                 deq, deq_prev = self._dequantized(layer, q), self._dequantized(layer, layer.q_prev)
                 dispatch.osci_track_update(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
                 layer.q_prev = q
@@ -587,36 +570,6 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be {what} integer, got {value!r}")
 
 
-def _forward_weight_spec(recipe: Recipe) -> QuantSpec:
-    """``recipe.fwd_w``, checked to be a deterministic quantizer without rotation."""
-    if not recipe.quantized:
-        raise ValueError(f"recipe {recipe.name!r} quantizes nothing: no weight can oscillate across an FP4 grid")
-    spec = recipe.fwd_w
-    if spec.stochastic:
-        raise ValueError(
-            f"recipe {recipe.name!r} quantizes the forward weight stochastically ({spec.short_str()}): OsciReset needs "
-            "the deterministic forward quantization Q (give the recipe an RTN fwd_w)"
-        )
-    if spec.rotation != "none":
-        raise ValueError(
-            f"recipe {recipe.name!r} rotates the forward weight ({spec.rotation}); OsciReset needs Q(W) in W's basis"
-        )
-    return spec
-
-
-def _quantize_tensor(w: torch.Tensor, layer: _Layer, autocast_dtype: Optional[torch.dtype]) -> NVFP4:
-    """The forward's quantization of weight values ``w``: autocast cast, K zero-padded, ``recipe.fwd_w``.
-
-    ``quantize`` is looked up in this module at call time (tests count the calls). ``validate=False``
-    avoids a host sync per call; a non-finite weight then gives NaN distances, which never reset it.
-    """
-    if autocast_dtype is not None:
-        w = w.to(autocast_dtype)
-    if layer.k_padded != w.shape[1]:
-        w = F.pad(w, (0, layer.k_padded - w.shape[1]))
-    return quantize(w.contiguous(), layer.spec, validate=False)
-
-
 def _dequantize_at(q: NVFP4, index: torch.Tensor, in_features: int) -> torch.Tensor:
     """FP32 dequantized values of ``q`` at flat ``index`` into the unpadded [out, in_features] tensor.
 
@@ -633,120 +586,3 @@ def _dequantize_at(q: NVFP4, index: torch.Tensor, in_features: int) -> torch.Ten
     return values * q.outer[rows, torch.div(cols, 128, rounding_mode="floor")]
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, list[dict]]:
-    """The module under ``torch.compile`` / DDP wrappers, and the nvfp4 options of the compiled wrappers found."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    compiled: list[dict] = []
-    for _ in range(16):
-        if isinstance(model, OptimizedModule):
-            options = _nvfp4_compile_options(model)
-            if options is not None:
-                compiled.append(options)
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            break
-    for module in model.modules():  # torch.compile applied to submodules
-        if isinstance(module, OptimizedModule):
-            options = _nvfp4_compile_options(module)
-            if options is not None:
-                compiled.append(options)
-    return model, compiled
-
-
-def _nvfp4_compile_options(module: nn.Module) -> Optional[dict]:
-    """The ``options`` of ``torch.compile(..., backend="nvfp4")`` that produced ``module``; None when it was
-    compiled with another backend or the options cannot be read (best effort over Dynamo internals)."""
-    try:
-        backend = module.dynamo_ctx.callback
-        for _ in range(8):
-            if getattr(backend, "compiler_name", None) == "nvfp4" and isinstance(
-                getattr(backend, "kwargs", None), dict
-            ):
-                return dict(backend.kwargs.get("options") or {})
-            inner = getattr(backend, "_torchdynamo_orig_backend", None)
-            if inner is None or inner is backend:
-                return None
-            backend = inner
-    except Exception:  # Dynamo's wrappers are internal; any change means we cannot tell
-        return None
-    return None
-
-
-def _make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> _Layer:
-    spec = _forward_weight_spec(recipe)
-    k_multiple = max(recipe.fwd_x.k_multiple, spec.k_multiple)  # the forward pads K for both operands alike
-    in_features = param.shape[1]
-    return _Layer(
-        fqn=fqn,
-        param=param,
-        spec=spec,
-        recipe=recipe.name,
-        k_padded=(in_features + k_multiple - 1) // k_multiple * k_multiple,
-    )
-
-
-def _eligible_weight(weight: Optional[torch.Tensor]) -> bool:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return False
-    return why_not_nvfp4(*weight.shape, weight.dtype) is None
-
-
-def _is_converted(root: nn.Module) -> bool:
-    """Whether the model holds ``NVFP4Linear`` layers (converted, e.g. by torchao's ``quantize_``)."""
-    from .nn import NVFP4Linear
-
-    return any(isinstance(m, NVFP4Linear) for m in root.modules())
-
-
-def _discover(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[_Layer]:
-    from .nn import NVFP4Linear
-
-    modules = list(root.named_modules())
-    converted = _is_converted(root)
-    patterns = LayerFilter(tuple(recipe.keep_high_precision)) + skip
-    layers: list[_Layer] = []
-    seen: set[int] = set()
-    for name, module in modules:
-        names = relative_names(name)
-        names += tuple(n + ".weight" for n in names)
-        if converted:  # NVFP4Linear layers are quantized whatever their name; only ``skip`` applies
-            if not isinstance(module, NVFP4Linear) or skip.match(names, normalize_fqn(name), module):
-                continue
-            layer_recipe = Recipe.named(module.recipe)
-            if not layer_recipe.quantized:
-                continue
-        else:
-            if not isinstance(module, nn.Linear) or patterns.match(names, normalize_fqn(name), module):
-                continue
-            layer_recipe = recipe
-        weight = module.weight
-        if not _eligible_weight(weight) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        fqn = normalize_fqn(name + ".weight" if name else "weight")
-        layers.append(_make_layer(fqn, weight, layer_recipe))
-    return layers
-
-
-def _named_weights(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[_Layer]:
-    if isinstance(names, str):
-        names = (names,)
-    params = {normalize_fqn(n): p for n, p in root.named_parameters()}
-    layers: list[_Layer] = []
-    seen: set[int] = set()
-    for name in names:
-        param = params.get(normalize_fqn(name))
-        if param is None:
-            raise ValueError(f"weights: the model has no parameter {name!r}")
-        if not _eligible_weight(param):
-            raise ValueError(
-                f"weights: {name!r} of shape {tuple(param.shape)} and dtype {param.dtype} is not a 2-D float weight "
-                "with dims multiples of 16"
-            )
-        if id(param) not in seen:
-            seen.add(id(param))
-            layers.append(_make_layer(normalize_fqn(name), param, recipe))
-    return layers

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp4compile
 from fp4compile import Recipe
-from fp4compile import osci_reset as osci_reset_module
+from fp4compile import osci_layers as osci_layers_module
 from fp4compile.linear_gemms import linear_forward
 from fp4compile.nn import NVFP4Linear
 from fp4compile.osci_reset import OsciReset, _dequantize_at
@@ -217,14 +217,14 @@ class _CountOps(TorchDispatchMode):
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["full", "memeff"])
 def test_steps_outside_the_schedule_do_no_work(monkeypatch, memory_efficient):
     calls = []
-    real = osci_reset_module.quantize
+    real = osci_layers_module.quantize
 
     def counting(*args, **kwargs):
         calls.append(len(steps_done))
         return real(*args, **kwargs)
 
     steps_done = []
-    monkeypatch.setattr(osci_reset_module, "quantize", counting)
+    monkeypatch.setattr(osci_layers_module, "quantize", counting)
     weight, target, _ = _problem()
     model = Toy(weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)

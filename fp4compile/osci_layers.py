@@ -1,0 +1,215 @@
+"""Which weights OsciReset tracks, and ``Q``, the forward weight quantizer it compares them with.
+
+Discovery walks the model's own modules (``named_modules()``, names without ``_orig_mod``) under the
+shared eligibility rule and skip filter (``eligibility.py``): the ``NVFP4Linear`` layers of a model
+converted by ``quantize_``, or else every eligible ``nn.Linear`` the recipe and ``skip`` do not keep
+in high precision. ``Q`` is exactly the forward's: the recipe's ``fwd_w`` on the weight zero-padded
+along ``in_features`` as the forward pads it, cast as the forward's autocast casts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .eligibility import LayerFilter, normalize_fqn, relative_names, why_not_nvfp4
+from .format import NVFP4
+from .quantize import quantize
+from .recipe import Recipe
+from .spec import QuantSpec
+
+__all__ = [
+    "TrackedLayer",
+    "discover_layers",
+    "eligible_weight",
+    "forward_weight_spec",
+    "is_converted",
+    "make_layer",
+    "named_layers",
+    "nvfp4_compile_options",
+    "quantize_weight",
+    "unwrap_model",
+]
+
+
+@dataclass
+class TrackedLayer:
+    """One tracked weight: its parameter, forward quantizer and the live window state."""
+
+    fqn: str
+    param: torch.Tensor
+    spec: QuantSpec
+    recipe: str
+    k_padded: int
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    q_prev: Optional[NVFP4] = None  # full variant: packed Q(previous weight), derivable from state["prev"]
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def in_features(self) -> int:
+        return self.param.shape[1]
+
+
+
+def forward_weight_spec(recipe: Recipe) -> QuantSpec:
+    """``recipe.fwd_w``, checked to be a deterministic quantizer without rotation."""
+    if not recipe.quantized:
+        raise ValueError(f"recipe {recipe.name!r} quantizes nothing: no weight can oscillate across an FP4 grid")
+    spec = recipe.fwd_w
+    if spec.stochastic:
+        raise ValueError(
+            f"recipe {recipe.name!r} quantizes the forward weight stochastically ({spec.short_str()}): OsciReset needs "
+            "the deterministic forward quantization Q (give the recipe an RTN fwd_w)"
+        )
+    if spec.rotation != "none":
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the forward weight ({spec.rotation}); OsciReset needs Q(W) in W's basis"
+        )
+    return spec
+
+
+
+def quantize_weight(w: torch.Tensor, layer: TrackedLayer, autocast_dtype: Optional[torch.dtype]) -> NVFP4:
+    """The forward's quantization of weight values ``w``: autocast cast, K zero-padded, ``recipe.fwd_w``.
+
+    ``quantize`` is looked up in this module at call time (tests count the calls). ``validate=False``
+    avoids a host sync per call; a non-finite weight then gives NaN distances, which never reset it.
+    """
+    if autocast_dtype is not None:
+        w = w.to(autocast_dtype)
+    if layer.k_padded != w.shape[1]:
+        w = F.pad(w, (0, layer.k_padded - w.shape[1]))
+    return quantize(w.contiguous(), layer.spec, validate=False)
+
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[dict]]:
+    """The module under ``torch.compile`` / DDP wrappers, and the nvfp4 options of the compiled wrappers found."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled: list[dict] = []
+    for _ in range(16):
+        if isinstance(model, OptimizedModule):
+            options = nvfp4_compile_options(model)
+            if options is not None:
+                compiled.append(options)
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            break
+    for module in model.modules():  # torch.compile applied to submodules
+        if isinstance(module, OptimizedModule):
+            options = nvfp4_compile_options(module)
+            if options is not None:
+                compiled.append(options)
+    return model, compiled
+
+
+
+def nvfp4_compile_options(module: nn.Module) -> Optional[dict]:
+    """The ``options`` of ``torch.compile(..., backend="nvfp4")`` that produced ``module``; None when it was
+    compiled with another backend or the options cannot be read (best effort over Dynamo internals)."""
+    try:
+        backend = module.dynamo_ctx.callback
+        for _ in range(8):
+            if getattr(backend, "compiler_name", None) == "nvfp4" and isinstance(
+                getattr(backend, "kwargs", None), dict
+            ):
+                return dict(backend.kwargs.get("options") or {})
+            inner = getattr(backend, "_torchdynamo_orig_backend", None)
+            if inner is None or inner is backend:
+                return None
+            backend = inner
+    except Exception:  # Dynamo's wrappers are internal; any change means we cannot tell
+        return None
+    return None
+
+
+
+def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> TrackedLayer:
+    spec = forward_weight_spec(recipe)
+    k_multiple = max(recipe.fwd_x.k_multiple, spec.k_multiple)  # the forward pads K for both operands alike
+    in_features = param.shape[1]
+    return TrackedLayer(
+        fqn=fqn,
+        param=param,
+        spec=spec,
+        recipe=recipe.name,
+        k_padded=(in_features + k_multiple - 1) // k_multiple * k_multiple,
+    )
+
+
+
+def eligible_weight(weight: Optional[torch.Tensor]) -> bool:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    return why_not_nvfp4(*weight.shape, weight.dtype) is None
+
+
+
+def is_converted(root: nn.Module) -> bool:
+    """Whether the model holds ``NVFP4Linear`` layers (converted, e.g. by torchao's ``quantize_``)."""
+    from .nn import NVFP4Linear
+
+    return any(isinstance(m, NVFP4Linear) for m in root.modules())
+
+
+
+def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[TrackedLayer]:
+    from .nn import NVFP4Linear
+
+    modules = list(root.named_modules())
+    converted = is_converted(root)
+    patterns = LayerFilter(tuple(recipe.keep_high_precision)) + skip
+    layers: list[TrackedLayer] = []
+    seen: set[int] = set()
+    for name, module in modules:
+        names = relative_names(name)
+        names += tuple(n + ".weight" for n in names)
+        if converted:  # NVFP4Linear layers are quantized whatever their name; only ``skip`` applies
+            if not isinstance(module, NVFP4Linear) or skip.match(names, normalize_fqn(name), module):
+                continue
+            layer_recipe = Recipe.named(module.recipe)
+            if not layer_recipe.quantized:
+                continue
+        else:
+            if not isinstance(module, nn.Linear) or patterns.match(names, normalize_fqn(name), module):
+                continue
+            layer_recipe = recipe
+        weight = module.weight
+        if not eligible_weight(weight) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        fqn = normalize_fqn(name + ".weight" if name else "weight")
+        layers.append(make_layer(fqn, weight, layer_recipe))
+    return layers
+
+
+
+def named_layers(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[TrackedLayer]:
+    if isinstance(names, str):
+        names = (names,)
+    params = {normalize_fqn(n): p for n, p in root.named_parameters()}
+    layers: list[TrackedLayer] = []
+    seen: set[int] = set()
+    for name in names:
+        param = params.get(normalize_fqn(name))
+        if param is None:
+            raise ValueError(f"weights: the model has no parameter {name!r}")
+        if not eligible_weight(param):
+            raise ValueError(
+                f"weights: {name!r} of shape {tuple(param.shape)} and dtype {param.dtype} is not a 2-D float weight "
+                "with dims multiples of 16"
+            )
+        if id(param) not in seen:
+            seen.add(id(param))
+            layers.append(make_layer(normalize_fqn(name), param, recipe))
+    return layers
