@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .format import NVFP4
+from .format import NVFP4, dge_derivative, scaled_values
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .quantize import draw_seed, draw_signs
 from .recipe import Recipe
@@ -137,6 +137,18 @@ def linear_forward(
     return (y, saved_x.codes, saved_x.scales.view(torch.uint8), saved_x.outer, *w_saved, signs)
 
 
+def _dge_multiplier(weight: torch.Tensor, recipe: Recipe, w_q: Optional[NVFP4]) -> torch.Tensor:
+    """``dge_derivative`` of ``weight`` in E2M1 units of its forward quantization (``w_q`` when the forward saved
+    it, else quantized again: the forward weight quantizer is deterministic), FP32 [out, in]."""
+    out_features, in_features = weight.shape
+    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
+    w_p = _pad_cols(weight, in_p)
+    if w_q is None:
+        w_q = dispatch.quantize(w_p, recipe.fwd_w, None, None)
+    v = scaled_values(w_p, w_q)[:, :in_features]
+    return dge_derivative(v, recipe.dge_k, recipe.dge_cap)
+
+
 def linear_backward(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -183,7 +195,12 @@ def linear_backward(
     else:
         q_xt = operand_of(_restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
     q_dyt = _quantize_operand(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
-    dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=weight.dtype)
+    if recipe.dge:
+        dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
+        w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
+        dw = (dw * _dge_multiplier(weight, recipe, w_q)).to(weight.dtype)
+    else:
+        dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=weight.dtype)
 
     db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db
