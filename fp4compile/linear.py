@@ -93,5 +93,5 @@ def nvfp4_linear(
     from . import ops  # noqa: F401  (registers the fp4compile:: ops on first use)
 
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.fp4compile.linear(x2, weight, bias, recipe.name)[0]
+    y = ops.linear(x2, weight, bias, recipe.name)[0]
     return y.view(*x.shape[:-1], weight.shape[0])

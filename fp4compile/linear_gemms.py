@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import dispatch
 from .format import NVFP4, dge_derivative, scaled_values
 from .gemm import Operand, nvfp4_gemm, operand_of
+from .outliers import clamp_outliers, compensation, dense_residual, residual_count, residual_weight_grad
 from .quantize import draw_seed, draw_signs
 from .recipe import Recipe
 from .spec import QuantSpec
@@ -43,7 +44,8 @@ def _k_multiple(*specs: QuantSpec) -> int:
 
 
 class SavedShapes(NamedTuple):
-    """Shapes of the tensors the forward saves: (codes, scale bytes, outer) of X and of W, and the signs."""
+    """Shapes of the tensors the forward saves: (codes, scale bytes, outer) of X and of W, the signs, and the
+    OCC residual's (index, value) pairs."""
 
     x_codes: tuple
     x_scales: tuple
@@ -52,6 +54,8 @@ class SavedShapes(NamedTuple):
     w_scales: tuple
     w_outer: tuple
     signs: tuple
+    residual_index: tuple
+    residual_value: tuple
 
 
 def _quant_shapes(rows, k, spec: QuantSpec) -> tuple[tuple, tuple, tuple]:
@@ -72,7 +76,13 @@ def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) ->
         w = ((0,), (0,), (0,))
     rotated_x_t = recipe.wgrad_x_source == "hp" and recipe.wgrad_x.random_signs
     signs = (recipe.wgrad_x.rotation_size,) if rotated_x_t else (0,)
-    return SavedShapes(*x, *w, signs)
+    residual = ((0,), (0,))
+    if recipe.occ is not None and recipe.occ.compensates:
+        token = recipe.occ.granularity == "token"
+        rows, n = (tokens, in_features) if token else (1, tokens * in_features)
+        below, above = residual_count(n, recipe.occ.alpha)
+        residual = ((rows, below + above), (rows, below + above))
+    return SavedShapes(*x, *w, signs, *residual)
 
 
 def _saves_weight(recipe: Recipe) -> bool:
@@ -108,17 +118,30 @@ def linear_forward(
 ) -> tuple[torch.Tensor, ...]:
     """``y = x @ weight^T + bias`` with the recipe's forward quantizers, and the tensors saved for backward.
 
-    Returns ``(y, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs)`` with the shapes of
-    :func:`saved_shapes` (empty tensors for what the recipe does not save).
+    Returns ``(y, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, residual_index,
+    residual_value)`` with the shapes of :func:`saved_shapes` (empty tensors for what the recipe does
+    not save). With ``recipe.occ`` X is clamped first, and every X operand is the clamped one.
     """
     tokens, in_features = x.shape
-    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
-    qx = _quantize_operand(_pad_cols(x, in_p), recipe.fwd_x, None)
-    qw = _quantize_operand(_pad_cols(weight, in_p), recipe.fwd_w, None)
-    y = nvfp4_gemm(qx, qw, bias, out_dtype=x.dtype)
 
     def empty(dtype: torch.dtype) -> torch.Tensor:  # a fresh one each time: op outputs must not alias
         return torch.empty(0, dtype=dtype, device=x.device)
+
+    residual = (empty(torch.int64), empty(torch.float32))
+    occ = recipe.occ
+    if occ is not None:
+        x, index, value = clamp_outliers(x, occ)
+        if occ.compensates:
+            residual = (index, value)
+    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
+    qx = _quantize_operand(_pad_cols(x, in_p), recipe.fwd_x, None)
+    qw = _quantize_operand(_pad_cols(weight, in_p), recipe.fwd_w, None)
+    if occ is not None and occ.compensates:
+        y = nvfp4_gemm(qx, qw, None, out_dtype=torch.float32)
+        y = y + compensation(dense_residual(x.shape, *residual, occ), weight, occ.residual)
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
+    else:
+        y = nvfp4_gemm(qx, qw, bias, out_dtype=x.dtype)
 
     signs = empty(torch.float32)
     if recipe.wgrad_x_source == "forward":
@@ -134,7 +157,7 @@ def linear_forward(
     else:
         w_saved = (empty(torch.uint8), empty(torch.uint8), empty(torch.float32))
     # E4M3 scales travel as their uint8 bit patterns: integer outputs are plainly non-differentiable.
-    return (y, saved_x.codes, saved_x.scales.view(torch.uint8), saved_x.outer, *w_saved, signs)
+    return (y, saved_x.codes, saved_x.scales.view(torch.uint8), saved_x.outer, *w_saved, signs, *residual)
 
 
 def _dge_multiplier(weight: torch.Tensor, recipe: Recipe, w_q: Optional[NVFP4]) -> torch.Tensor:
@@ -160,7 +183,7 @@ def linear_backward(
 
     ``dbias`` is an empty tensor when ``has_bias`` is False.
     """
-    x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, saved_signs = saved
+    x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, saved_signs, residual_index, residual_value = saved
     tokens, out_features = dy.shape
     in_features = weight.shape[1]
     device = dy.device
@@ -195,10 +218,16 @@ def linear_backward(
     else:
         q_xt = operand_of(_restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
     q_dyt = _quantize_operand(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
-    if recipe.dge:
+    compensated = recipe.occ is not None and recipe.occ.compensates
+    if recipe.dge or compensated:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
-        w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
-        dw = (dw * _dge_multiplier(weight, recipe, w_q)).to(weight.dtype)
+        if compensated:  # the compensation's own weight gradient, dY^T R
+            r = dense_residual(torch.Size((tokens, in_features)), residual_index, residual_value, recipe.occ)
+            dw = dw + residual_weight_grad(dy, r, recipe.occ.residual)
+        if recipe.dge:
+            w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
+            dw = dw * _dge_multiplier(weight, recipe, w_q)
+        dw = dw.to(weight.dtype)
     else:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=weight.dtype)
 

@@ -1,9 +1,11 @@
 """torch.library ops of the quantized linear layer (namespace ``fp4compile``), with fake kernels and autograd.
 
-- ``fp4compile::linear(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
+- ``fp4compile::linear_v2(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
   quantized tensors the backward needs (see ``linear_gemms.py``), returned as outputs so that
   AOTAutograd saves exactly them (never a high-precision copy of x).
-- ``fp4compile::linear_backward(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+- ``fp4compile::linear_backward_v2(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+
+(``_v2``: :data:`SCHEMA_VERSION`.)
 
 The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this
 module registers the ops; ``import fp4compile`` alone does not import it.
@@ -19,16 +21,25 @@ from torch import Tensor
 from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
 
-__all__ = ["linear", "linear_backward_op"]
+__all__ = ["SCHEMA_VERSION", "linear", "linear_backward_op"]
 
-# (codes, E4M3 scale bytes, outer) of X and of W, then the rotation signs.
-_SAVED_DTYPES = (torch.uint8, torch.uint8, torch.float32, torch.uint8, torch.uint8, torch.float32, torch.float32)
+# (codes, E4M3 scale bytes, outer) of X and of W, the rotation signs, then the OCC residual's (index, value).
+_SAVED_DTYPES = (
+    torch.uint8, torch.uint8, torch.float32, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.int64,
+    torch.float32,
+)  # fmt: skip
 
 
-@torch.library.custom_op("fp4compile::linear", mutates_args=())
+#: Part of the op names, bumped whenever an op's schema changes: Inductor's and AOTAutograd's on-disk caches
+#: key a graph on the names of the ops it calls, not on their schemas, so a graph compiled against an older
+#: schema would call the changed op with its old arguments.
+SCHEMA_VERSION = 2
+
+
+@torch.library.custom_op(f"fp4compile::linear_v{SCHEMA_VERSION}", mutates_args=())
 def linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Quantized ``x @ weight^T + bias`` for 2-D x, and the tensors saved for the backward."""
     with torch.autocast(x.device.type, enabled=False):  # exact numerics: no op inside may be autocast
         return linear_forward(x, weight, bias, Recipe.named(recipe))
@@ -41,7 +52,7 @@ def _linear_fake(x, weight, bias, recipe):
     return (y, *(x.new_empty(s, dtype=d) for s, d in zip(shapes, _SAVED_DTYPES)))
 
 
-@torch.library.custom_op("fp4compile::linear_backward", mutates_args=())
+@torch.library.custom_op(f"fp4compile::linear_backward_v{SCHEMA_VERSION}", mutates_args=())
 def linear_backward_op(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -52,17 +63,20 @@ def linear_backward_op(
     w_scales: torch.Tensor,
     w_outer: torch.Tensor,
     signs: torch.Tensor,
+    residual_index: torch.Tensor,
+    residual_value: torch.Tensor,
     recipe: str,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::linear`` (dbias empty without bias)."""
-    saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs)
+    saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, residual_index, residual_value)
     with torch.autocast(dy.device.type, enabled=False):
         return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
 
 
 @linear_backward_op.register_fake
-def _linear_backward_fake(dy, weight, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, recipe, has_bias):
+def _linear_backward_fake(dy, weight, *saved_and_flags):
+    has_bias = saved_and_flags[-1]
     db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
     return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db  # contiguous, as computed
 

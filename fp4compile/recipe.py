@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .eligibility import LayerFilter
+from .outliers import OutlierClamping
 from .spec import QuantSpec
 
 __all__ = ["Recipe", "SLOTS", "markdown_table"]
@@ -54,6 +55,8 @@ class Recipe:
             weight in E2M1 units of its forward quantization, recomputed from W in the backward.
             Under SGD its mean multiplier (~0.59 at k = 5) also lowers the effective learning rate.
         dge_k, dge_cap: the estimator's sharpness and cap (the paper's 5 and 3.0).
+        occ: Wang et al.'s outlier clamping and compensation of the activations
+            (:class:`~fp4compile.outliers.OutlierClamping`), or None.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Recipe:
     dge: bool = False
     dge_k: float = 5.0
     dge_cap: float = 3.0
+    occ: Optional[OutlierClamping] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,10 +95,12 @@ class Recipe:
         for field, value in (("dge_k", self.dge_k), ("dge_cap", self.dge_cap)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"Recipe.{field} must be a positive finite number, got {value!r}")
+        if self.occ is not None and not isinstance(self.occ, OutlierClamping):
+            raise TypeError(f"Recipe.occ must be an OutlierClamping or None, got {type(self.occ).__name__}")
         if not self.quantized:
-            if self.dge:
+            if self.dge or self.occ is not None:
                 raise ValueError(
-                    f"recipe {self.name!r}: dge=True needs quantized weights (give every slot a QuantSpec)"
+                    f"recipe {self.name!r}: dge and occ need quantized operands (give every slot a QuantSpec)"
                 )
             return
         for gemm, (a, b) in {"fwd": ("fwd.x", "fwd.w"), "dgrad": ("dgrad.dy", "dgrad.w"),

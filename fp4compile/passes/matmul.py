@@ -49,7 +49,7 @@ _CAST_METHODS = ("to", "type", "contiguous", "bfloat16", "half", "float")
 _MODULE_PATH_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])*\.?")
 #: Label of the already-quantized linear op in records.
 ALREADY_NVFP4_OP = "fp4compile.linear"
-_LINEAR_OP = "fp4compile::linear"
+_LINEAR_OP = re.compile(r"fp4compile::linear(?:_v\d+)?")  # the op's name carries its schema version
 
 
 # ----------------------------------------------------------------------------- names
@@ -175,7 +175,7 @@ def _nvfp4_op_recipe(node: fx.Node) -> Optional[str]:
         name = target._qualified_op_name
     else:
         return None
-    if name != _LINEAR_OP:
+    if not _LINEAR_OP.fullmatch(name):
         return None
     recipe = node.args[3] if len(node.args) > 3 else node.kwargs.get("recipe")
     return str(recipe)
