@@ -5,7 +5,8 @@ Public API:
 - :class:`QuantSpec`: how one GEMM operand is quantized (``QuantSpec.named("ms_eden")``).
 - :func:`quantize`: quantize a 2-D tensor along its last dim, returning :class:`NVFP4`.
 - :class:`NVFP4`: packed E2M1 codes, E4M3 block scales, FP32 outer scales, ``dequantize()``.
-- :class:`Recipe`: the six operand quantizations of a linear layer (``Recipe.named("nvidia")``).
+- :class:`Recipe`: the six operand quantizations of a linear layer (``Recipe.named("nvidia")``), with
+  Wang et al.'s options ``dge=True`` and ``occ=OutlierClamping(...)``.
 - :func:`nvfp4_linear`: ``F.linear`` with NVFP4 forward and backward GEMMs.
 - :func:`explain`: which matmuls of a model ``backend="nvfp4"`` rewrites, and the rewritten graphs.
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
@@ -30,6 +31,7 @@ from .explain import explain
 from .format import NVFP4
 from .linear import nvfp4_linear
 from .osci_reset import OsciReset
+from .outliers import OutlierClamping
 from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
@@ -40,6 +42,7 @@ __all__ = [
     "NVFP4",
     "NVFP4Linear",
     "OsciReset",
+    "OutlierClamping",
     "QuantSpec",
     "Recipe",
     "explain",
