@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from testing import requires_gpu
 
 import fp4compile
 from fp4compile.format import dge_derivative, e2m1_rne, quantize_reference, scaled_values, unpack_nibbles
@@ -117,3 +118,16 @@ def test_dge_recipe_options_are_checked():
         dataclasses.replace(Recipe.named("naive"), name="bad_dge_k", dge=True, dge_k=0)
     with pytest.raises(TypeError, match="dge must be True or False"):
         dataclasses.replace(Recipe.named("naive"), name="bad_dge", dge=1)
+
+
+@requires_gpu
+def test_gpu_dge_equals_the_cpu_spec():
+    recipe = dataclasses.replace(Recipe.named("nvidia"), name="nvidia_dge_gpu_test", dge=True).register()
+    x, w, b = torch.randn(256, 512), torch.randn(256, 512) / 16, torch.randn(256)
+    q_gpu = fp4compile.quantize(w.cuda(), recipe.fwd_w)
+    mult_gpu = dge_derivative(scaled_values(w.cuda(), q_gpu))
+    mult_cpu = dge_derivative(scaled_values(w, fp4compile.quantize(w, recipe.fwd_w)))
+    assert torch.equal(mult_gpu.cpu(), mult_cpu)  # the Triton quantize kernel's scales are the spec's bits
+    _, dw, _ = _grads(x.cuda(), w.cuda(), b.cuda(), "nvidia")
+    _, dw_dge, _ = _grads(x.cuda(), w.cuda(), b.cuda(), recipe)
+    assert torch.equal(dw_dge, dw * mult_gpu)

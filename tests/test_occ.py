@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from testing import requires_gpu
 
 from fp4compile.linear import nvfp4_linear
 from fp4compile.outliers import OutlierClamping, clamp_outliers, dense_residual, residual_count
@@ -60,7 +61,7 @@ def _grads(x, w, b, recipe, seed=0):
     x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
     torch.manual_seed(seed)
     y = nvfp4_linear(x, w, b, recipe)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
     y.backward(dy)
     return y.detach(), x.grad, w.grad, b.grad, dy
 
@@ -120,3 +121,18 @@ def test_occ_through_the_backend_equals_eager():
     for g, want in zip(got, [p.grad for p in model.parameters()]):
         assert torch.equal(g, want)
     torch._dynamo.reset()
+
+
+@requires_gpu
+@pytest.mark.parametrize("residual", ["bf16", "fp8"])
+def test_gpu_occ_matches_the_cpu_path(residual):
+    recipe = _occ_recipe("naive", residual=residual)
+    x, w, b = _heavy_tailed(256, 512), torch.randn(256, 512) / 16, torch.randn(256)
+    clamped, index, value = clamp_outliers(x.cuda(), recipe.occ)
+    want_clamped, _, want_value = clamp_outliers(x, recipe.occ)
+    assert torch.equal(clamped.cpu(), want_clamped)
+    assert torch.equal(value.sort(dim=1).values.cpu(), want_value.sort(dim=1).values)
+    y, dx, dw, db, _ = _grads(x.cuda(), w.cuda(), b.cuda(), recipe)
+    y_cpu, dx_cpu, dw_cpu, db_cpu, _ = _grads(x, w, b, recipe)
+    for got, want in ((y, y_cpu), (dx, dx_cpu), (dw, dw_cpu), (db, db_cpu)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)  # fp16 tensor cores vs FP32: sum order
