@@ -15,8 +15,9 @@ import argparse
 
 import torch
 
-from benchmarks.utils import environment, format_table, markdown_table, median_ms, write_json
+from benchmarks.utils import environment_line, gpu_environment, write_json
 from fp4compile import quantize
+from fp4compile.demo.report import format_table, markdown_table, median_ms
 from fp4compile.format import gemm_operand
 from fp4compile.kernels.gemm import gemm_triton
 
@@ -34,10 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out", help="directory for bench_gemm.json / .md")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gemm needs a CUDA GPU")
-    env = environment()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    env = gpu_environment("bench_gemm")
     rows, records = [], []
     for d_in, d_out in SHAPES:
         for role, (m, n, k) in [("fwd", (TOKENS, d_out, d_in)), ("dgrad", (TOKENS, d_in, d_out)),
@@ -62,7 +60,7 @@ def main() -> None:
     print(format_table(header, rows))
     write_json(f"{args.out}/bench_gemm.json", dict(env=env, tokens=TOKENS, results=records))
     with open(f"{args.out}/bench_gemm.md", "w") as f:
-        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}\n\n")
+        f.write(f"{environment_line(env)}\n\n")
         f.write(markdown_table(header, rows) + "\n")
 
 

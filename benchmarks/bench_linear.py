@@ -8,17 +8,16 @@ NVFP4 quantize-dequantize of all six GEMM operands (RTN, per-tensor scale) aroun
 matmuls, under ``torch.compile``. The GEMM stage compares the Triton NVFP4 GEMM (exact
 fp16 operands, FP32 accumulation, outer scales in the epilogue) with bf16 ``torch.mm``.
 "Saved B/el" is the bytes autograd keeps for backward per element of x (weights excluded).
-The measuring code is ``fp4compile.bench`` (also run by ``fp4compile bench``).
+The measuring code is ``fp4compile.demo.bench`` (also run by ``fp4compile bench``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
-from benchmarks.utils import environment, format_table, markdown_table, write_json
-from fp4compile.bench import HEADER, RECIPES, TOKENS, run_linear_bench
+from benchmarks.utils import environment_line, gpu_environment, write_json
+from fp4compile.demo.bench import HEADER, RECIPES, TOKENS, run_linear_bench
+from fp4compile.demo.report import format_table, markdown_table
 
 
 def main() -> None:
@@ -27,17 +26,14 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
     parser.add_argument("--no-baseline", action="store_true", help="skip the compiled fake-quant baseline")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_linear needs a CUDA GPU")
-    env = environment()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    env = gpu_environment("bench_linear")
     rows, records = run_linear_bench(
         args.recipes.split(","), baseline=not args.no_baseline, on_row=lambda row: print(row, flush=True)
     )
     print(format_table(HEADER, rows))
     write_json(f"{args.out}/bench_linear.json", dict(env=env, tokens=TOKENS, results=records))
     with open(f"{args.out}/bench_linear.md", "w") as f:
-        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; ")
+        f.write(f"{environment_line(env)}; ")
         f.write(f"tokens {TOKENS}, bf16\n\n{markdown_table(HEADER, rows)}\n")
 
 

@@ -2,7 +2,7 @@
 
 Run on a GPU:  python -m benchmarks.bench_osci_reset [--out DIR] [--recipe tetrajet_v2] [--mode reduce-overhead]
 
-Model: ``fp4compile.gpt.GPT`` at GPT-2 small's body (12 layers, d_model 768, 12 heads, sequence
+Model: ``fp4compile.demo.gpt.GPT`` at GPT-2 small's body (12 layers, d_model 768, 12 heads, sequence
 1024; byte vocabulary, so 85M of its 86M parameters are the 48 quantized linear weights), FP32
 master weights, bf16 autocast, fused AdamW, batch 8, compiled with ``backend="nvfp4"``. One
 compiled model serves every variant. After warm-up, each variant (full, memory-efficient at 10 %)
@@ -23,9 +23,10 @@ import statistics
 
 import torch
 
-from benchmarks.utils import environment, format_table, markdown_table, write_json
+from benchmarks.utils import environment_line, gpu_environment, write_json
 from fp4compile import OsciReset
-from fp4compile.gpt import GPT, GPTConfig
+from fp4compile.demo.gpt import GPT, GPTConfig
+from fp4compile.demo.report import format_table, markdown_table
 
 BATCH = 8
 SEQ = 1024
@@ -49,10 +50,7 @@ def main() -> None:
     parser.add_argument("--mode", default="reduce-overhead", help="Inductor mode of the compiled model")
     parser.add_argument("--warmup", type=int, default=6)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_osci_reset needs a CUDA GPU")
-    env = environment()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}", flush=True)
+    env = gpu_environment("bench_osci_reset")
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(seq_len=SEQ, d_model=768, n_layers=12, n_heads=12)).cuda()
@@ -115,7 +113,7 @@ def main() -> None:
                    results=records)  # fmt: skip
     write_json(f"{args.out}/bench_osci_reset.json", payload)
     with open(f"{args.out}/bench_osci_reset.md", "w") as f:
-        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}; recipe {args.recipe}, "
+        f.write(f"{environment_line(env)}; recipe {args.recipe}, "
                 f"mode {args.mode}, batch {BATCH} x {SEQ}, step {step_ms:.2f} ms\n\n{markdown_table(header, rows)}\n")
 
 

@@ -19,8 +19,9 @@ import argparse
 
 import torch
 
-from benchmarks.utils import copy_bandwidth_gbs, environment, format_table, markdown_table, median_ms, write_json
+from benchmarks.utils import copy_bandwidth_gbs, environment_line, gpu_environment, write_json
 from fp4compile import QuantSpec, quantize
+from fp4compile.demo.report import format_table, markdown_table, median_ms
 from fp4compile.kernels.quantize import quantize_triton
 from fp4compile.quantize import draw_seed, draw_signs
 
@@ -65,12 +66,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep tile rows and warps per quantizer")
     parser.add_argument("--names", default=",".join(QuantSpec.names()), help="comma-separated quantizer names")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_quantize needs a CUDA GPU")
-
-    env = environment()
+    env = gpu_environment("bench_quantize")
     copy = copy_bandwidth_gbs()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)")
     rows, records = [], []
     for m, k in SHAPES:
@@ -125,7 +122,7 @@ def main() -> None:
     header += ["traffic GB/s", "floor %"]
     print(format_table(header, rows))
     with open(f"{args.out}/bench_quantize.md", "w") as f:
-        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; ")
+        f.write(f"{environment_line(env)}; ")
         f.write(f"copy bandwidth {copy:.0f} GB/s (read + write)\n\n{markdown_table(header, rows)}\n")
 
 

@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from benchmarks.utils import environment, format_table, markdown_table, write_json
+from benchmarks.utils import environment_line, gpu_environment, write_json
+from fp4compile.demo.report import format_table, markdown_table
 
 SEQ = 1024
 
@@ -77,10 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--mode", default="default", help="torch.compile mode for every variant (e.g. reduce-overhead)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_train_step needs a CUDA GPU")
-    env = environment()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  {env['date']}", flush=True)
+    env = gpu_environment("bench_train_step")
     records = []
     for recipe in ["bf16", *args.recipes.split(",")]:
         records.append(_measure(recipe, args.batch, warmup=5, steps=args.steps, mode=args.mode))
@@ -99,7 +97,7 @@ def main() -> None:
     stem = "bench_train_step" if args.mode == "default" else f"bench_train_step_{args.mode}"
     write_json(f"{args.out}/{stem}.json", dict(env=env, seq=SEQ, batch=args.batch, mode=args.mode, results=records))
     with open(f"{args.out}/{stem}.md", "w") as f:
-        f.write(f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; ")
+        f.write(f"{environment_line(env)}; ")
         f.write(f"GPT-2 small ({base['params'] / 1e6:.0f}M params), batch {args.batch} x {SEQ} tokens, ")
         f.write(f"mode {args.mode}\n\n")
         f.write(markdown_table(header, rows) + "\n")

@@ -2,7 +2,7 @@
 
 Run on a GPU:  python -m benchmarks.profile_osci_reset
 
-Weights of ``fp4compile.gpt.GPT`` (12 layers, d_model 768) on the GPU, nudged by small noise before each
+Weights of ``fp4compile.demo.gpt.GPT`` (12 layers, d_model 768) on the GPU, nudged by small noise before each
 step in place of an optimizer; prints the wall time of the first steps (snapshot, then tracked steps)
 and ``torch.profiler``'s table (by CUDA time and by host time) of one tracked step.
 """
@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fp4compile import OsciReset
-from fp4compile.gpt import GPT, GPTConfig
+from fp4compile.demo.gpt import GPT, GPTConfig
 
 
 def main() -> None:

@@ -1,41 +1,37 @@
-"""Shared benchmark helpers: environment record, copy-bandwidth ceiling, timing with rotated inputs."""
+"""Benchmark helpers: the environment line, copy-bandwidth ceiling, JSON output, wall time with a profile.
+
+The environment record, the tables and the median timer are the demo application's
+(:mod:`fp4compile.demo.report`, also used by ``fp4compile bench`` and ``fp4compile train``); the benchmarks
+import them from there.
+"""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-import triton
-from triton.testing import do_bench
 
-__all__ = ["environment", "copy_bandwidth_gbs", "median_ms", "write_json", "format_table", "markdown_table"]
+from fp4compile.demo.report import environment, median_ms
 
-
-def environment() -> dict:
-    """GPU name, library versions and the date, for the results record."""
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
+__all__ = ["copy_bandwidth_gbs", "environment_line", "gpu_environment", "wall_and_profile", "write_json"]
 
 
-def median_ms(fn: Callable[[int], object], n_inputs: int = 1, warmup_ms: int = 25, rep_ms: int = 200) -> float:
-    """Median time of ``fn(i)`` in ms; ``i`` cycles over ``n_inputs`` input sets so none stays in L2."""
-    counter = iter(range(10**9))
+def environment_line(env: dict) -> str:
+    """``GPU, torch X, Triton Y, CUDA Z, date``: the first line of a benchmark's output and of its ``.md`` table, from
+    :func:`fp4compile.demo.report.environment`'s record."""
+    return f"{env['device_name']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}"
 
-    def call() -> None:
-        fn(next(counter) % n_inputs)
 
-    return do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+def gpu_environment(script: str) -> dict:
+    """Exit with ``SCRIPT needs a CUDA GPU`` without one; else print :func:`environment_line` and return the record."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    env = environment("cuda")
+    print(environment_line(env), flush=True)
+    return env
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**31) -> float:
@@ -51,22 +47,6 @@ def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with right-aligned columns."""
-    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-markdown table (for pasting into RESULTS.md unchanged)."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def wall_and_profile(

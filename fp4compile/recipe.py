@@ -190,9 +190,9 @@ class Recipe:
 
 
 def markdown_table(recipes: Optional[tuple[str, ...]] = None) -> str:
-    """The recipe table (one row per recipe, one column per slot) as GitHub markdown."""
+    """The recipe table (one row per recipe, one column per slot; default: the presets) as GitHub markdown."""
     rows = ["| recipe | " + " | ".join(SLOTS) + " | backward signs |", "|---" * (len(SLOTS) + 2) + "|"]
-    for name in recipes or Recipe.names():
+    for name in recipes or tuple(r.name for r in _PRESETS):  # the presets, not recipes registered since
         r = Recipe.named(name)
         signs = "one per backward" if r.share_backward_signs else "one per GEMM"
         if not any(r.spec(s) is not None and r.spec(s).random_signs for s in SLOTS):

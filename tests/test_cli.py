@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fp4compile.cli import main
-from fp4compile.quantizer_report import make_data, quantizer_stats, relative_quadratic_error
+from fp4compile.demo.cli import main
+from fp4compile.demo.quantizer_report import make_data, quantizer_stats, relative_quadratic_error
 
 
 def _table_rows(out: str) -> dict[tuple[str, str], list[float]]:
@@ -80,11 +80,65 @@ def test_quantizer_stats_of_a_deterministic_spec_do_not_depend_on_draws():
 
 def test_an_unexplained_error_keeps_its_traceback(monkeypatch):
     # Only expected failures (bad flags, I/O) become one-line errors; a bug inside the work is not swallowed.
-    import fp4compile.quantizer_report
+    import fp4compile.demo.quantizer_report
 
     def buggy(*args, **kwargs):
         raise ValueError("a bug, not a bad flag")
 
-    monkeypatch.setattr(fp4compile.quantizer_report, "quantizer_stats", buggy)
+    monkeypatch.setattr(fp4compile.demo.quantizer_report, "quantizer_stats", buggy)
     with pytest.raises(ValueError, match="a bug, not a bad flag"):
         main(["quantizers", "--rows", "4", "--cols", "128", "--draws", "1", "--names", "rtn"])
+
+
+def test_format_table_pads_each_column_to_its_widest_cell():
+    from fp4compile.demo.report import format_table
+
+    assert format_table(["a", "bbb"], [["xx", 1], ["y", 22.5]]).splitlines() == [
+        " a   bbb",
+        "--  ----",
+        "xx     1",
+        " y  22.5",
+    ]
+    assert format_table(["a", "b"], [["xx", "y"]], align="<>") == "a   b\n--  -\nxx  y"
+
+
+def test_format_table_with_fixed_widths_and_no_separator_is_the_quantizers_layout():
+    from fp4compile.demo.report import format_row, format_table
+
+    layout = dict(widths=(6, 4), align="<>", sep="")
+    assert format_table(["name", "x"], [], **layout) == "name     x\n----------"
+    assert format_row(["rtn", "1.5"], **layout) == "rtn    1.5"
+    assert format_row(["longer_name", "1"], **layout) == "longer_name   1"  # a longer cell is not cut
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        format_row(["a", "b"], (1, 1, 1))
+    with pytest.raises(ValueError, match="align must be"):
+        format_row(["a", "b"], (1, 1), align="<^")
+    with pytest.raises(ValueError, match="for 2 columns"):
+        format_table(["a", "b"], [["only one"]])
+
+
+def test_markdown_table():
+    from fp4compile.demo.report import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+def test_median_ms_cycles_over_the_inputs():
+    from fp4compile.demo.report import median_ms
+
+    seen = []
+    ms = median_ms(seen.append, n_inputs=3, warmup_ms=1, rep_ms=5)
+    assert ms >= 0 and seen[:4] == [0, 1, 2, 0] and set(seen) == {0, 1, 2}
+    with pytest.raises(ValueError, match="n_inputs must be at least 1"):
+        median_ms(seen.append, n_inputs=0)
+
+
+def test_environment_names_the_libraries_and_the_device():
+    import fp4compile
+    from fp4compile.demo.report import environment
+
+    env = environment("cpu")
+    assert env["torch"] == torch.__version__ and env["fp4compile"] == fp4compile.__version__
+    assert env["device"] == "cpu" and env["device_name"] and env["threads"] == torch.get_num_threads()
+    assert set(env) == {"torch", "triton", "fp4compile", "python", "device", "device_name", "cuda", "threads", "date"}
+    assert environment()["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

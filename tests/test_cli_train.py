@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 
-from fp4compile import plot, train
-from fp4compile.cli import main
-from fp4compile.corpus import load_corpus, train_batch, val_batches
-from fp4compile.plot import moving_average, plot_results
+from fp4compile.demo import plot, train
+from fp4compile.demo.cli import main
+from fp4compile.demo.corpus import load_corpus, train_batch, val_batches
+from fp4compile.demo.plot import moving_average, plot_results
 from fp4compile.recipe import Recipe
 
 # A tiny model and run: seconds per recipe on a CPU.
@@ -232,9 +232,46 @@ def test_osci_reset_bad_flags_give_a_one_line_error(capsys, flags, message):
     assert line.startswith("fp4compile train: error:") and message in line
 
 
+def test_train_config_checks_what_it_feeds_in_the_flags_words():
+    # The CLI prints these as they are (test_train_bad_flags_give_a_one_line_error and the osci test above).
+    with pytest.raises(ValueError, match=r"^--d-model must be a multiple of 16 \(the NVFP4 block size\), got 40$"):
+        train.TrainConfig(d_model=40).resolved()  # GPTConfig's rule
+    with pytest.raises(ValueError, match=r"^--d-model \(48\) must be a multiple of --heads \(5\)$"):
+        train.TrainConfig(d_model=48, heads=5).resolved()
+    with pytest.raises(ValueError, match="^--mode max-autotune needs --inner inductor"):  # the backend's rule
+        train.TrainConfig(mode="max-autotune", inner="aot_eager").resolved()
+    with pytest.raises(ValueError, match="^--osci-window, --osci-memory-efficient needs --osci-reset$"):
+        train.TrainConfig(osci_window=3, osci_memory_efficient=True)  # on construction
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        train.TrainConfig(device="tpu").resolved()
+
+
+def test_train_config_resolved_fills_osci_reset_only_when_it_runs():
+    plain = train.TrainConfig(steps=20).resolved()
+    assert (plain.osci_start, plain.osci_period, plain.osci_window) == (None, None, None)
+    assert plain.resolved() == plain  # resolving again changes nothing
+    osci = train.TrainConfig(steps=20, osci_reset=True).resolved()
+    assert (osci.osci_start, osci.osci_period, osci.osci_window) == (10, 4, 1)
+    assert osci.resolved() == osci
+
+
+def test_results_table_layout():
+    runs = {
+        "bf16": train.RecipeRun("bf16", [3.0, 2.0], [(2, 2.5)], 1234.5, 0.1, 0.2, "0"),
+        "naive": train.RecipeRun("naive", [3.0, 2.2], [(2, 2.6)], 100.0, 12.34, 0.2, "0",
+                                 osci_reset=[{"step": 1, "tracked": 40960, "reset": 12}]),
+    }  # fmt: skip
+    assert train.results_table(runs).splitlines() == [
+        "recipe       train loss (last 10)  val loss  vs bf16 (val)  tokens/s  1st step s          OsciReset resets",
+        "-----------  --------------------  --------  -------------  --------  ----------  ------------------------",
+        "bf16                       2.5000    2.5000              -     1,234         0.1                         -",
+        "naive +osci                2.6000    2.6000        +4.00 %       100        12.3  12 in 1 resets of 40,960",
+    ]
+
+
 def test_a_recipe_trained_in_a_fresh_process_matches_in_process():
     # GPU runs train each recipe in a spawned process (train._train_in_fresh_process); same losses as in-process.
-    from fp4compile import train
+    from fp4compile.demo import train
 
     config = train.TrainConfig(recipes=("naive",), steps=3, d_model=32, layers=1, heads=2, batch=2, seq=32,
                                eval_every=0, val_batches=1, corpus_bytes=300_000).resolved()  # fmt: skip

@@ -1,7 +1,7 @@
 """README.md's generated parts are what the code generates.
 
 - the recipe table is ``fp4compile.recipe.markdown_table()``;
-- the quantizer table is ``fp4compile.quantizer_report.markdown_table()`` and lists every named quantizer;
+- the quantizer table is ``fp4compile.demo.quantizer_report.markdown_table()`` and lists every named quantizer;
 - the sample output of ``fp4compile quantizers`` is what the command it names prints (deterministic on the CPU);
 - ``pip install`` arguments with a version comparison are quoted, here and in ``fp4compile``'s messages, so
   that they work when pasted into a shell.
@@ -13,9 +13,9 @@ import shlex
 
 import pytest
 
-from fp4compile import quantizer_report
-from fp4compile.cli import main
-from fp4compile.quantizer_report import DISTRIBUTIONS, markdown_table
+from fp4compile.demo import quantizer_report
+from fp4compile.demo.cli import main
+from fp4compile.demo.quantizer_report import DISTRIBUTIONS, markdown_table
 from fp4compile.recipe import markdown_table as recipe_markdown_table
 from fp4compile.spec import QuantSpec
 

@@ -12,7 +12,7 @@ import torch
 from test_readme import fenced_body, readme_block
 
 from fp4compile import quantize
-from fp4compile.gpt import demo_batch, demo_model
+from fp4compile.demo.gpt import demo_batch, demo_model
 
 
 def run_example(marker: str, **names) -> tuple[dict, str]:

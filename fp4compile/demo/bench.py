@@ -14,19 +14,14 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HEADER", "RECIPES", "SHAPES", "TOKENS", "fake_quant_linear", "median_ms", "run_linear_bench"]
+from .report import median_ms
+
+__all__ = ["HEADER", "RECIPES", "SHAPES", "TOKENS", "fake_quant_linear", "run_linear_bench"]
 
 TOKENS = 8192
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (in, out), Llama shapes
 RECIPES = ("nvidia", "tetrajet_v2", "quartet_ii", "four_over_six", "naive")
 HEADER = ("shape (in x out)", "variant", "fwd+bwd ms", "vs bf16", "saved B/el")
-
-
-def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 200) -> float:
-    """Median CUDA time of ``fn()`` in milliseconds (``triton.testing.do_bench``)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def _fake_nvfp4(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +60,7 @@ def _fwd_bwd_ms(fn, x, w, dy) -> float:
         x.grad = w.grad = None
         fn(x, w).backward(dy)
 
-    return median_ms(step, warmup_ms=100, rep_ms=500)
+    return median_ms(lambda _: step(), warmup_ms=100, rep_ms=500)
 
 
 def _saved_bytes(fn, x, w) -> int:
@@ -83,17 +78,17 @@ def _saved_bytes_per_element(fn, x, w) -> float:
 
 
 def _gemm_tflops(tokens: int, k: int, n: int) -> tuple[float, float]:
-    from .format import gemm_operand
-    from .kernels.gemm import gemm_triton
-    from .quantize import quantize
+    from ..format import gemm_operand
+    from ..kernels.gemm import gemm_triton
+    from ..quantize import quantize
 
     a = quantize(torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16), "rtn")
     b = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "rtn")
     va, vb = gemm_operand(a).half(), gemm_operand(b).half()
     flops = 2 * tokens * n * k
-    ours = median_ms(lambda: gemm_triton(va, vb, a.outer, b.outer, out_dtype=torch.bfloat16))
+    ours = median_ms(lambda _: gemm_triton(va, vb, a.outer, b.outer, out_dtype=torch.bfloat16))
     xa, xb = va.bfloat16(), vb.bfloat16()
-    ref = median_ms(lambda: torch.mm(xa, xb.T))
+    ref = median_ms(lambda _: torch.mm(xa, xb.T))
     return flops / ours / 1e9, flops / ref / 1e9
 
 
@@ -120,7 +115,7 @@ def run_linear_bench(
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the linear benchmark needs a CUDA GPU and none is available")
-    from .linear import nvfp4_linear
+    from ..linear import nvfp4_linear
 
     fake = torch.compile(fake_quant_linear)
     rows: list[list[str]] = []

@@ -3,8 +3,8 @@
 - ``fp4compile quantizers`` quantizes Gaussian and heavy-tailed data with every named quantizer and
   prints their errors, bias over repeated draws and storage cost.
 - ``fp4compile train`` trains the same small byte-level GPT once per recipe and compares the losses
-  (``fp4compile.train``).
-- ``fp4compile bench`` times one quantized linear layer per recipe on the current GPU (``fp4compile.bench``).
+  (``fp4compile.demo.train``).
+- ``fp4compile bench`` times one quantized linear layer per recipe on the current GPU (``fp4compile.demo.bench``).
 - ``fp4compile explain`` prints which matmuls of a small GPT the ``nvfp4`` backend rewrites.
 """
 
@@ -53,7 +53,7 @@ def _positive_float(text: str) -> float:
 
 def _recipe_list(text: str) -> tuple[str, ...]:
     """A comma-separated list of recipe names; an unknown name is an error that lists the valid ones."""
-    from .recipe import Recipe
+    from ..recipe import Recipe
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TRAIN_DESCRIPTION = """\
-Train the same small byte-level GPT (fp4compile.gpt) once per recipe, from the same initialization and on the
-same data in the same order, each compiled with torch.compile(model, backend="nvfp4", options={"recipe": ...}),
+Train the same small byte-level GPT (fp4compile.demo.gpt) once per recipe, from the same initialization and on
+the same data in the same order, each compiled with torch.compile(model, backend="nvfp4", options={"recipe": ...}),
 then print a table (final train loss = mean of the last 10 steps, validation loss on a fixed set of batches,
 validation gap to bf16, tokens/s) and write results.json and loss.png to --out (checked before training starts).
 
@@ -124,7 +124,8 @@ Defaults marked "cpu X / cuda Y" depend on --device."""
 
 
 def _add_train_parser(commands) -> None:
-    from .train import DEFAULT_RECIPES, PRESETS
+    from ..backend import INNER_COMPILERS, MODES
+    from .train import DEFAULT_RECIPES, OSCI_THRESHOLD, PRESETS
 
     cpu, cuda = PRESETS["cpu"], PRESETS["cuda"]
 
@@ -149,7 +150,7 @@ def _add_train_parser(commands) -> None:
         "--steps", type=_positive_int, default=None, help=f"optimizer steps per recipe ({per_device('steps')})"
     )
     t.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu; cuda needs a GPU)"
+        "--device", choices=tuple(PRESETS), default="cpu", help="where to train (default cpu; cuda needs a GPU)"
     )
     t.add_argument(
         "--out",
@@ -183,11 +184,11 @@ def _add_train_parser(commands) -> None:
         help=f"batches in the fixed validation set ({per_device('val_batches')})",
     )  # fmt: skip
     t.add_argument(
-        "--inner", choices=("inductor", "aot_eager"), default=None,
+        "--inner", choices=INNER_COMPILERS, default=None,
         help="the nvfp4 backend's inner compiler (cpu aot_eager / cuda inductor; see above)",
     )  # fmt: skip
     t.add_argument(
-        "--mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), default=None,
+        "--mode", choices=MODES, default=None,
         help="Inductor mode (needs --inner inductor; reduce-overhead uses CUDA graphs; cpu: Inductor's default / "
         "cuda: reduce-overhead)",
     )  # fmt: skip
@@ -218,7 +219,7 @@ def _add_train_parser(commands) -> None:
         help="OsciReset: steps tracked after each snapshot, below --osci-period (default: a quarter of the period)",
     )  # fmt: skip
     t.add_argument(
-        "--osci-threshold", type=_positive_float, default=8.0,
+        "--osci-threshold", type=_positive_float, default=OSCI_THRESHOLD,
         help="OsciReset: reset where (distance of the quantized weight) / (distance of the weight) >= this "
         "(default 8, TetraJet-v2's)",
     )  # fmt: skip
@@ -254,9 +255,9 @@ def _add_explain_parser(commands) -> None:
         "explain",
         help="show which matmuls of a small GPT the nvfp4 backend rewrites",
         description=(
-            "Capture the demo model (fp4compile.gpt.demo_model: a 2-layer byte-level GPT, d_model 64) with Dynamo, "
-            "run the nvfp4 backend's matmul pass and print fp4compile.explain's table: every matmul with a weight, "
-            "rewritten to NVFP4 or skipped and why. Runs on the CPU; nothing is trained."
+            "Capture the demo model (fp4compile.demo.gpt.demo_model: a 2-layer byte-level GPT, d_model 64) with "
+            "Dynamo, run the nvfp4 backend's matmul pass and print fp4compile.explain's table: every matmul with a "
+            "weight, rewritten to NVFP4 or skipped and why. Runs on the CPU; nothing is trained."
         ),
     )
     e.set_defaults(parser=e)
@@ -268,8 +269,9 @@ def _add_explain_parser(commands) -> None:
 
 
 def _run_quantizers(args: argparse.Namespace) -> int:
+    from ..spec import QuantSpec
     from .quantizer_report import DISTRIBUTIONS, make_data, quantizer_stats
-    from .spec import QuantSpec
+    from .report import format_row, format_table
 
     names = QuantSpec.names() if args.names is None else tuple(n.strip() for n in args.names.split(","))
     for name in names:
@@ -284,28 +286,27 @@ def _run_quantizers(args: argparse.Namespace) -> int:
 
     data_gen = torch.Generator().manual_seed(args.seed)
     draw_gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
-    header = f"{'quantizer':<24}{'data':<14}{'rel err':>10}{'err of mean':>13}{'ratio':>8}{'bytes/el':>10}"
+    # Fixed-width columns, without space between them: each row is printed as soon as it is measured.
+    header = ("quantizer", "data", "rel err", "err of mean", "ratio", "bytes/el")
+    layout = dict(widths=(24, 14, 10, 13, 8, 10), align="<<>>>>", sep="")
     print(
         f"{args.rows}x{args.cols} float32 on {args.device}; err of mean = mean of {args.draws} draws; "
         f"ratio = rel err / err of mean (~{args.draws} if unbiased, ~1 if deterministic)"
     )
-    print(header)
-    print("-" * len(header))
+    print(format_table(header, [], **layout))
     start = time.perf_counter()
     for distribution in DISTRIBUTIONS:
         x = make_data(distribution, args.rows, args.cols, data_gen).to(args.device)
         for name in names:
             s = quantizer_stats(name, x, distribution=distribution, draws=args.draws, generator=draw_gen)
-            print(
-                f"{name:<24}{distribution:<14}{s.rel_error:>10.3e}{s.mean_error:>13.3e}{s.error_ratio:>8.1f}"
-                f"{s.bytes_per_element:>10.4f}"
-            )
+            cells = (name, distribution, f"{s.rel_error:.3e}", f"{s.mean_error:.3e}", f"{s.error_ratio:.1f}",
+                     f"{s.bytes_per_element:.4f}")  # fmt: skip
+            print(format_row(cells, **layout))
     print(f"({time.perf_counter() - start:.1f} s)")
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .recipe import Recipe
     from .train import PlotError, TrainConfig, TrainInputError, prepare_out_dir, run_training
 
     parser = args.parser
@@ -313,7 +314,7 @@ def _run_train(args: argparse.Namespace) -> int:
         parser.error("--device cuda needs a CUDA GPU and none is available; use --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
+    try:  # TrainConfig checks the flags' values together, in words that name the flags
         config = TrainConfig(
             recipes=args.recipes, device=args.device, seed=args.seed, steps=args.steps, batch=args.batch, seq=args.seq,
             d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
@@ -322,33 +323,8 @@ def _run_train(args: argparse.Namespace) -> int:
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient,
         ).resolved()  # fmt: skip
-    except ValueError as error:  # TrainConfig's own validation
+    except ValueError as error:
         parser.error(str(error))
-    if config.d_model % 16:
-        parser.error(f"--d-model must be a multiple of 16 (the NVFP4 block size), got {config.d_model}")
-    if config.d_model % config.heads:
-        parser.error(f"--d-model ({config.d_model}) must be a multiple of --heads ({config.heads})")
-    if config.mode not in (None, "default") and config.inner != "inductor":
-        parser.error(f"--mode {config.mode} needs --inner inductor")
-    osci_flags = [flag for flag, given in (
-        ("--osci-start", args.osci_start is not None),
-        ("--osci-period", args.osci_period is not None),
-        ("--osci-window", args.osci_window is not None),
-        ("--osci-threshold", args.osci_threshold != 8.0),
-        ("--osci-memory-efficient", args.osci_memory_efficient),
-    ) if given]  # fmt: skip
-    if osci_flags and not config.osci_reset:
-        parser.error(f"{', '.join(osci_flags)} needs --osci-reset")
-    if config.osci_reset:
-        if not any(Recipe.named(r).quantized for r in config.recipes):
-            parser.error(f"--osci-reset needs a quantized recipe; --recipes is {','.join(config.recipes)}")
-        if config.osci_window >= config.osci_period:
-            parser.error(f"--osci-window ({config.osci_window}) must be smaller than --osci-period "
-                         f"({config.osci_period})")  # fmt: skip
-        if config.osci_start + config.osci_window + 1 >= config.steps:
-            parser.error(f"OsciReset's first reset (at step --osci-start + --osci-window + 1 = "
-                         f"{config.osci_start + config.osci_window + 1}) must come by the last step "
-                         f"({config.steps - 1}); lower --osci-start or raise --steps")  # fmt: skip
     try:
         prepare_out_dir(args.out)  # before any model is built: an unwritable --out fails now, not after training
     except OSError as error:
@@ -370,19 +346,17 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("fp4compile bench: needs a CUDA GPU and none is available (it times the GPU kernels)", file=sys.stderr)
         return 1
     from .bench import HEADER, run_linear_bench
+    from .report import environment, format_table
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    env = environment("cuda")
+    print(f"{env['device_name']}, torch {env['torch']}", flush=True)
     rows, _ = run_linear_bench(args.recipes, baseline=not args.no_baseline)
-    cells = [list(HEADER)] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(HEADER))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    print("\n".join(lines))
+    print(format_table(HEADER, rows))
     return 0
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .explain import explain
+    from ..explain import explain
     from .gpt import demo_batch, demo_model
 
     skip = [p.strip() for p in args.skip.split(",") if p.strip()]

@@ -103,8 +103,8 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m fp4compile.plot RESULTS_JSON OUT_PNG")
+        raise SystemExit("usage: python -m fp4compile.demo.plot RESULTS_JSON OUT_PNG")
     try:
         print(plot_results(sys.argv[1], sys.argv[2]))
     except (OSError, ValueError) as error:  # a file that cannot be read or written, or is not JSON
-        raise SystemExit(f"python -m fp4compile.plot: error: {error}") from error
+        raise SystemExit(f"python -m fp4compile.demo.plot: error: {error}") from error

@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from .quantize import quantize
-from .spec import QuantSpec
+from ..quantize import quantize
+from ..spec import QuantSpec
+from .report import markdown_table as _markdown_table
 
 __all__ = [
     "DESCRIPTIONS",
@@ -128,10 +129,10 @@ def markdown_table(names: Optional[tuple[str, ...]] = None) -> str:
     One row per name of ``names`` (default: every ``QuantSpec.names()``, in that order); a name
     without an entry in :data:`DESCRIPTIONS` is a ``KeyError`` that says so.
     """
-    rows = ["| name | spec | what it is |", "|---|---|---|"]
+    rows = []
     for name in QuantSpec.names() if names is None else names:
         spec = QuantSpec.named(name)
         if name not in DESCRIPTIONS:
-            raise KeyError(f"quantizer {name!r} has no description in fp4compile.quantizer_report.DESCRIPTIONS")
-        rows.append(f"| `{name}` | `{spec.short_str()}` | {DESCRIPTIONS[name]} |")
-    return "\n".join(rows)
+            raise KeyError(f"quantizer {name!r} has no description in fp4compile.demo.quantizer_report.DESCRIPTIONS")
+        rows.append((f"`{name}`", f"`{spec.short_str()}`", DESCRIPTIONS[name]))
+    return _markdown_table(("name", "spec", "what it is"), rows)

@@ -17,19 +17,19 @@ step). The model is compiled with ``torch.compile(model, backend="nvfp4", option
   excluded), ``first_step_s`` (compilation plus one step), ``wall_s``, ``init_sha256``, ``diverged``,
   ``osci_reset`` (with ``--osci-reset``, for quantized recipes: one ``{step, tracked, reset}`` per reset of
   :class:`fp4compile.OsciReset`, with per-layer counts under ``layers``; null otherwise);
-- ``environment``: torch and fp4compile versions, Python, device name, CPU threads, date.
+- ``environment``: torch, Triton and fp4compile versions, Python, device name, CPU threads, date
+  (:func:`fp4compile.demo.report.environment`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import errno
 import hashlib
 import json
 import math
 import os
-import platform
+import re
 import sys
 import tempfile
 import time
@@ -38,10 +38,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..backend import BackendOptions
+from ..osci_reset import OsciReset
+from ..recipe import Recipe
 from .corpus import Corpus, load_corpus, train_batch, val_batches
 from .gpt import GPT, GPTConfig
-from .osci_reset import OsciReset
-from .recipe import Recipe
+from .report import device_name, environment, format_table
 
 __all__ = [
     "DEFAULT_RECIPES",
@@ -50,9 +52,8 @@ __all__ = [
     "RecipeRun",
     "TrainConfig",
     "TrainInputError",
-    "environment",
-    "format_table",
     "prepare_out_dir",
+    "results_table",
     "run_training",
     "train_recipe",
     "write_results",
@@ -63,6 +64,8 @@ DEFAULT_RECIPES = ("bf16", "naive", "nvidia", "quartet_ii", "tetrajet_v2")
 TIMING_WARMUP = 3
 #: Steps averaged for the final training loss.
 FINAL_WINDOW = 10
+#: OsciReset's reset threshold unless one is given (TetraJet-v2's).
+OSCI_THRESHOLD = 8.0
 
 # Defaults per device; every one can be overridden by a flag.
 #
@@ -127,11 +130,31 @@ def prepare_out_dir(path: str) -> str:
     return path
 
 
+#: The ``fp4compile train`` flag of each name that errors of :class:`GPTConfig` and of the ``nvfp4`` backend's
+#: options (:class:`fp4compile.backend.BackendOptions`) use for a value :class:`TrainConfig` gives them.
+_FLAGS = {"seq_len": "--seq", "d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads",
+          "inner": "--inner", "mode": "--mode"}  # fmt: skip
+
+
+def _in_flags(message: str) -> str:
+    """``message`` with the names in :data:`_FLAGS` spelled as the flags that set them.
+
+    ``d_model (48) must be a multiple of n_heads (5)`` becomes ``--d-model (48) must be a multiple of --heads (5)``,
+    ``mode='max-autotune' needs inner='inductor'`` becomes ``--mode max-autotune needs --inner inductor``.
+    """
+    message = re.sub(r"\b(inner|mode)='([^']*)'", lambda m: f"{_FLAGS[m[1]]} {m[2]}", message)
+    return re.sub(r"\b(?:GPTConfig\.)?(seq_len|d_model|n_layers|n_heads)\b", lambda m: _FLAGS[m[1]], message)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a ``fp4compile train`` run (see ``fp4compile train --help``).
 
-    ``None`` fields take the device's value from :data:`PRESETS` in :meth:`resolved`.
+    ``None`` fields take the device's value from :data:`PRESETS` in :meth:`resolved`; the ``osci_*`` fields apply
+    only with ``osci_reset`` (``osci_start``, ``osci_period`` and ``osci_window`` stay ``None`` without it).
+
+    Bad values raise ``ValueError``, in words that name the ``fp4compile train`` flags (which the CLI prints as
+    they are): ``osci_*`` settings without ``osci_reset`` on construction, the rest in :meth:`resolved`.
     """
 
     recipes: tuple[str, ...] = DEFAULT_RECIPES
@@ -155,11 +178,28 @@ class TrainConfig:
     osci_start: Optional[int] = None
     osci_period: Optional[int] = None
     osci_window: Optional[int] = None
-    osci_threshold: float = 8.0
+    osci_threshold: float = OSCI_THRESHOLD
     osci_memory_efficient: bool = False
 
+    def __post_init__(self) -> None:
+        unused = [flag for flag, given in (
+            ("--osci-start", self.osci_start is not None),
+            ("--osci-period", self.osci_period is not None),
+            ("--osci-window", self.osci_window is not None),
+            ("--osci-threshold", self.osci_threshold != OSCI_THRESHOLD),
+            ("--osci-memory-efficient", self.osci_memory_efficient),
+        ) if given]  # fmt: skip
+        if unused and not self.osci_reset:
+            raise ValueError(f"{', '.join(unused)} needs --osci-reset")
+
     def resolved(self) -> "TrainConfig":
-        """This config with every ``None`` replaced by the device preset (and derived defaults)."""
+        """This config with every ``None`` replaced by the device preset (and derived defaults), checked.
+
+        Raises:
+            ValueError: an unknown device; a model shape that :class:`GPTConfig` refuses; compile options that
+                the ``nvfp4`` backend refuses; with ``osci_reset``, no quantized recipe or a schedule whose first
+                reset would come after the last step.
+        """
         if self.device not in PRESETS:
             raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(PRESETS)}")
         values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -175,13 +215,36 @@ class TrainConfig:
             merged = dataclasses.replace(merged, warmup=merged.steps // 10)
         # OsciReset scaled from TetraJet-v2's (start in the learning-rate decay, period 200, window 50) to the
         # run: the first snapshot at half the steps, a period of a fifth of the steps, a window of a quarter of it.
-        if merged.osci_period is None:
+        if merged.osci_reset and merged.osci_period is None:
             merged = dataclasses.replace(merged, osci_period=max(2, merged.steps // 5))
-        if merged.osci_window is None:
+        if merged.osci_reset and merged.osci_window is None:
             merged = dataclasses.replace(merged, osci_window=max(1, merged.osci_period // 4))
-        if merged.osci_start is None:
+        if merged.osci_reset and merged.osci_start is None:
             merged = dataclasses.replace(merged, osci_start=merged.steps // 2)
+        merged._check()
         return merged
+
+    def _check(self) -> None:
+        """Check a resolved config: by building what it feeds (the model's shape, the backend's options), then
+        OsciReset's schedule against the run."""
+        try:
+            self.model_config()
+            for recipe in self.recipes:
+                BackendOptions.parse(self.compile_options(recipe))
+        except ValueError as error:
+            raise ValueError(_in_flags(str(error))) from error
+        if not self.osci_reset:
+            return
+        if not any(Recipe.named(r).quantized for r in self.recipes):
+            raise ValueError(f"--osci-reset needs a quantized recipe; --recipes is {','.join(self.recipes)}")
+        if self.osci_window >= self.osci_period:  # OsciReset's own rule, checked before any model is built
+            raise ValueError(f"--osci-window ({self.osci_window}) must be smaller than --osci-period "
+                             f"({self.osci_period})")  # fmt: skip
+        first_reset = self.osci_start + self.osci_window + 1
+        if first_reset >= self.steps:
+            raise ValueError(f"OsciReset's first reset (at step --osci-start + --osci-window + 1 = {first_reset}) "
+                             f"must come by the last step ({self.steps - 1}); lower --osci-start or raise "
+                             "--steps")  # fmt: skip
 
     def model_config(self) -> GPTConfig:
         """The GPT shape of this (resolved) config."""
@@ -260,7 +323,7 @@ def train_recipe(
     Args:
         recipe: a name from ``fp4compile.Recipe.names()``.
         config: a resolved :class:`TrainConfig`.
-        corpus: the data (:func:`fp4compile.corpus.load_corpus`).
+        corpus: the data (:func:`fp4compile.demo.corpus.load_corpus`).
         progress: show a tqdm bar (on stderr) with the current loss.
         log: where to report a divergence.
     """
@@ -350,35 +413,6 @@ def train_recipe(
     )
 
 
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def environment(device: str) -> dict:
-    """Library versions, the device's name, CPU threads and the date and time, for ``results.json``."""
-    from . import __version__
-
-    return {
-        "torch": torch.__version__,
-        "fp4compile": __version__,
-        "python": platform.python_version(),
-        "device": device,
-        "device_name": _device_name(device),
-        "cuda": torch.version.cuda,
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
 def _gap_pct(run: RecipeRun, runs: dict[str, RecipeRun]) -> Optional[float]:
     if "bf16" not in runs:
         return None
@@ -394,8 +428,9 @@ def _osci_summary(history: list[dict]) -> str:
     return f"{reset:,} in {len(history)} resets of {history[-1]['tracked']:,}"
 
 
-def format_table(runs: dict[str, RecipeRun]) -> str:
-    """The final table: recipe, final train loss, val loss, val gap to bf16 (when bf16 ran), tokens/s."""
+def results_table(runs: dict[str, RecipeRun]) -> str:
+    """The final table: recipe, final train loss, val loss, val gap to bf16 (when bf16 ran), tokens/s, the first
+    step's seconds, and OsciReset's resets (when it ran)."""
     with_gap = "bf16" in runs
     header = ["recipe", f"train loss (last {FINAL_WINDOW})", "val loss"]
     header += ["vs bf16 (val)"] if with_gap else []
@@ -414,12 +449,7 @@ def format_table(runs: dict[str, RecipeRun]) -> str:
         if run.diverged:
             row[0] += " (diverged)"
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-              for row in rows]  # fmt: skip
-    return "\n".join(lines)
+    return format_table(header, rows, align="<" + ">" * (len(header) - 1))
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -516,7 +546,7 @@ def run_training(
     log(
         f"{params / 1e6:.2f}M-parameter byte-level GPT (layers {config.layers}, d_model {config.d_model}, "
         f"heads {config.heads}, seq {config.seq}), batch {config.batch}, {config.steps} steps, lr {config.lr:g}, "
-        f"on {config.device} ({_device_name(config.device)}), "
+        f"on {config.device} ({device_name(config.device)}), "
         f"backend nvfp4 (inner {compiler}){', bf16 autocast' if config.device == 'cuda' else ', float32'}"
     )
     if config.osci_reset:
@@ -536,7 +566,7 @@ def run_training(
     # The results first, then the table, then the plot: a failing plot loses nothing.
     results = os.path.join(out_dir, "results.json")
     write_results(results, config, corpus, runs, params, wall_s)
-    log(format_table(runs))
+    log(results_table(runs))
     log(f"wrote {results} ({wall_s:.0f} s in all)")
     png = os.path.join(out_dir, "loss.png")
     try:
