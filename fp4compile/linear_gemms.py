@@ -27,9 +27,9 @@ from . import dispatch
 from .format import NVFP4, dge_derivative, scaled_values
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_outliers, compensation, dense_residual, residual_count, residual_weight_grad
-from .quantize import draw_seed, draw_signs
 from .recipe import Recipe
 from .spec import QuantSpec
+from .streams import stream_seed, stream_signs
 
 __all__ = ["linear_forward", "linear_backward", "SavedShapes", "saved_shapes"]
 
@@ -98,13 +98,13 @@ def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tens
     """The rotation signs of ``spec``: None for none and for TE's fixed signs (the kernel holds those; a cached
     device copy would be a live allocation inside a CUDA-graph pool), else ``drawn`` or fresh random ones."""
     if spec.random_signs:
-        return drawn if drawn is not None else draw_signs(spec.rotation_size, device)
+        return drawn if drawn is not None else stream_signs(spec.rotation_size, device)
     return None
 
 
 def _quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
     """Quantize ``x`` (2-D, shape already valid for ``spec``) with its GEMM values."""
-    seed = draw_seed(x.device) if spec.stochastic else None
+    seed = stream_seed(x.device) if spec.stochastic else None
     return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
 
 

@@ -1,0 +1,193 @@
+"""Data-parallel training with ``backend="nvfp4"`` on 2 CPU processes (gloo): DDP and FSDP2, per-rank random streams.
+
+Each test spawns its 2 ranks once and checks several things from their results, to keep the suite
+short: a deterministic recipe under DDP (compiled after wrapping) and FSDP2 (``fully_shard`` per block,
+each block compiled after sharding) equals one process that runs the same micro-batches and averages
+their gradients; stochastic recipes train with finite losses; and the stochastic rounding and random
+signs of the quantized linear differ between ranks, yet repeat when a rank is re-seeded.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fp4compile
+from fp4compile.linear import nvfp4_linear
+from fp4compile.streams import stream_seed
+
+WORLD = 2
+STEPS = 3
+D = 32
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(D, 2 * D)
+        self.down = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+_TEACHER = torch.randn(D, D, generator=torch.Generator().manual_seed(99)) / D**0.5
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank's micro-batch of a learnable task: a fixed random linear map."""
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(1000 * step + rank))
+    return x, x @ _TEACHER
+
+
+def _options(recipe: str) -> dict:
+    return {"recipe": recipe, "inner": "aot_eager"}
+
+
+def _train(model: nn.Module, forward, rank: int, steps: int = STEPS, adam: bool = False) -> list[float]:
+    opt = torch.optim.Adam(model.parameters(), lr=0.01) if adam else torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        x, y = _batch(step, rank)
+        loss = F.mse_loss(forward(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _full_params(model: nn.Module) -> list[torch.Tensor]:
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+
+
+def _rank_streams(rank: int) -> dict:
+    """What this rank draws for the quantized linear after ``torch.manual_seed(7)``, twice."""
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        seed = stream_seed(torch.device("cpu"))
+        x = torch.randn(64, 64, requires_grad=True)
+        w = torch.randn(64, 64, requires_grad=True)
+        torch.manual_seed(7)
+        nvfp4_linear(x, w, None, "quartet_ii").square().sum().backward()  # MS-EDEN: SR and random RHT signs
+        draws.append((seed, w.grad.clone()))
+    return {"seed": draws[0][0], "seed_again": draws[1][0], "dw": draws[0][1], "dw_again": draws[1][1]}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    results = {"streams": _rank_streams(rank)}
+    # DDP, compiled after wrapping, deterministic recipe.
+    model = _net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    compiled = torch.compile(ddp, backend="nvfp4", options=_options("naive"))
+    results["ddp_losses"] = _train(model, compiled, rank)
+    results["ddp_params"] = _full_params(model)
+    # DDP with stochastic recipes (and bf16 to compare): finite and training.
+    for recipe in ("bf16", "nvidia", "quartet_ii"):
+        torch._dynamo.reset()
+        model = _net()
+        compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend="nvfp4", options=_options(recipe))
+        results[f"{recipe}_losses"] = _train(model, compiled, rank, steps=8, adam=True)
+    # FSDP2: fully_shard per block and the root, each block compiled after sharding.
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    model = _net()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend="nvfp4", options=_options("naive"))
+    results["fsdp_losses"] = _train(model, model, rank)
+    results["fsdp_params"] = _full_params(model)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One process running both ranks' micro-batches per step and averaging their gradients."""
+    torch._dynamo.reset()
+    model = _net()
+    compiled = torch.compile(model, backend="nvfp4", options=_options("naive"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = [[] for _ in range(WORLD)]
+    for step in range(STEPS):
+        grads = []
+        for rank in range(WORLD):
+            x, y = _batch(step, rank)
+            loss = F.mse_loss(compiled(x), y)
+            loss.backward()
+            grads.append([p.grad / WORLD for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+            losses[rank].append(loss.item())
+        for p, *per_rank in zip(model.parameters(), *grads):
+            p.grad = per_rank[0] + per_rank[1]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    return losses, _full_params(model)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_deterministic_recipe_equals_one_process_with_the_same_micro_batches(ranks, single_process, engine):
+    losses, params = single_process
+    for rank, result in enumerate(ranks):
+        assert result[f"{engine}_losses"] == losses[rank]
+        for got, want in zip(result[f"{engine}_params"], params):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["nvidia", "quartet_ii"])
+def test_stochastic_recipes_train_under_ddp(ranks, recipe):
+    for result in ranks:
+        losses, bf16 = torch.tensor(result[f"{recipe}_losses"]), torch.tensor(result["bf16_losses"])
+        assert torch.isfinite(losses).all()
+        assert losses[-3:].mean() < 0.85 * losses[:3].mean(), losses  # it learns
+        assert abs(losses[-3:].mean() / bf16[-3:].mean() - 1) < 0.1, (losses, bf16)  # about as well as bf16
+
+
+def test_each_rank_draws_its_own_bits_and_a_rerun_draws_them_again(ranks):
+    first, second = (r["streams"] for r in ranks)
+    assert not torch.equal(first["seed"], second["seed"])
+    assert not torch.equal(first["dw"], second["dw"])  # same data, same user seed: different rounding
+    for streams in (first, second):
+        assert torch.equal(streams["seed"], streams["seed_again"])
+        assert torch.equal(streams["dw"], streams["dw_again"])
+
+
+def test_rank_zero_draws_what_a_single_process_draws(ranks):
+    torch.manual_seed(7)
+    assert torch.equal(stream_seed(torch.device("cpu")), ranks[0]["streams"]["seed"])
+    assert fp4compile.streams.rank_and_world() == (0, 1)
