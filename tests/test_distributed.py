@@ -191,3 +191,21 @@ def test_rank_zero_draws_what_a_single_process_draws(ranks):
     torch.manual_seed(7)
     assert torch.equal(stream_seed(torch.device("cpu")), ranks[0]["streams"]["seed"])
     assert fp4compile.streams.rank_and_world() == (0, 1)
+
+
+def test_no_quantized_weight_is_cached_by_storage():
+    """FSDP2 reuses a parameter's storage for new values: the next forward must quantize the new values."""
+    torch._dynamo.reset()
+    model = nn.Linear(D, D)
+    compiled = torch.compile(model, backend="nvfp4", options=_options("nvidia"))
+    x = torch.randn(16, D)
+    before = compiled(x)
+    new = torch.randn(D, D)
+    storage = model.weight.data_ptr()
+    with torch.no_grad():
+        model.weight.copy_(new)  # same storage, new values
+    assert model.weight.data_ptr() == storage
+    after = compiled(x)
+    want = nvfp4_linear(x, new, model.bias, "nvidia")
+    assert torch.equal(after, want) and not torch.equal(after, before)
+    torch._dynamo.reset()
