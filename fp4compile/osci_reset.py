@@ -227,6 +227,13 @@ class OsciReset:
             names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
             warn_unmatched_patterns(skip, [normalize_fqn(n) for n in linears], "OsciReset", candidates=names)
             layers = discover_layers(root, resolved, skip)
+        sharded = [layer.fqn for layer in layers if _is_dtensor(layer.param)]
+        if sharded:
+            raise NotImplementedError(
+                f"OsciReset does not support sharded (DTensor) weights yet, e.g. FSDP2's: {sharded[:2]}; its "
+                "per-tensor scales need the whole weight. Use it with a single process or DDP, or leave it off "
+                "under FSDP2"
+            )
         if not layers:
             raise ValueError(
                 f"OsciReset found no eligible weight in {type(root).__name__}: it tracks nn.Linear layers (or "
@@ -564,6 +571,12 @@ class OsciReset:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a non-negative" if minimum == 0 else "a positive"

@@ -105,6 +105,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     compiled = torch.compile(ddp, backend="nvfp4", options=_options("naive"))
     results["ddp_losses"] = _train(model, compiled, rank)
     results["ddp_params"] = _full_params(model)
+    # DDP with OsciReset: the replicas' weights stay identical through resets.
+    torch._dynamo.reset()
+    model = _net()
+    compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend="nvfp4", options=_options("nvidia"))
+    osc = fp4compile.OsciReset(model, "nvidia", start=0, period=3, window=1, threshold=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    osc.register(opt)
+    for step in range(6):
+        x, y = _batch(step, rank)
+        F.mse_loss(compiled(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    results["osci_params"] = _full_params(model)
+    results["osci_resets"] = sum(report["reset"] for report in osc.history)
     # DDP with stochastic recipes (and bf16 to compare): finite and training.
     for recipe in ("bf16", "nvidia", "quartet_ii"):
         torch._dynamo.reset()
@@ -123,6 +137,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model.blocks[i] = torch.compile(block, backend="nvfp4", options=_options("naive"))
     results["fsdp_losses"] = _train(model, model, rank)
     results["fsdp_params"] = _full_params(model)
+    try:
+        fp4compile.OsciReset(model, "naive", start=0)
+    except NotImplementedError as error:
+        results["fsdp_osci_reset"] = str(error)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -185,6 +203,20 @@ def test_each_rank_draws_its_own_bits_and_a_rerun_draws_them_again(ranks):
     for streams in (first, second):
         assert torch.equal(streams["seed"], streams["seed_again"])
         assert torch.equal(streams["dw"], streams["dw_again"])
+
+
+def test_osci_reset_keeps_ddp_replicas_identical(ranks):
+    first, second = ranks
+    assert first["osci_resets"] == second["osci_resets"] > 0
+    for a, b in zip(first["osci_params"], second["osci_params"]):
+        assert torch.equal(a, b)
+
+
+def test_osci_reset_refuses_fsdp2_sharded_weights_with_a_clear_error(ranks):
+    for result in ranks:
+        message = result.get("fsdp_osci_reset", "no error raised")
+        assert message.startswith("OsciReset does not support sharded (DTensor) weights yet, e.g. FSDP2's: ")
+        assert "blocks.0." in message
 
 
 def test_rank_zero_draws_what_a_single_process_draws(ranks):
