@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from testing import requires_gpu
+from testing import assert_backend_matches_eager, requires_gpu
 
 import fp4compile
 from fp4compile.format import dge_derivative, e2m1_rne, quantize_reference, scaled_values, unpack_nibbles
@@ -97,18 +97,7 @@ def test_dge_multiplies_only_the_weight_gradient(base):
 
 def test_dge_through_the_backend_equals_eager():
     recipe = dataclasses.replace(Recipe.named("naive"), name="naive_dge_backend_test", dge=True)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
-    x = torch.randn(16, 64)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "inner": "aot_eager"})
-    compiled(x).square().sum().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    h = torch.relu(nvfp4_linear(x, model[0].weight, model[0].bias, recipe))
-    nvfp4_linear(h, model[2].weight, model[2].bias, recipe).square().sum().backward()
-    for g, want in zip(got, [p.grad for p in model.parameters()]):
-        assert torch.equal(g, want)
-    torch._dynamo.reset()
+    assert_backend_matches_eager(recipe, torch.randn(16, 64))
 
 
 def test_dge_recipe_options_are_checked():

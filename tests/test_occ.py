@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from testing import requires_gpu
+from testing import assert_backend_matches_eager, requires_gpu
 
 from fp4compile.linear import nvfp4_linear
 from fp4compile.outliers import OutlierClamping, clamp_outliers, dense_residual, residual_count
@@ -109,18 +109,7 @@ def test_compensation_lowers_the_forward_error_on_heavy_tailed_activations(resid
 
 def test_occ_through_the_backend_equals_eager():
     recipe = _occ_recipe("naive", alpha=0.98, granularity="tensor", residual="fp8")
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
-    x = _heavy_tailed(16, 64)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "inner": "aot_eager"})
-    compiled(x).square().sum().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    h = torch.relu(nvfp4_linear(x, model[0].weight, model[0].bias, recipe))
-    nvfp4_linear(h, model[2].weight, model[2].bias, recipe).square().sum().backward()
-    for g, want in zip(got, [p.grad for p in model.parameters()]):
-        assert torch.equal(g, want)
-    torch._dynamo.reset()
+    assert_backend_matches_eager(recipe, _heavy_tailed(16, 64))
 
 
 @requires_gpu
