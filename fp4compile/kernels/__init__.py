@@ -1,4 +1,16 @@
-"""Triton kernels: NVFP4 quantization (every ``QuantSpec``)."""
+"""Triton kernels, bit-identical to ``fp4compile/format.py`` where rounding is deterministic.
+
+- ``quantize``: NVFP4 quantization for every ``QuantSpec`` (RTN, SR, four-over-six, MS-EDEN, RHT-16/128,
+  per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside;
+- ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants, outer scales in the epilogue
+  or per 1x128 K-block;
+- ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded);
+- ``osci``: OsciReset's fused tracked-step update;
+- ``numerics``: the ``@triton.jit`` rounding, rotation and reduction helpers the kernels share.
+
+Nothing here is called directly by the library: ``fp4compile/dispatch.py`` chooses between these kernels
+(CUDA tensors) and the reference (elsewhere).
+"""
 
 from .quantize import quantize_triton
 
