@@ -8,8 +8,8 @@
 - ``osci``: OsciReset's fused tracked-step update;
 - ``numerics``: the ``@triton.jit`` rounding, rotation and reduction helpers the kernels share.
 
-Nothing here is called directly by the library: ``fp4compile/dispatch.py`` chooses between these kernels
-(CUDA tensors) and the reference (elsewhere).
+The library reaches them only through ``fp4compile/dispatch.py``, which chooses between these kernels (CUDA
+tensors) and the reference (elsewhere); benchmarks and kernel tests call them directly.
 """
 
 from .quantize import quantize_triton
