@@ -411,3 +411,19 @@ def test_results_json_that_cannot_be_written_is_a_one_line_error(capsys, monkeyp
     assert main(["train", *TINY, "--recipes", "bf16", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fp4compile train: error: ") and "No space left" in err, err
+
+
+def test_train_nproc_runs_each_recipe_on_data_parallel_ranks(tmp_path):
+    printed, results = _train(tmp_path, "--recipes", "bf16,naive", "--nproc", "2")
+    assert results["config"]["nproc"] == 2
+    assert "x 2 processes (DDP)" in printed and printed.count("vs bf16 (val)") == 1  # rank 0 alone reports
+    for run in results["runs"].values():
+        assert len(run["train_loss"]) == 5 and all(math.isfinite(v) for v in run["train_loss"])
+    # Step 0 is the mean of the two ranks' micro-batches (indices 0 and 1) on the initial weights.
+    config = train.TrainConfig(**{k: v for k, v in results["config"].items() if k not in ("params", "wall_s")})
+    corpus = load_corpus(config.corpus_bytes)
+    torch.manual_seed(config.seed)
+    model = train.GPT(config.model_config())
+    with torch.no_grad():
+        losses = [model(*train_batch(corpus.train, i, config.batch, config.seq, config.seed)) for i in (0, 1)]
+    assert results["runs"]["bf16"]["train_loss"][0] == pytest.approx(((losses[0] + losses[1]) / 2).item(), rel=1e-6)

@@ -201,6 +201,12 @@ def _add_train_parser(commands) -> None:
         help="CPU threads for torch (default: torch's choice, the cores this process may use)",
     )  # fmt: skip
     t.add_argument(
+        "--nproc", type=_positive_int, default=1,
+        help="data-parallel processes per recipe (DDP, compiled after wrapping; gloo on the CPU, NCCL and one GPU "
+        "each on --device cuda); each reads its own batches, so a step sees nproc x --batch sequences; "
+        "on GPUs --mode defaults to default (no CUDA graphs) (default 1)",
+    )  # fmt: skip
+    t.add_argument(
         "--osci-reset", action="store_true",
         help="register fp4compile.OsciReset (TetraJet-v2's reset of oscillating weights) on the optimizer of every "
         "quantized recipe; its schedule is scaled to --steps (TetraJet-v2: start in the learning-rate decay, period "
@@ -321,7 +327,7 @@ def _run_train(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
             corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
-            osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient,
+            osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
         ).resolved()  # fmt: skip
     except ValueError as error:
         parser.error(str(error))

@@ -40,6 +40,7 @@ import torch
 from ..backend import BackendOptions
 from ..osci_reset import OsciReset
 from ..recipe import Recipe
+from ..streams import rank_and_world
 from .corpus import Corpus, load_corpus, train_batch, val_batches
 from .gpt import GPT, GPTConfig
 from .report import device_name
@@ -178,6 +179,7 @@ class TrainConfig:
     osci_window: Optional[int] = None
     osci_threshold: float = OSCI_THRESHOLD
     osci_memory_efficient: bool = False
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         unused = [flag for flag, given in (
@@ -203,6 +205,8 @@ class TrainConfig:
         values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         for key, value in PRESETS[self.device].items():
             values.setdefault(key, value)
+        if self.nproc > 1 and self.mode is None:  # DDP's bucketed all-reduces and CUDA graphs do not mix
+            values["mode"] = "default"
         merged = dataclasses.replace(self, **values)
         if merged.eval_every is None:
             merged = dataclasses.replace(merged, eval_every=max(1, merged.steps // 4))
@@ -224,7 +228,12 @@ class TrainConfig:
 
     def _check(self) -> None:
         """Check a resolved config: by building what it feeds (the model's shape, the backend's options), then
-        OsciReset's schedule against the run."""
+        the number of processes and OsciReset's schedule against the run."""
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"--nproc must be a positive integer, got {self.nproc!r}")
+        if self.device == "cuda" and self.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {self.nproc} needs {self.nproc} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")  # fmt: skip
         try:
             self.model_config()
             for recipe in self.recipes:
@@ -309,6 +318,14 @@ def _evaluate(model, batches, device: str) -> float:
     return sum(torch.stack(losses).tolist()) / len(batches)  # one host sync for the whole set
 
 
+def _mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """``value`` averaged over the data-parallel ranks (itself in a single process)."""
+    if world > 1:
+        torch.distributed.all_reduce(value)
+        value = value / world
+    return value
+
+
 def train_recipe(
     recipe: str,
     config: TrainConfig,
@@ -328,6 +345,7 @@ def train_recipe(
     from tqdm.auto import tqdm
 
     device = config.device
+    rank, world = rank_and_world()  # under fp4compile train --nproc: one data-parallel rank of `world`
     start = time.perf_counter()
     torch._dynamo.reset()  # each recipe compiles afresh (and never hits Dynamo's recompile limit)
     with torch.random.fork_rng(devices=[]):
@@ -336,7 +354,10 @@ def train_recipe(
     init_hash = _parameter_hash(model)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    compiled = torch.compile(model, backend="nvfp4", options=config.compile_options(recipe), dynamic=False)
+    replica = model
+    if world > 1:  # DDP, compiled after wrapping
+        replica = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
+    compiled = torch.compile(replica, backend="nvfp4", options=config.compile_options(recipe), dynamic=False)
     osci = None
     if config.osci_reset and Recipe.named(recipe).quantized:
         osci = OsciReset(
@@ -355,11 +376,11 @@ def train_recipe(
     untimed = min(TIMING_WARMUP, config.steps - 1)  # steps left out of tokens/s (all but one of a short run)
     timed_s, first_step_s, diverged = 0.0, math.nan, False
     log_every = 1 if device == "cpu" else 10  # .item() synchronizes a GPU
-    bar = tqdm(total=config.steps, desc=f"{recipe:<12}", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=config.steps, desc=f"{recipe:<12}", unit="step", disable=not progress or rank > 0, file=sys.stderr)
     try:
         tic = time.perf_counter()
         for step in range(config.steps):
-            x, y = train_batch(corpus.train, step, config.batch, config.seq, config.seed)
+            x, y = train_batch(corpus.train, step * world + rank, config.batch, config.seq, config.seed)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
@@ -370,7 +391,7 @@ def train_recipe(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().clone())  # a clone: CUDA graphs reuse their output buffers
+            losses.append(_mean_over_ranks(loss.detach().clone(), world))  # a clone: CUDA graphs reuse outputs
             done = step + 1
             if done == 1:
                 _sync(device)
@@ -397,7 +418,8 @@ def train_recipe(
     finally:
         bar.close()
     timed_steps = len(losses) - untimed
-    tokens_per_s = timed_steps * config.batch * config.seq / timed_s if timed_s > 0 and timed_steps > 0 else math.nan
+    tokens = timed_steps * config.batch * config.seq * world
+    tokens_per_s = tokens / timed_s if timed_s > 0 and timed_steps > 0 else math.nan
     return RecipeRun(
         recipe=recipe,
         train_loss=torch.stack(losses).float().cpu().tolist(),
@@ -464,7 +486,8 @@ def run_training(
     log(
         f"{params / 1e6:.2f}M-parameter byte-level GPT (layers {config.layers}, d_model {config.d_model}, "
         f"heads {config.heads}, seq {config.seq}), batch {config.batch}, {config.steps} steps, lr {config.lr:g}, "
-        f"on {config.device} ({device_name(config.device)}), "
+        f"on {config.device} ({device_name(config.device)})"
+        f"{f' x {config.nproc} processes (DDP)' if config.nproc > 1 else ''}, "
         f"backend nvfp4 (inner {compiler}){', bf16 autocast' if config.device == 'cuda' else ', float32'}"
     )
     if config.osci_reset:
@@ -476,7 +499,11 @@ def run_training(
     log(corpus.describe())
     runs: dict[str, RecipeRun] = {}
     for recipe in config.recipes:
-        if config.device == "cuda":
+        if config.nproc > 1:
+            from .ranks import train_on_ranks  # it imports train_recipe from here
+
+            runs[recipe] = train_on_ranks(recipe, config, corpus, progress)
+        elif config.device == "cuda":
             runs[recipe] = _train_in_fresh_process(recipe, config, corpus, progress)
         else:
             runs[recipe] = train_recipe(recipe, config, corpus, progress=progress, log=log)
@@ -493,3 +520,4 @@ def run_training(
         raise PlotError(results, png, str(error) or type(error).__name__) from error
     log(f"wrote {plot}")
     return runs
+
