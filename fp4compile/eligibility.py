@@ -24,6 +24,7 @@ import torch.nn as nn
 __all__ = [
     "FLOAT_DTYPES",
     "LayerFilter",
+    "linear_layer_names",
     "SkipRule",
     "normalize_fqn",
     "relative_names",
@@ -160,6 +161,21 @@ class LayerFilter:
         """The patterns that match none of ``names``."""
         names = list(names)
         return [p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def linear_layer_names(named_modules: Iterable[tuple[str, nn.Module]]) -> tuple[list[str], list[str]]:
+    """The ``nn.Linear`` layers among ``named_modules`` (the layers a skip pattern is meant for).
+
+    Returns:
+        Their FQNs (``_orig_mod`` removed), and every name a pattern can match for them (names relative to
+        compiled submodules, with and without ``.weight``).
+    """
+    fqns, names = [], []
+    for raw, module in named_modules:
+        if isinstance(module, nn.Linear):
+            fqns.append(normalize_fqn(raw))
+            names += relative_names(raw) + relative_names(f"{raw}.weight" if raw else "weight")
+    return fqns, names
 
 
 def warn_unmatched_patterns(

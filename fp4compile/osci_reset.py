@@ -67,8 +67,7 @@ from .eligibility import (
     FLOAT_DTYPES,
     LayerFilter,
     SkipRule,
-    normalize_fqn,
-    relative_names,
+    linear_layer_names,
     warn_unmatched_patterns,
 )
 from .format import NVFP4, e2m1_decode, unpack_nibbles
@@ -223,9 +222,8 @@ class OsciReset:
         if weights is not None:
             layers = named_layers(root, weights, resolved)
         else:
-            linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
-            names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
-            warn_unmatched_patterns(skip, [normalize_fqn(n) for n in linears], "OsciReset", candidates=names)
+            linears, names = linear_layer_names(root.named_modules())
+            warn_unmatched_patterns(skip, linears, "OsciReset", candidates=names)
             layers = discover_layers(root, resolved, skip)
         sharded = [layer.fqn for layer in layers if _is_dtensor(layer.param)]
         if sharded:

@@ -42,7 +42,14 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .eligibility import LayerFilter, relative_names, swap_linear_layers, warn_unmatched_patterns, why_not_nvfp4
+from .eligibility import (
+    LayerFilter,
+    linear_layer_names,
+    relative_names,
+    swap_linear_layers,
+    warn_unmatched_patterns,
+    why_not_nvfp4,
+)
 from .nn import NVFP4Linear
 from .quantize import quantize
 from .recipe import Recipe
@@ -182,8 +189,7 @@ def _warn_unmatched_once(root: Optional[nn.Module], config: NVFP4Config) -> None
     if root is None or not config.skip or _checked_patterns == [(id(root), id(config))]:
         return
     _checked_patterns[:] = [(id(root), id(config))]
-    linears = [name for name, m in root.named_modules() if isinstance(m, nn.Linear)]
-    names = [n for name in linears for n in relative_names(name) + relative_names(f"{name}.weight")]
+    linears, names = linear_layer_names(root.named_modules())
     warn_unmatched_patterns(LayerFilter.parse(config.skip), linears, "NVFP4Config", candidates=names, stacklevel=4)
 
 

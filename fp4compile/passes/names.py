@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch.nn as nn
 
-from ..eligibility import normalize_fqn, relative_names
+from ..eligibility import linear_layer_names, normalize_fqn, relative_names
 
 __all__ = ["ModuleNames", "source_to_fqn"]
 
@@ -155,14 +155,5 @@ class ModuleNames:
             yield normalize_fqn(fqn), module
 
     def linear_names(self) -> tuple[list[str], list[str]]:
-        """The ``nn.Linear`` modules (the layers a skip pattern is meant for).
-
-        Returns:
-            Their FQNs, and every name a pattern can match for them (relative names and ``.weight``).
-        """
-        fqns, names = [], []
-        for raw, module in self._modules.values():
-            if isinstance(module, nn.Linear):
-                fqns.append(normalize_fqn(raw))
-                names += relative_names(raw) + relative_names(f"{raw}.weight" if raw else "weight")
-        return fqns, names
+        """The ``nn.Linear`` layers of the roots: their FQNs, and every name a skip pattern can match for them."""
+        return linear_layer_names((raw, module) for raw, module in self._modules.values())
