@@ -55,12 +55,14 @@ def _wrap(model, engine: str, recipe: str, device: torch.device):
     if engine == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return compile_(torch.nn.parallel.DistributedDataParallel(model, device_ids=ids))
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # FSDP2 would pick CUDA wherever one exists
     layers = model.model.layers
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for i, layer in enumerate(layers):
         layers[i] = compile_(layer)
     return model

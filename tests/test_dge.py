@@ -113,10 +113,12 @@ def test_dge_recipe_options_are_checked():
 def test_gpu_dge_equals_the_cpu_spec():
     recipe = dataclasses.replace(Recipe.named("nvidia"), name="nvidia_dge_gpu_test", dge=True).register()
     x, w, b = torch.randn(256, 512), torch.randn(256, 512) / 16, torch.randn(256)
-    q_gpu = fp4compile.quantize(w.cuda(), recipe.fwd_w)
-    mult_gpu = dge_derivative(scaled_values(w.cuda(), q_gpu))
-    mult_cpu = dge_derivative(scaled_values(w, fp4compile.quantize(w, recipe.fwd_w)))
-    assert torch.equal(mult_gpu.cpu(), mult_cpu)  # the Triton quantize kernel's scales are the spec's bits
+    v_gpu = scaled_values(w.cuda(), fp4compile.quantize(w.cuda(), recipe.fwd_w))
+    v_cpu = scaled_values(w, fp4compile.quantize(w, recipe.fwd_w))
+    assert torch.equal(v_gpu.cpu(), v_cpu)  # the Triton quantize kernel's scales are the spec's bits
+    mult_gpu = dge_derivative(v_gpu)
+    # |.|^(1/k-1) is a pow: CUDA's powf and the CPU's are each within a few ulp of the true value, not equal
+    torch.testing.assert_close(mult_gpu.cpu(), dge_derivative(v_cpu), rtol=4 * 2**-23, atol=0)
     _, dw, _ = _grads(x.cuda(), w.cuda(), b.cuda(), "nvidia")
     _, dw_dge, _ = _grads(x.cuda(), w.cuda(), b.cuda(), recipe)
     assert torch.equal(dw_dge, dw * mult_gpu)

@@ -1,13 +1,16 @@
-"""Data-parallel training with ``backend="nvfp4"`` on 2 CPU processes (gloo): DDP and FSDP2, per-rank random streams.
+"""Data-parallel training with ``backend="nvfp4"`` on 2 processes: DDP and FSDP2, per-rank random streams.
 
-Each test spawns its 2 ranks once and checks several things from their results, to keep the suite
-short: a deterministic recipe under DDP (compiled after wrapping) and FSDP2 (``fully_shard`` per block,
-each block compiled after sharding) equals one process that runs the same micro-batches and averages
-their gradients; stochastic recipes train with finite losses; and the stochastic rounding and random
-signs of the quantized linear differ between ranks, yet repeat when a rank is re-seeded.
+Two settings: 2 CPU processes (gloo, ``inner="aot_eager"``), always; and 2 GPUs (NCCL, Inductor), where the
+machine has them. Each setting spawns its 2 ranks once and the tests check several things from their
+results, to keep the suite short: a deterministic recipe under DDP (compiled after wrapping) and FSDP2
+(``fully_shard`` per block, each block compiled after sharding) equals one process that runs the same
+micro-batches and averages their gradients; stochastic recipes train with finite losses; OsciReset keeps
+DDP replicas identical; and the stochastic rounding and random signs of the quantized linear differ
+between ranks, yet repeat when a rank is re-seeded.
 """
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -54,21 +57,37 @@ def _net() -> Net:
 _TEACHER = torch.randn(D, D, generator=torch.Generator().manual_seed(99)) / D**0.5
 
 
-def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A rank's micro-batch of a learnable task: a fixed random linear map."""
     x = torch.randn(16, D, generator=torch.Generator().manual_seed(1000 * step + rank))
-    return x, x @ _TEACHER
+    return x.to(device), (x @ _TEACHER).to(device)
 
 
-def _options(recipe: str) -> dict:
-    return {"recipe": recipe, "inner": "aot_eager"}
+@dataclass(frozen=True)
+class Setting:
+    """Where the ranks run: the device type, the process-group backend and the backend's inner compiler."""
+
+    device: str
+    backend: str
+    inner: str
+
+    def rank_device(self, rank: int) -> torch.device:
+        return torch.device("cuda", rank) if self.device == "cuda" else torch.device("cpu")
+
+    def options(self, recipe: str) -> dict:
+        return {"recipe": recipe, "inner": self.inner}
 
 
-def _train(model: nn.Module, forward, rank: int, steps: int = STEPS, adam: bool = False) -> list[float]:
+CPU = Setting("cpu", "gloo", "aot_eager")
+CUDA = Setting("cuda", "nccl", "inductor")
+STOCHASTIC = ("nvidia", "quartet_ii", "tetrajet_v2")  # trained under DDP next to bf16
+
+
+def _train(model: nn.Module, forward, rank: int, device, steps: int = STEPS, adam: bool = False) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=0.01) if adam else torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     for step in range(steps):
-        x, y = _batch(step, rank)
+        x, y = _batch(step, rank, device)
         loss = F.mse_loss(forward(x), y)
         loss.backward()
         opt.step()
@@ -78,64 +97,73 @@ def _train(model: nn.Module, forward, rank: int, steps: int = STEPS, adam: bool 
 
 
 def _full_params(model: nn.Module) -> list[torch.Tensor]:
-    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for p in model.parameters()]
 
 
-def _rank_streams(rank: int) -> dict:
+def _rank_streams(device: torch.device) -> dict:
     """What this rank draws for the quantized linear after ``torch.manual_seed(7)``, twice."""
     draws = []
     for _ in range(2):
         torch.manual_seed(7)
-        seed = stream_seed(torch.device("cpu"))
-        x = torch.randn(64, 64, requires_grad=True)
-        w = torch.randn(64, 64, requires_grad=True)
+        seed = stream_seed(device).cpu()
+        x = torch.randn(64, 64, device=device, requires_grad=True)
+        w = torch.randn(64, 64, device=device, requires_grad=True)
         torch.manual_seed(7)
         nvfp4_linear(x, w, None, "quartet_ii").square().sum().backward()  # MS-EDEN: SR and random RHT signs
-        draws.append((seed, w.grad.clone()))
+        draws.append((seed, w.grad.cpu()))
     return {"seed": draws[0][0], "seed_again": draws[1][0], "dw": draws[0][1], "dw_again": draws[1][1]}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _ddp(model: nn.Module, setting: Setting, device: torch.device) -> nn.Module:
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model.to(device), device_ids=ids)
+
+
+def _worker(rank: int, setting: Setting, init_file: str, out_dir: str) -> None:
+    device = setting.rank_device(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(setting.backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    results = {"streams": _rank_streams(rank)}
+    results = {"streams": _rank_streams(device)}
     # DDP, compiled after wrapping, deterministic recipe.
-    model = _net()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    compiled = torch.compile(ddp, backend="nvfp4", options=_options("naive"))
-    results["ddp_losses"] = _train(model, compiled, rank)
+    model = _net().to(device)
+    compiled = torch.compile(_ddp(model, setting, device), backend="nvfp4", options=setting.options("naive"))
+    results["ddp_losses"] = _train(model, compiled, rank, device)
     results["ddp_params"] = _full_params(model)
     # DDP with OsciReset: the replicas' weights stay identical through resets.
     torch._dynamo.reset()
-    model = _net()
-    compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend="nvfp4", options=_options("nvidia"))
+    model = _net().to(device)
+    compiled = torch.compile(_ddp(model, setting, device), backend="nvfp4", options=setting.options("nvidia"))
     osc = fp4compile.OsciReset(model, "nvidia", start=0, period=3, window=1, threshold=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     osc.register(opt)
     for step in range(6):
-        x, y = _batch(step, rank)
+        x, y = _batch(step, rank, device)
         F.mse_loss(compiled(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     results["osci_params"] = _full_params(model)
     results["osci_resets"] = sum(report["reset"] for report in osc.history)
     # DDP with stochastic recipes (and bf16 to compare): finite and training.
-    for recipe in ("bf16", "nvidia", "quartet_ii"):
+    for recipe in ("bf16", *STOCHASTIC):
         torch._dynamo.reset()
-        model = _net()
-        compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend="nvfp4", options=_options(recipe))
-        results[f"{recipe}_losses"] = _train(model, compiled, rank, steps=8, adam=True)
+        model = _net().to(device)
+        compiled = torch.compile(_ddp(model, setting, device), backend="nvfp4", options=setting.options(recipe))
+        results[f"{recipe}_losses"] = _train(model, compiled, rank, device, steps=8, adam=True)
     # FSDP2: fully_shard per block and the root, each block compiled after sharding.
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch._dynamo.reset()
-    model = _net()
+    model = _net().to(device)
+    mesh = init_device_mesh(device.type, (WORLD,))  # FSDP2 would pick CUDA wherever a GPU is present
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, backend="nvfp4", options=_options("naive"))
-    results["fsdp_losses"] = _train(model, model, rank)
+        model.blocks[i] = torch.compile(block, backend="nvfp4", options=setting.options("naive"))
+    results["fsdp_losses"] = _train(model, model, rank, device)
     results["fsdp_params"] = _full_params(model)
     try:
         fp4compile.OsciReset(model, "naive", start=0)
@@ -146,25 +174,44 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        CPU,
+        pytest.param(CUDA, marks=pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs (NCCL)")),
+    ],
+    ids=["cpu-gloo", "cuda-nccl"],
+)
+def setting(request) -> Setting:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+def ranks(setting, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"distributed-{setting.device}")
+    args = (setting, str(out / "init"), str(out))
+    mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
-def single_process():
-    """One process running both ranks' micro-batches per step and averaging their gradients."""
+def single_process(setting):
+    """One process (on the first GPU in the CUDA setting) running both ranks' micro-batches per step and
+    averaging their gradients."""
     torch._dynamo.reset()
-    model = _net()
-    compiled = torch.compile(model, backend="nvfp4", options=_options("naive"))
+    device = setting.rank_device(0)
+    model = _net().to(device)
+    compiled = torch.compile(model, backend="nvfp4", options=setting.options("naive"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = [[] for _ in range(WORLD)]
     for step in range(STEPS):
         grads = []
         for rank in range(WORLD):
-            x, y = _batch(step, rank)
+            x, y = _batch(step, rank, device)
             loss = F.mse_loss(compiled(x), y)
             loss.backward()
             grads.append([p.grad / WORLD for p in model.parameters()])
@@ -187,7 +234,7 @@ def test_deterministic_recipe_equals_one_process_with_the_same_micro_batches(ran
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("recipe", ["nvidia", "quartet_ii"])
+@pytest.mark.parametrize("recipe", STOCHASTIC)
 def test_stochastic_recipes_train_under_ddp(ranks, recipe):
     for result in ranks:
         losses, bf16 = torch.tensor(result[f"{recipe}_losses"]), torch.tensor(result["bf16_losses"])
@@ -219,9 +266,9 @@ def test_osci_reset_refuses_fsdp2_sharded_weights_with_a_clear_error(ranks):
         assert "blocks.0." in message
 
 
-def test_rank_zero_draws_what_a_single_process_draws(ranks):
+def test_rank_zero_draws_what_a_single_process_draws(setting, ranks):
     torch.manual_seed(7)
-    assert torch.equal(stream_seed(torch.device("cpu")), ranks[0]["streams"]["seed"])
+    assert torch.equal(stream_seed(setting.rank_device(0)).cpu(), ranks[0]["streams"]["seed"])
     assert fp4compile.streams.rank_and_world() == (0, 1)
 
 
@@ -229,7 +276,7 @@ def test_no_quantized_weight_is_cached_by_storage():
     """FSDP2 reuses a parameter's storage for new values: the next forward must quantize the new values."""
     torch._dynamo.reset()
     model = nn.Linear(D, D)
-    compiled = torch.compile(model, backend="nvfp4", options=_options("nvidia"))
+    compiled = torch.compile(model, backend="nvfp4", options=CPU.options("nvidia"))
     x = torch.randn(16, D)
     before = compiled(x)
     new = torch.randn(D, D)
