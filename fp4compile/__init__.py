@@ -7,6 +7,8 @@ Public API:
 - :class:`NVFP4`: packed E2M1 codes, E4M3 block scales, FP32 outer scales, ``dequantize()``.
 - :class:`Recipe`: the six operand quantizations of a linear layer (``Recipe.named("nvidia")``), with
   Wang et al.'s options ``dge=True`` and ``occ=OutlierClamping(...)``.
+- :class:`RowE2M1`, :class:`FP8Tensor`: the slot specs of Wang et al.'s own layout (row-scaled E2M1 forward,
+  FP8 backward; the ``fp4_dge_occ`` preset).
 - :func:`nvfp4_linear`: ``F.linear`` with NVFP4 forward and backward GEMMs.
 - :func:`explain`: which matmuls of a model ``backend="nvfp4"`` rewrites, and the rewritten graphs.
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
@@ -35,16 +37,19 @@ from .outliers import OutlierClamping
 from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
+from .wang_format import FP8Tensor, RowE2M1
 
 # NVFP4Config, export_torchao_nvfp4 and load_torchao_nvfp4 are public too but left out of __all__: they need
 # torchao, and ``from fp4compile import *`` must work without it.
 __all__ = [
+    "FP8Tensor",
     "NVFP4",
     "NVFP4Linear",
     "OsciReset",
     "OutlierClamping",
     "QuantSpec",
     "Recipe",
+    "RowE2M1",
     "explain",
     "nvfp4_linear",
     "quantize",

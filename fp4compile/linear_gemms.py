@@ -23,10 +23,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, wang_linear
 from .format import NVFP4, dge_derivative, scaled_values
 from .gemm import Operand, nvfp4_gemm, operand_of
-from .outliers import clamp_outliers, compensation, dense_residual, residual_count, residual_weight_grad
+from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
@@ -65,6 +65,8 @@ def _quant_shapes(rows, k, spec: QuantSpec) -> tuple[tuple, tuple, tuple]:
 
 def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) -> SavedShapes:
     """Shapes of the saved tensors of a forward over ``tokens`` rows (symbolic sizes allowed)."""
+    if recipe.fp8_backward:
+        return SavedShapes(*wang_linear.saved_shapes(recipe, tokens, in_features, out_features))
     in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
     if recipe.wgrad_x_source == "forward":
         x = _quant_shapes(tokens, in_p, recipe.fwd_x)
@@ -76,13 +78,7 @@ def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) ->
         w = ((0,), (0,), (0,))
     rotated_x_t = recipe.wgrad_x_source == "hp" and recipe.wgrad_x.random_signs
     signs = (recipe.wgrad_x.rotation_size,) if rotated_x_t else (0,)
-    residual = ((0,), (0,))
-    if recipe.occ is not None and recipe.occ.compensates:
-        token = recipe.occ.granularity == "token"
-        rows, n = (tokens, in_features) if token else (1, tokens * in_features)
-        below, above = residual_count(n, recipe.occ.alpha)
-        residual = ((rows, below + above), (rows, below + above))
-    return SavedShapes(*x, *w, signs, *residual)
+    return SavedShapes(*x, *w, signs, *residual_shapes(recipe.occ, tokens, in_features))
 
 
 def _saves_weight(recipe: Recipe) -> bool:
@@ -121,18 +117,17 @@ def linear_forward(
     Returns ``(y, x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, residual_index,
     residual_value)`` with the shapes of :func:`saved_shapes` (empty tensors for what the recipe does
     not save). With ``recipe.occ`` X is clamped first, and every X operand is the clamped one.
+    Wang et al.'s layout (``recipe.fp8_backward``) runs in ``wang_linear.py``.
     """
+    if recipe.fp8_backward:
+        return wang_linear.linear_forward(x, weight, bias, recipe)
     tokens, in_features = x.shape
 
     def empty(dtype: torch.dtype) -> torch.Tensor:  # a fresh one each time: op outputs must not alias
         return torch.empty(0, dtype=dtype, device=x.device)
 
-    residual = (empty(torch.int64), empty(torch.float32))
     occ = recipe.occ
-    if occ is not None:
-        x, index, value = clamp_outliers(x, occ)
-        if occ.compensates:
-            residual = (index, value)
+    x, residual = clamp_for_forward(x, occ)
     in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
     qx = _quantize_operand(_pad_cols(x, in_p), recipe.fwd_x, None)
     qw = _quantize_operand(_pad_cols(weight, in_p), recipe.fwd_w, None)
@@ -183,6 +178,8 @@ def linear_backward(
 
     ``dbias`` is an empty tensor when ``has_bias`` is False.
     """
+    if recipe.fp8_backward:
+        return wang_linear.linear_backward(dy, weight, saved, recipe, has_bias)
     x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, saved_signs, residual_index, residual_value = saved
     tokens, out_features = dy.shape
     in_features = weight.shape[1]

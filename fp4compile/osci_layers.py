@@ -63,6 +63,11 @@ def forward_weight_spec(recipe: Recipe) -> QuantSpec:
     if not recipe.quantized:
         raise ValueError(f"recipe {recipe.name!r} quantizes nothing: no weight can oscillate across an FP4 grid")
     spec = recipe.fwd_w
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(
+            f"recipe {recipe.name!r} quantizes the forward weight as {spec.short_str()} (Wang et al.'s format), not "
+            "NVFP4: OsciReset tracks weights on the NVFP4 grid of an NVFP4 recipe's fwd_w"
+        )
     if spec.stochastic:
         raise ValueError(
             f"recipe {recipe.name!r} quantizes the forward weight stochastically ({spec.short_str()}): OsciReset needs "

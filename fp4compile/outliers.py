@@ -25,9 +25,11 @@ import torch
 __all__ = [
     "OutlierClamping",
     "clamp_outliers",
+    "clamp_for_forward",
     "compensation",
     "dense_residual",
     "residual_count",
+    "residual_shapes",
     "residual_weight_grad",
 ]
 
@@ -76,6 +78,15 @@ def residual_count(n, alpha: float) -> tuple:
     return below, above
 
 
+def residual_shapes(occ, tokens, in_features: int) -> tuple[tuple, tuple]:
+    """Shapes of the saved residual's ``(index, value)`` for X [tokens, in_features] (empty without compensation)."""
+    if occ is None or not occ.compensates:
+        return (0,), (0,)
+    rows, n = (tokens, in_features) if occ.granularity == "token" else (1, tokens * in_features)
+    below, above = residual_count(n, occ.alpha)
+    return (rows, below + above), (rows, below + above)
+
+
 def _rows(x: torch.Tensor, occ: OutlierClamping) -> torch.Tensor:
     return x if occ.granularity == "token" else x.reshape(1, -1)
 
@@ -98,6 +109,16 @@ def clamp_outliers(x: torch.Tensor, occ: OutlierClamping) -> tuple[torch.Tensor,
         [top.values[:, :-1].float() - upper.float(), bottom.values[:, :-1].float() - lower.float()], dim=1
     )
     return clamped, index, value
+
+
+def clamp_for_forward(x: torch.Tensor, occ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """What a quantized linear's forward quantizes and saves: ``(X_c, (index, value))``, X itself without OCC, and
+    fresh empty pairs (int64, FP32) when nothing is compensated (op outputs must not alias)."""
+    residual = (x.new_empty(0, dtype=torch.int64), x.new_empty(0, dtype=torch.float32))
+    if occ is None:
+        return x, residual
+    clamped, index, value = clamp_outliers(x, occ)
+    return clamped, ((index, value) if occ.compensates else residual)
 
 
 def dense_residual(shape: torch.Size, index: torch.Tensor, value: torch.Tensor, occ: OutlierClamping) -> torch.Tensor:

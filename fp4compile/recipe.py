@@ -18,6 +18,10 @@ The backward W and X operands come either from the high-precision tensor (``"hp"
 X^T is then quantized during the forward and only its FP4 form is saved) or from the
 dequantized forward quantization (``"forward"``: the backward is then the exact
 gradient of the quantized forward, as TetraJet-v2 and Quartet II do).
+
+Slots hold :class:`QuantSpec` (NVFP4), except in Wang et al.'s layout (the ``fp4_dge_occ`` preset):
+:class:`~fp4compile.wang_format.RowE2M1` on both forward slots and
+:class:`~fp4compile.wang_format.FP8Tensor` on the four backward slots.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Optional, Union
 from .eligibility import LayerFilter
 from .outliers import OutlierClamping
 from .spec import QuantSpec
+from .wang_format import FP8Tensor, RowE2M1
 
 __all__ = ["Recipe", "SLOTS", "markdown_table"]
 
@@ -83,7 +88,7 @@ class Recipe:
             missing = [slot for slot, s in zip(SLOTS, specs) if s is None]
             raise ValueError(f"recipe {self.name!r}: give a QuantSpec for every slot or none; missing {missing}")
         for s, slot in zip(specs, SLOTS):
-            if s is not None and not isinstance(s, QuantSpec):
+            if s is not None and not isinstance(s, (QuantSpec, RowE2M1, FP8Tensor)):
                 raise TypeError(f"recipe {self.name!r}: slot {slot} must be a QuantSpec, got {type(s).__name__}")
         for field in ("dgrad_w_source", "wgrad_x_source"):
             if getattr(self, field) not in _SOURCES:
@@ -103,6 +108,9 @@ class Recipe:
                     f"recipe {self.name!r}: dge and occ need quantized operands (give every slot a QuantSpec)"
                 )
             return
+        if any(isinstance(s, (RowE2M1, FP8Tensor)) for s in specs):
+            self._check_wang_layout(specs)
+            return
         for gemm, (a, b) in {"fwd": ("fwd.x", "fwd.w"), "dgrad": ("dgrad.dy", "dgrad.w"),
                              "wgrad": ("wgrad.dy", "wgrad.x")}.items():  # fmt: skip
             ra, rb = self.spec(a).rotation, self.spec(b).rotation
@@ -119,11 +127,31 @@ class Recipe:
                 "published recipe; SR in the forward diverges per NVIDIA's ablation)"
             )
 
+    def _check_wang_layout(self, specs: list) -> None:
+        forward_ok = all(isinstance(s, RowE2M1) for s in specs[:2])
+        if not forward_ok or not all(isinstance(s, FP8Tensor) for s in specs[2:]):
+            got = ", ".join(f"{slot}={type(s).__name__}" for slot, s in zip(SLOTS, specs))
+            raise ValueError(
+                f"recipe {self.name!r}: RowE2M1 and FP8Tensor slots go together in Wang et al.'s layout, the one "
+                f"implemented: RowE2M1 on fwd.x and fwd.w, FP8Tensor on the four backward slots; got {got}"
+            )
+        for gemm, (a, b) in (("dgrad", ("dgrad.dy", "dgrad.w")), ("wgrad", ("wgrad.dy", "wgrad.x"))):
+            if self.spec(a).fmt == self.spec(b).fmt == "e5m2":
+                raise ValueError(
+                    f"recipe {self.name!r}: the {gemm} GEMM cannot multiply two E5M2 operands (FP8 tensor cores "
+                    "take E4M3 x E4M3 or E4M3 x E5M2); make one of them FP8Tensor('e4m3')"
+                )
+
     # ------------------------------------------------------------------ queries
     @property
     def quantized(self) -> bool:
         """Whether the recipe quantizes at all (False for ``bf16``)."""
         return self.fwd_x is not None
+
+    @property
+    def fp8_backward(self) -> bool:
+        """Whether this is Wang et al.'s layout: row-scaled E2M1 forward, FP8 backward (``wang_linear.py``)."""
+        return isinstance(self.fwd_x, RowE2M1)
 
     def spec(self, slot: str) -> Optional[QuantSpec]:
         """The QuantSpec of ``slot`` (one of :data:`SLOTS`)."""
@@ -175,6 +203,16 @@ class Recipe:
         _REGISTRY[self.name] = self
         return self
 
+    def options_str(self) -> str:
+        """The DGE and OCC options as text (``-`` for none)."""
+        parts = []
+        if self.dge:
+            parts.append(f"DGE k={self.dge_k:g} cap={self.dge_cap:g}")
+        if self.occ is not None:
+            residual = "no compensation" if not self.occ.compensates else f"{self.occ.residual} compensation"
+            parts.append(f"OCC alpha={self.occ.alpha:g} per {self.occ.granularity}, {residual}")
+        return "; ".join(parts) or "-"
+
     def describe(self, slot: str) -> str:
         """One slot as text: the named quantizer (or its knobs) and its source."""
         spec = self.spec(slot)
@@ -191,13 +229,13 @@ class Recipe:
 
 def markdown_table(recipes: Optional[tuple[str, ...]] = None) -> str:
     """The recipe table (one row per recipe, one column per slot; default: the presets) as GitHub markdown."""
-    rows = ["| recipe | " + " | ".join(SLOTS) + " | backward signs |", "|---" * (len(SLOTS) + 2) + "|"]
+    rows = ["| recipe | " + " | ".join(SLOTS) + " | backward signs | options |", "|---" * (len(SLOTS) + 3) + "|"]
     for name in recipes or tuple(r.name for r in _PRESETS):  # the presets, not recipes registered since
         r = Recipe.named(name)
         signs = "one per backward" if r.share_backward_signs else "one per GEMM"
         if not any(r.spec(s) is not None and r.spec(s).random_signs for s in SLOTS):
             signs = "-"
-        rows.append(f"| `{name}` | " + " | ".join(r.describe(s) for s in SLOTS) + f" | {signs} |")
+        rows.append(f"| `{name}` | " + " | ".join(r.describe(s) for s in SLOTS) + f" | {signs} | {r.options_str()} |")
     return "\n".join(rows)
 
 
@@ -246,6 +284,22 @@ _PRESETS = (
     # dgrad, also with 4/6). Gradients keep TE's SR: SR combined with 4/6 is biased, so this preset never
     # uses it, and TE forbids 4/6 with RHT, so the wgrad X^T stays RHT-16 RTN.
     Recipe("four_over_six", _RTN_4OVER6, _RTN_4OVER6, _SR_TE, _RTN_4OVER6, _RHT16_SR_TE, _RHT16_RTN_TE),
+    # Wang et al. (arXiv 2501.17116): E2M1 forward with exact absmax scales per token (X) and per output
+    # channel (W), FP8 backward GEMMs (E5M2 dY, E4M3 copies of the FP4-simulated W and X, per-tensor
+    # scales), DGE on the weight gradient, outlier clamping at 0.99 with bf16 compensation.
+    Recipe(
+        "fp4_dge_occ",
+        RowE2M1(),
+        RowE2M1(),
+        FP8Tensor("e5m2"),
+        FP8Tensor("e4m3"),
+        FP8Tensor("e5m2"),
+        FP8Tensor("e4m3"),
+        dgrad_w_source="forward",
+        wgrad_x_source="forward",
+        dge=True,
+        occ=OutlierClamping(alpha=0.99),
+    ),  # fmt: skip
     # The baseline the papers show diverging: RTN everywhere, no rotation.
     Recipe("naive", _RTN, _RTN, _RTN, _RTN, _RTN, _RTN),
     # No quantization, for side-by-side runs.

@@ -84,6 +84,9 @@ def test_register_makes_a_custom_recipe_reachable_and_refuses_a_clash():
 def test_markdown_table_has_a_row_per_recipe_naming_each_slot():
     table = markdown_table(("nvidia", "quartet_ii"))
     lines = table.splitlines()
-    assert lines[0] == "| recipe | fwd.x | fwd.w | dgrad.dy | dgrad.w | wgrad.dy | wgrad.x | backward signs |"
-    assert lines[2] == "| `nvidia` | rtn | rtn_2d | sr_te | rtn_2d | rht16_sr_te | rht16_rtn_te | - |"
-    assert "ms_eden of deq(fwd.w)" in lines[3] and lines[3].endswith("one per backward |")
+    assert lines[0] == "| recipe | fwd.x | fwd.w | dgrad.dy | dgrad.w | wgrad.dy | wgrad.x | backward signs | options |"
+    assert lines[2] == "| `nvidia` | rtn | rtn_2d | sr_te | rtn_2d | rht16_sr_te | rht16_rtn_te | - | - |"
+    assert "ms_eden of deq(fwd.w)" in lines[3] and lines[3].endswith("one per backward | - |")
+    wang = markdown_table(("fp4_dge_occ",)).splitlines()[2]
+    assert wang.startswith("| `fp4_dge_occ` | e2m1/row-absmax | e2m1/row-absmax | fp8 e5m2/tensor | fp8 e4m3/tensor ")
+    assert wang.endswith("| DGE k=5 cap=3; OCC alpha=0.99 per token, bf16 compensation |")
