@@ -80,6 +80,15 @@ from .osci_layers import (
     quantize_weight,
     unwrap_model,
 )
+from .osci_shards import (
+    check_shardable,
+    full_from_local,
+    full_weight,
+    is_sharded,
+    local_part,
+    local_rows,
+    local_weight,
+)
 from .recipe import Recipe
 
 __all__ = ["OsciReset"]
@@ -140,6 +149,10 @@ class OsciReset:
         weights: parameter FQNs (e.g. ``["blocks.0.attn.w_qkv"]``) to track instead of
             discovering them, for weights the ``nvfp4`` backend rewrites outside ``nn.Linear``
             (``x @ w.t()``; ``fp4compile.explain`` lists them). Quantized with ``recipe``.
+
+    Under FSDP2 (DTensor weights sharded by rows) ``Q`` quantizes the whole, all-gathered weight, the window
+    state covers the local rows and each rank resets its own rows (``osci_shards.py``); every rank must call
+    :meth:`on_step` (the registered hook does).
 
     Which weights are tracked (without ``weights``): if the model holds ``NVFP4Linear`` layers, those
     whose recipe quantizes (the conversion kept the remaining ``nn.Linear`` in high precision on
@@ -225,13 +238,8 @@ class OsciReset:
             linears, names = linear_layer_names(root.named_modules())
             warn_unmatched_patterns(skip, linears, "OsciReset", candidates=names)
             layers = discover_layers(root, resolved, skip)
-        sharded = [layer.fqn for layer in layers if _is_dtensor(layer.param)]
-        if sharded:
-            raise NotImplementedError(
-                f"OsciReset does not support sharded (DTensor) weights yet, e.g. FSDP2's: {sharded[:2]}; its "
-                "per-tensor scales need the whole weight. Use it with a single process or DDP, or leave it off "
-                "under FSDP2"
-            )
+        for layer in layers:
+            check_shardable(layer.param, layer.fqn)
         if not layers:
             raise ValueError(
                 f"OsciReset found no eligible weight in {type(root).__name__}: it tracks nn.Linear layers (or "
@@ -363,22 +371,24 @@ class OsciReset:
 
     # ------------------------------------------------------------------ the three actions
     def _quantize(self, layer: TrackedLayer) -> NVFP4:
-        """``Q``'s packed quantization of the layer's current weight, as the forward computes it."""
-        return quantize_weight(layer.param.detach(), layer, self.autocast_dtype)
+        """``Q``'s packed quantization of the layer's whole current weight, as the forward computes it."""
+        return quantize_weight(full_weight(layer.param), layer, self.autocast_dtype)
 
     def _dequantized(self, layer: TrackedLayer, q: NVFP4) -> torch.Tensor:
-        """FP32 ``Q(W)`` [out, in] from its packed quantization (padding cropped).
+        """FP32 ``Q(W)`` of this rank's rows (all rows unless sharded) from the packed quantization of the whole
+        weight (padding cropped). On a GPU one Triton decode (bit-identical to ``q.dequantize``)."""
+        return local_part(dispatch.dequantize(q, layer.in_features), layer.param)
 
-        On a GPU one Triton decode (bit-identical to ``q.dequantize``; forward weight specs never rotate).
-        """
-        return dispatch.dequantize(q, layer.in_features)
+    def _flat_offset(self, layer: TrackedLayer) -> int:
+        """Flat index of this rank's first element in the whole weight (0 unless sharded)."""
+        return local_rows(layer.param)[0] * layer.in_features
 
     def _sample_size(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.sample_fraction * numel - 1e-9)))
 
     def _snapshot(self) -> None:
         for layer in self._layers.values():
-            w = layer.param.detach()
+            w = local_weight(layer.param)
             q = self._quantize(layer)
             if not self.memory_efficient:
                 layer.state = {
@@ -391,11 +401,15 @@ class OsciReset:
             score = self._edge_score(layer, q)
             k = self._sample_size(layer.numel)
             index = torch.topk(score.reshape(-1), k, sorted=False).indices.sort().values
+            if is_sharded(layer.param):  # this rank's share of the sample, as flat indices into its rows
+                offset = self._flat_offset(layer)
+                index = index[(index >= offset) & (index < offset + w.numel())] - offset
+                k = index.numel()
             index = index.to(torch.int32 if layer.numel < 2**31 else torch.int64)
             layer.state = {
                 "index": index,
                 "prev": w.reshape(-1)[index],
-                "prev_q": _dequantize_at(q, index, layer.in_features),
+                "prev_q": _dequantize_at(q, index + self._flat_offset(layer), layer.in_features),
                 "d_q": torch.zeros(k, dtype=torch.float32, device=w.device),
                 "d_w": torch.zeros(k, dtype=torch.float32, device=w.device),
             }
@@ -413,7 +427,7 @@ class OsciReset:
             scale = scale * q.outer
         else:
             scale = scale * q.outer.repeat_interleave(128, dim=1)[:, :k]
-        w = layer.param.detach()
+        w = full_weight(layer.param)
         if self.autocast_dtype is not None:
             w = w.to(self.autocast_dtype)
         scaled = w.to(torch.float32).abs() / scale
@@ -425,18 +439,19 @@ class OsciReset:
             if not layer.state:
                 continue  # no snapshot in this window (e.g. registered mid-window): nothing to accumulate
             state = layer.state
-            w = layer.param.detach()
+            w = local_weight(layer.param)
             q = self._quantize(layer)
             if not self.memory_efficient:
                 if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
-                    layer.q_prev = quantize_weight(state["prev"], layer, self.autocast_dtype)
+                    prev = full_from_local(state["prev"], layer.param)
+                    layer.q_prev = quantize_weight(prev, layer, self.autocast_dtype)
                 deq, deq_prev = self._dequantized(layer, q), self._dequantized(layer, layer.q_prev)
                 dispatch.osci_track_update(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
                 layer.q_prev = q
                 continue
             index = state["index"]
             current = w.reshape(-1)[index]
-            current_q = _dequantize_at(q, index, layer.in_features)
+            current_q = _dequantize_at(q, index + self._flat_offset(layer), layer.in_features)
             state["d_q"].add_((current_q - state["prev_q"]).abs())
             state["d_w"].add_((current.to(torch.float32) - state["prev"].to(torch.float32)).abs())
             state["prev"].copy_(current)
@@ -444,6 +459,7 @@ class OsciReset:
 
     def _reset(self, step: int) -> None:
         counts: dict[str, tuple[int, torch.Tensor]] = {}
+        sharded: list[str] = []
         for fqn, layer in self._layers.items():
             if not layer.state:
                 continue
@@ -451,25 +467,35 @@ class OsciReset:
             d_q, d_w = state["d_q"], state["d_w"]
             ratio = torch.where(d_w > 0, d_q / d_w, torch.zeros((), dtype=d_q.dtype, device=d_q.device))
             mask = ratio >= self.threshold
-            w = layer.param
+            w = local_weight(layer.param)
             q = self._quantize(layer)
             if not self.memory_efficient:
                 target = self._dequantized(layer, q).to(w.dtype)
                 w.copy_(torch.where(mask, target, w))
             else:
                 index = state["index"][mask]
-                values = _dequantize_at(q, index, layer.in_features).to(w.dtype)
+                values = _dequantize_at(q, index + self._flat_offset(layer), layer.in_features).to(w.dtype)
                 if w.is_contiguous():
                     w.view(-1)[index] = values
                 else:
                     flat = w.detach().reshape(-1).clone()
                     flat[index] = values
                     w.copy_(flat.view_as(w))
-            counts[fqn] = (mask.numel(), mask.sum())
+            tracked = self._sample_size(layer.numel) if self.memory_efficient else layer.numel
+            counts[fqn] = (tracked, mask.sum())
+            if is_sharded(layer.param):
+                sharded.append(fqn)
             layer.state = {}
             layer.q_prev = None
         if not counts:
             return
+        if sharded:  # every rank reset its own rows: the layer's count is their sum (same order on all ranks)
+            import torch.distributed as dist
+
+            summed = torch.stack([counts[fqn][1] for fqn in sharded])
+            dist.all_reduce(summed)
+            for fqn, total in zip(sharded, summed):
+                counts[fqn] = (counts[fqn][0], total)
         resets = torch.stack([c for _, c in counts.values()]).tolist()  # one host sync per reset step
         report_layers = {
             fqn: {"tracked": tracked, "reset": int(n)} for (fqn, (tracked, _)), n in zip(counts.items(), resets)
@@ -541,13 +567,17 @@ class OsciReset:
             if sorted(saved) != sorted(expected):
                 raise ValueError(f"state of {fqn!r} has entries {sorted(saved)}, expected {sorted(expected)}")
             device, dtype = layer.param.device, layer.param.dtype
+            local = local_weight(layer.param)
             if self.memory_efficient:
                 k = saved["index"].numel()
                 shapes = {name: (k,) for name in expected}
-                if k != self._sample_size(layer.numel) or (k and int(saved["index"].max()) >= layer.numel):
+                whole = not is_sharded(layer.param)  # a shard holds its rows' share of the sample
+                if (whole and k != self._sample_size(layer.numel)) or (
+                    k and int(saved["index"].max()) >= local.numel()
+                ):
                     raise ValueError(f"state of {fqn!r} samples {k} elements, not {self._sample_size(layer.numel)}")
             else:
-                shapes = {name: tuple(layer.param.shape) for name in expected}
+                shapes = {name: tuple(local.shape) for name in expected}
             state = {}
             for name in expected:
                 tensor = saved[name]
@@ -569,12 +599,6 @@ class OsciReset:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a non-negative" if minimum == 0 else "a positive"
@@ -595,5 +619,3 @@ def _dequantize_at(q: NVFP4, index: torch.Tensor, in_features: int) -> torch.Ten
     if q.outer.dim() == 0:
         return values * q.outer
     return values * q.outer[rows, torch.div(cols, 128, rounding_mode="floor")]
-
-

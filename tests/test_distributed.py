@@ -11,6 +11,7 @@ between ranks, yet repeat when a rank is re-seeded.
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -81,6 +82,8 @@ class Setting:
 CPU = Setting("cpu", "gloo", "aot_eager")
 CUDA = Setting("cuda", "nccl", "inductor")
 STOCHASTIC = ("nvidia", "quartet_ii", "tetrajet_v2")  # trained under DDP next to bf16
+OSCI = dict(start=0, period=3, window=1, threshold=0.5, sample_fraction=0.5)  # resets within 6 steps
+OSCI_STEPS = 6
 
 
 def _train(model: nn.Module, forward, rank: int, device, steps: int = STEPS, adam: bool = False) -> list[float]:
@@ -119,6 +122,22 @@ def _ddp(model: nn.Module, setting: Setting, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model.to(device), device_ids=ids)
 
 
+def _fsdp_net(setting: Setting, device: torch.device) -> nn.Module:
+    """``_net`` under FSDP2: ``fully_shard`` per block and the root, each block compiled after sharding."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    model = _net().to(device)
+    mesh = init_device_mesh(device.type, (WORLD,))  # FSDP2 would pick CUDA wherever a GPU is present
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend="nvfp4", options=setting.options("naive"))
+    return model
+
+
 def _worker(rank: int, setting: Setting, init_file: str, out_dir: str) -> None:
     device = setting.rank_device(rank)
     if device.type == "cuda":
@@ -152,23 +171,22 @@ def _worker(rank: int, setting: Setting, init_file: str, out_dir: str) -> None:
         compiled = torch.compile(_ddp(model, setting, device), backend="nvfp4", options=setting.options(recipe))
         results[f"{recipe}_losses"] = _train(model, compiled, rank, device, steps=8, adam=True)
     # FSDP2: fully_shard per block and the root, each block compiled after sharding.
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch._dynamo.reset()
-    model = _net().to(device)
-    mesh = init_device_mesh(device.type, (WORLD,))  # FSDP2 would pick CUDA wherever a GPU is present
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, backend="nvfp4", options=setting.options("naive"))
+    model = _fsdp_net(setting, device)
     results["fsdp_losses"] = _train(model, model, rank, device)
     results["fsdp_params"] = _full_params(model)
-    try:
-        fp4compile.OsciReset(model, "naive", start=0)
-    except NotImplementedError as error:
-        results["fsdp_osci_reset"] = str(error)
+    # FSDP2 with OsciReset on the sharded weights (both variants).
+    for memory_efficient in (False, True):
+        model = _fsdp_net(setting, device)
+        osc = fp4compile.OsciReset(model, "naive", memory_efficient=memory_efficient, **OSCI)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        osc.register(opt)
+        for step in range(OSCI_STEPS):
+            x, y = _batch(step, rank, device)
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[f"fsdp_osci_params_{memory_efficient}"] = _full_params(model)
+        results[f"fsdp_osci_resets_{memory_efficient}"] = [(r["step"], r["reset"], r["tracked"]) for r in osc.history]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -198,17 +216,20 @@ def ranks(setting, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.fixture(scope="module")
-def single_process(setting):
+def _one_process(setting: Setting, steps: int, osci: Optional[dict] = None):
     """One process (on the first GPU in the CUDA setting) running both ranks' micro-batches per step and
-    averaging their gradients."""
+    averaging their gradients, with OsciReset (``osci``: its keyword arguments) or without: the losses per
+    rank, the parameters and OsciReset's history."""
     torch._dynamo.reset()
     device = setting.rank_device(0)
     model = _net().to(device)
     compiled = torch.compile(model, backend="nvfp4", options=setting.options("naive"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    osc = fp4compile.OsciReset(model, "naive", **osci) if osci is not None else None
+    if osc is not None:
+        osc.register(opt)
     losses = [[] for _ in range(WORLD)]
-    for step in range(STEPS):
+    for step in range(steps):
         grads = []
         for rank in range(WORLD):
             x, y = _batch(step, rank, device)
@@ -222,7 +243,13 @@ def single_process(setting):
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch._dynamo.reset()
-    return losses, _full_params(model)
+    history = [(r["step"], r["reset"], r["tracked"]) for r in osc.history] if osc is not None else []
+    return losses, _full_params(model), history
+
+
+@pytest.fixture(scope="module")
+def single_process(setting):
+    return _one_process(setting, STEPS)[:2]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
@@ -259,11 +286,16 @@ def test_osci_reset_keeps_ddp_replicas_identical(ranks):
         assert torch.equal(a, b)
 
 
-def test_osci_reset_refuses_fsdp2_sharded_weights_with_a_clear_error(ranks):
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["full", "memory_efficient"])
+def test_osci_reset_on_fsdp2_shards_equals_one_process_on_the_whole_weights(setting, ranks, memory_efficient):
+    """Q takes its per-tensor scale from the whole (all-gathered) weight, each rank resets its own rows, and the
+    reported counts are the sums over the ranks: the run equals one process with the same micro-batches."""
+    _, params, history = _one_process(setting, OSCI_STEPS, dict(memory_efficient=memory_efficient, **OSCI))
+    assert sum(reset for _, reset, _ in history) > 0
     for result in ranks:
-        message = result.get("fsdp_osci_reset", "no error raised")
-        assert message.startswith("OsciReset does not support sharded (DTensor) weights yet, e.g. FSDP2's: ")
-        assert "blocks.0." in message
+        assert result[f"fsdp_osci_resets_{memory_efficient}"] == history
+        for got, want in zip(result[f"fsdp_osci_params_{memory_efficient}"], params):
+            assert torch.equal(got, want)
 
 
 def test_rank_zero_draws_what_a_single_process_draws(setting, ranks):
