@@ -13,8 +13,9 @@ Public API:
 - :func:`explain`: which matmuls of a model ``backend="nvfp4"`` rewrites, and the rewritten graphs.
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
 - :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
-- :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, NVFP4Config(recipe=...))``
-  swaps eligible linears for :class:`NVFP4Linear` (needs ``torchao>=0.18``).
+- :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, config,
+  filter_fn=config.filter_fn)`` with ``config = NVFP4Config(recipe=...)`` swaps eligible linears for
+  :class:`NVFP4Linear` (needs ``torchao>=0.18``).
 - :func:`export_torchao_nvfp4`: ``NVFP4Linear`` -> ``nn.Linear`` with a torchao ``NVFP4Tensor`` weight,
   bit-identical to ``quantize(weight, "rtn")``, for inference (needs ``torchao>=0.18``);
   :func:`load_torchao_nvfp4` loads a checkpoint of such a model back.

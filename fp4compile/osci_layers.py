@@ -30,7 +30,6 @@ __all__ = [
     "is_converted",
     "make_layer",
     "named_layers",
-    "nvfp4_compile_options",
     "quantize_weight",
     "unwrap_model",
 ]
@@ -95,48 +94,18 @@ def quantize_weight(w: torch.Tensor, layer: TrackedLayer, autocast_dtype: Option
 
 
 
-def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[dict]]:
-    """The module under ``torch.compile`` / DDP wrappers, and the nvfp4 options of the compiled wrappers found."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` (``OptimizedModule._orig_mod``) and DDP / DataParallel wrappers."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    compiled: list[dict] = []
     for _ in range(16):
         if isinstance(model, OptimizedModule):
-            options = nvfp4_compile_options(model)
-            if options is not None:
-                compiled.append(options)
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
             break
-    for module in model.modules():  # torch.compile applied to submodules
-        if isinstance(module, OptimizedModule):
-            options = nvfp4_compile_options(module)
-            if options is not None:
-                compiled.append(options)
-    return model, compiled
-
-
-
-def nvfp4_compile_options(module: nn.Module) -> Optional[dict]:
-    """The ``options`` of ``torch.compile(..., backend="nvfp4")`` that produced ``module``; None when it was
-    compiled with another backend or the options cannot be read (best effort over Dynamo internals)."""
-    try:
-        backend = module.dynamo_ctx.callback
-        for _ in range(8):
-            if getattr(backend, "compiler_name", None) == "nvfp4" and isinstance(
-                getattr(backend, "kwargs", None), dict
-            ):
-                return dict(backend.kwargs.get("options") or {})
-            inner = getattr(backend, "_torchdynamo_orig_backend", None)
-            if inner is None or inner is backend:
-                return None
-            backend = inner
-    except Exception:  # Dynamo's wrappers are internal; any change means we cannot tell
-        return None
-    return None
-
+    return model
 
 
 def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> TrackedLayer:

@@ -75,7 +75,6 @@ from .osci_layers import (
     TrackedLayer,
     discover_layers,
     forward_weight_spec,
-    is_converted,
     named_layers,
     quantize_weight,
     unwrap_model,
@@ -129,9 +128,8 @@ class OsciReset:
             parameters are the same objects) or with linears converted to
             :class:`~fp4compile.nn.NVFP4Linear` (``torchao``'s ``quantize_`` with ``NVFP4Config``).
         recipe: a preset name or :class:`Recipe`: the forward weight quantizer ``recipe.fwd_w`` of
-            plain ``nn.Linear`` weights. ``NVFP4Linear`` layers use their own recipe. A model compiled
-            with ``backend="nvfp4"`` must be compiled with this recipe (checked where the compile
-            options can be read).
+            plain ``nn.Linear`` weights. ``NVFP4Linear`` layers use their own recipe. For a model compiled
+            with ``backend="nvfp4"``, pass the recipe of its ``options`` (``Q`` is the forward's quantizer).
         start: step index of the first snapshot (non-negative); TetraJet-v2 starts at ~60-70% of training.
         period: steps between snapshots (TetraJet-v2: 200, 400 for its largest model).
         window: tracked steps after each snapshot (TetraJet-v2: 50); must be smaller than ``period``
@@ -221,17 +219,7 @@ class OsciReset:
         self._history: list[dict[str, Any]] = []
         self._handle: Optional[_Handle] = None
 
-        root, compiled = unwrap_model(model)
-        if weights is None and is_converted(root):
-            compiled = []  # NVFP4Linear layers keep their own recipe under any backend
-        for options in compiled:
-            compiled_recipe = Recipe.resolve(options.get("recipe", "nvidia"))
-            if compiled_recipe.name != resolved.name:
-                raise ValueError(
-                    f"the model was compiled with backend='nvfp4' and recipe {compiled_recipe.name!r}, but OsciReset "
-                    f"got recipe {resolved.name!r}; pass recipe={compiled_recipe.name!r} (Q is the forward's quantizer)"
-                )
-            skip = skip + LayerFilter.parse(options.get("skip"))
+        root = unwrap_model(model)
         if weights is not None:
             layers = named_layers(root, weights, resolved)
         else:

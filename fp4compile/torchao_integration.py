@@ -1,25 +1,27 @@
-"""torchao integration: ``quantize_(model, NVFP4Config(...))`` for training, ``export_torchao_nvfp4`` for inference.
+"""torchao integration: ``quantize_`` with ``NVFP4Config`` for training, ``export_torchao_nvfp4`` for inference.
 
 Training::
 
     from torchao.quantization import quantize_
     from fp4compile import NVFP4Config
 
-    quantize_(model, NVFP4Config(recipe="quartet_ii"))   # eligible nn.Linear -> NVFP4Linear
-    model = torch.compile(model)                           # any backend; "nvfp4" leaves them as they are
+    config = NVFP4Config(recipe="quartet_ii")
+    quantize_(model, config, filter_fn=config.filter_fn)  # eligible nn.Linear -> NVFP4Linear
+    model = torch.compile(model)                          # any backend; "nvfp4" leaves them as they are
 
 A linear is swapped when it is a plain ``nn.Linear`` (its own forward, not the
 ``NonDynamicallyQuantizableLinear`` of ``nn.MultiheadAttention``), in and out features are
 multiples of 16, its weight is a plain bfloat16/float16/float32 tensor, and its FQN matches
 neither the recipe's ``keep_high_precision`` patterns (``lm_head``) nor ``skip``. Others stay
-``nn.Linear``. A ``filter_fn`` given to ``quantize_`` narrows this further (torchao calls the
-handler only where it returns True); ``NVFP4Config.filter_fn`` is the eligibility test itself.
+``nn.Linear``.
 
-torchao 0.18 passes handlers only ``(module, config)``, not the module's FQN. The handler
-recovers the FQN from the frame of the torchao function that called it
-(``_replace_with_custom_fn_if_matches_filter``'s ``cur_fqn``, or ``_fqn_to_config_handler``'s
-``fqn`` under ``FqnToConfig``); if it cannot, it warns and applies no FQN patterns (pass
-``filter_fn=config.filter_fn`` to ``quantize_`` to apply them through torchao's own FQN argument).
+torchao passes its handlers only ``(module, config)``; a module's FQN reaches only ``quantize_``'s
+``filter_fn``. So the FQN rules travel through ``filter_fn=config.filter_fn``: it is the eligibility
+test, it remembers the FQN of each module it accepts for the handler, and on the root it warns about
+``skip`` patterns that match no linear. Compose it with your own filter as
+``filter_fn=lambda m, fqn: mine(m, fqn) and config.filter_fn(m, fqn)``. A config with FQN rules (every
+preset keeps ``lm_head``) refuses a module its ``filter_fn`` did not accept, with this fix in the
+message: quantizing without the rules would be a silent change of what stays high precision.
 
 Inference: :func:`export_torchao_nvfp4` turns every ``NVFP4Linear`` into an ``nn.Linear`` whose
 weight is a torchao ``NVFP4Tensor`` laid out as torchao's own NVFP4 inference configs lay it out
@@ -34,9 +36,8 @@ and ``fp4compile.export_torchao_nvfp4`` load it on first access). Importing it r
 from __future__ import annotations
 
 import re
-import sys
-import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -55,7 +56,7 @@ from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
 
-_INSTALL_HINT = "fp4compile's torchao integration needs torchao 0.18 or newer: pip install \"torchao>=0.18\""
+_INSTALL_HINT = 'fp4compile\'s torchao integration needs torchao 0.18 or newer: pip install "torchao>=0.18"'
 _MIN_TORCHAO = (0, 18)
 
 
@@ -78,7 +79,8 @@ __all__ = ["NVFP4Config", "export_torchao_nvfp4", "load_torchao_nvfp4", "nvfp4_t
 
 @dataclass
 class NVFP4Config(AOBaseConfig):
-    """torchao config: ``quantize_(model, NVFP4Config(recipe=...))`` swaps eligible linears for ``NVFP4Linear``.
+    """torchao config: ``quantize_(model, config, filter_fn=config.filter_fn)`` swaps eligible linears for
+    ``NVFP4Linear``.
 
     Attributes:
         recipe: a preset name (``fp4compile.Recipe.names()``) or a :class:`~fp4compile.Recipe`
@@ -91,6 +93,10 @@ class NVFP4Config(AOBaseConfig):
 
     recipe: Union[str, Recipe] = "nvidia"
     skip: tuple = ()
+    # module -> the FQN filter_fn accepted it under (read by the handler; never compared or printed)
+    _accepted: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         resolved = Recipe.resolve(self.recipe)  # ValueError listing valid names, TypeError for other types
@@ -136,63 +142,22 @@ class NVFP4Config(AOBaseConfig):
         return None
 
     def filter_fn(self, module: nn.Module, fqn: str) -> bool:
-        """Whether ``module`` at ``fqn`` is swapped; usable as ``quantize_(..., filter_fn=config.filter_fn)``."""
-        return self.why_not(module, fqn) is None
+        """Whether ``module`` at ``fqn`` is swapped (``quantize_(model, config, filter_fn=config.filter_fn)``).
+
+        It remembers the FQN of each module it accepts (the handler applies the FQN rules with it), and on
+        the root (``fqn == ""``, torchao's first call) warns about ``skip`` patterns that match no linear.
+        """
+        if fqn == "" and self.skip:
+            linears, names = linear_layer_names(module.named_modules())
+            skip = LayerFilter.parse(self.skip)
+            warn_unmatched_patterns(skip, linears, "NVFP4Config", candidates=names, stacklevel=3)
+        if self.why_not(module, fqn) is not None:
+            return False
+        self._accepted[module] = fqn
+        return True
 
 
 # ----------------------------------------------------------------------------- the quantize_ handler
-_TORCHAO_CALLERS = {
-    # torchao function name -> (local holding the module, how to read the FQN from the frame's locals)
-    "_replace_with_custom_fn_if_matches_filter": ("model", lambda f: f["cur_fqn"][:-1]),
-    "_fqn_to_config_handler": ("module", lambda f: f["fqn"]),
-}
-
-
-def _fqn_from_torchao_caller(module: nn.Module, max_depth: int = 4) -> Optional[str]:
-    """The FQN torchao's ``quantize_`` knows for ``module``, read from the calling torchao frame; None if absent."""
-    frame = sys._getframe(2)  # skip this function and the handler
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        caller = _TORCHAO_CALLERS.get(frame.f_code.co_name)
-        if caller is not None and frame.f_globals.get("__name__", "").startswith("torchao."):
-            local_name, read_fqn = caller
-            f_locals = frame.f_locals
-            if f_locals.get(local_name) is module:
-                try:
-                    fqn = read_fqn(f_locals)
-                except (KeyError, TypeError):
-                    return None
-                return fqn if isinstance(fqn, str) else None
-        frame = frame.f_back
-    return None
-
-
-def _root_from_torchao_caller(max_depth: int = 256) -> Optional[nn.Module]:
-    """The model given to the ``quantize_`` call in progress (its frame's ``model``), or None."""
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "quantize_" and frame.f_globals.get("__name__", "").startswith("torchao."):
-            model = frame.f_locals.get("model")
-            return model if isinstance(model, nn.Module) else None
-        frame = frame.f_back
-    return None
-
-
-_checked_patterns: list[tuple[int, int]] = []  # (id(model), id(config)) of the last quantize_ call checked
-
-
-def _warn_unmatched_once(root: Optional[nn.Module], config: NVFP4Config) -> None:
-    """Warn, once per ``quantize_`` call, about ``skip`` patterns that match no linear layer of the model."""
-    if root is None or not config.skip or _checked_patterns == [(id(root), id(config))]:
-        return
-    _checked_patterns[:] = [(id(root), id(config))]
-    linears, names = linear_layer_names(root.named_modules())
-    warn_unmatched_patterns(LayerFilter.parse(config.skip), linears, "NVFP4Config", candidates=names, stacklevel=4)
-
-
 def _swap(module: nn.Module, config: NVFP4Config, fqn: Optional[str]) -> nn.Module:
     """``module`` as an ``NVFP4Linear`` if eligible; a container gets its eligible descendant linears swapped.
 
@@ -213,17 +178,17 @@ def _swap(module: nn.Module, config: NVFP4Config, fqn: Optional[str]) -> nn.Modu
 def _nvfp4_config_transform(module: nn.Module, config: NVFP4Config) -> nn.Module:
     """torchao handler: swap ``module`` (an ``nn.Linear`` that ``quantize_``'s filter accepted) for an ``NVFP4Linear``.
 
-    A non-linear module (a ``filter_fn`` that accepted a container) gets its eligible descendant
-    linears swapped, with their FQNs below the container's.
+    ``config.filter_fn`` accepted the module and remembered its FQN; a config without FQN rules also
+    takes modules other filters accepted. A non-linear module gets its eligible descendant linears
+    swapped, with their FQNs below the container's.
     """
-    fqn = _fqn_from_torchao_caller(module)
-    _warn_unmatched_once(_root_from_torchao_caller(), config)
+    fqn = config._accepted.pop(module, None)
     if fqn is None and config.layer_filter:
-        warnings.warn(
-            "NVFP4Config: could not find the module's FQN in torchao's quantize_ call, so the skip rules "
-            f"{list(config.patterns + config.layer_filter.callables)} are not applied to this module; pass "
-            "filter_fn=config.filter_fn to quantize_",
-            stacklevel=2,
+        rules = list(config.patterns + config.layer_filter.callables)
+        raise ValueError(
+            f"NVFP4Config keeps layers in high precision by name ({rules}), and torchao gives a module's name only "
+            "to quantize_'s filter_fn: call quantize_(model, config, filter_fn=config.filter_fn) (with your own "
+            "filter: filter_fn=lambda m, fqn: mine(m, fqn) and config.filter_fn(m, fqn))"
         )
     return _swap(module, config, fqn)
 

@@ -28,7 +28,8 @@ def _model(seed, dtype=torch.float32, *, quantized=True, exported=True, **export
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).to(dtype)
     if quantized:
-        quantize_(model, NVFP4Config())  # the default recipe: "nvidia"
+        config = NVFP4Config()
+        quantize_(model, config, filter_fn=config.filter_fn)  # the default recipe: "nvidia"
     if exported:
         export_torchao_nvfp4(model, **export_kwargs)
     return model

@@ -4,6 +4,7 @@ CPU tests use small shapes; the GPU test (``requires_gpu``) runs quantize_ + ``b
 under bf16 autocast on CUDA.
 """
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def _kinds(model):
     return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _convert(model, config):
+    """``quantize_`` as documented: the config's ``filter_fn`` carries the FQNs to its handler."""
+    quantize_(model, config, filter_fn=config.filter_fn)
+    return model
+
+
 def _nvfp4_names(model):
     return sorted(name for name, m in model.named_modules() if isinstance(m, NVFP4Linear))
 
@@ -155,7 +162,7 @@ def test_autocast_casts_like_nn_linear():
 def test_quantize_swaps_exactly_the_eligible_linears():
     model = TinyLM()
     params = {name: p for name, p in model.named_parameters()}
-    quantize_(model, NVFP4Config(recipe="quartet_ii"))
+    _convert(model, NVFP4Config(recipe="quartet_ii"))
     assert _nvfp4_names(model) == SWAPPED
     assert type(model.lm_head) is nn.Linear  # the recipe's keep_high_precision
     assert type(model.odd) is nn.Linear  # 24 outputs: not a multiple of 16
@@ -169,7 +176,7 @@ def test_skip_patterns_and_ineligible_layers_stay_nn_linear():
     model.int_layer = nn.Linear(32, 32)
     model.int_layer.weight = nn.Parameter(torch.ones(32, 32, dtype=torch.int32), requires_grad=False)
     model.attn = nn.MultiheadAttention(32, 2)  # its out_proj is NonDynamicallyQuantizableLinear
-    quantize_(model, NVFP4Config(recipe="naive", skip=["blocks.1.*"]))
+    _convert(model, NVFP4Config(recipe="naive", skip=["blocks.1.*"]))
     assert _nvfp4_names(model) == ["blocks.0.down", "blocks.0.up"]
     assert type(model.int_layer) is nn.Linear and type(model.attn.out_proj) is not NVFP4Linear
     config = NVFP4Config(skip="*.down")  # a single pattern as a string
@@ -188,7 +195,7 @@ def test_skip_callable_gets_the_fqn_and_the_module():
         return fqn.startswith("blocks.1.")
 
     model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="naive", skip=["blocks.0.down", keep_block_1]))
+    _convert(model, NVFP4Config(recipe="naive", skip=["blocks.0.down", keep_block_1]))
     assert _nvfp4_names(model) == ["blocks.0.up"]
     assert ("blocks.1.up", "Linear") in seen and ("blocks.0.up", "Linear") in seen
     assert NVFP4Config(skip=keep_block_1).skip == (keep_block_1,)
@@ -198,7 +205,7 @@ def test_a_skip_pattern_that_matches_no_linear_warns_once_with_real_names():
     model = TinyLM()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quantize_(model, NVFP4Config(recipe="naive", skip=["block.*", "*.down"]))
+        _convert(model, NVFP4Config(recipe="naive", skip=["block.*", "*.down"]))
     messages = [str(w.message) for w in caught if "matches no linear" in str(w.message)]
     assert messages == [
         "NVFP4Config: skip pattern 'block.*' matches no linear layer, so it keeps nothing in high precision; "
@@ -207,7 +214,7 @@ def test_a_skip_pattern_that_matches_no_linear_warns_once_with_real_names():
     assert _nvfp4_names(model) == ["blocks.0.up", "blocks.1.up"]
 
 
-def test_user_filter_fn_is_honoured():
+def test_user_filter_fn_composes_with_the_configs():
     model = TinyLM()
     seen = []
 
@@ -215,33 +222,46 @@ def test_user_filter_fn_is_honoured():
         seen.append(fqn)
         return isinstance(module, nn.Linear) and fqn.startswith("blocks.1.")
 
-    quantize_(model, NVFP4Config(recipe="naive"), filter_fn=only_block_1)
+    config = NVFP4Config(recipe="naive")
+    quantize_(model, config, filter_fn=lambda m, fqn: only_block_1(m, fqn) and config.filter_fn(m, fqn))
     assert _nvfp4_names(model) == ["blocks.1.down", "blocks.1.up"]
     assert "lm_head" in seen
     # A filter accepting lm_head does not override the recipe's keep_high_precision.
     model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="naive"), filter_fn=lambda m, fqn: fqn in ("lm_head", "blocks.0.up"))
+    quantize_(model, config, filter_fn=lambda m, fqn: fqn in ("lm_head", "blocks.0.up") and config.filter_fn(m, fqn))
     assert _nvfp4_names(model) == ["blocks.0.up"]
-    # A filter accepting a container: its eligible linears are swapped, with their FQNs.
-    model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="naive", skip=["*.down"]), filter_fn=lambda m, fqn: fqn == "blocks.0")
-    assert _nvfp4_names(model) == ["blocks.0.up"]
-    # The config's own filter_fn swaps what quantize_'s default does.
+    # The config's own filter_fn alone: every eligible linear but those its rules keep.
     model, config = TinyLM(), NVFP4Config(recipe="naive", skip=["blocks.0.up"])
     quantize_(model, config, filter_fn=config.filter_fn)
     assert _nvfp4_names(model) == ["blocks.0.down", "blocks.1.down", "blocks.1.up"]
 
 
-def test_fqn_to_config_and_direct_handler_calls():
+def test_without_the_configs_filter_fn_its_fqn_rules_cannot_apply_so_it_refuses():
+    fix = r"call quantize_\(model, config, filter_fn=config.filter_fn\)"
+    for call in (
+        lambda model: quantize_(model, NVFP4Config()),  # torchao's default filter
+        lambda model: quantize_(model, NVFP4Config(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear)),
+        lambda model: quantize_(model, FqnToConfig({"blocks.0.up": NVFP4Config()}), filter_fn=None),
+    ):
+        model = TinyLM()
+        with pytest.raises(ValueError, match=r"keeps layers in high precision by name \(\['lm_head'.*" + fix):
+            call(model)
+        assert _nvfp4_names(model) == []  # refused before anything was swapped
+    with pytest.raises(ValueError, match=fix):
+        _nvfp4_config_transform(nn.Linear(32, 32), NVFP4Config())
+
+
+def test_a_config_without_fqn_rules_takes_any_filter_and_containers():
+    recipe = dataclasses.replace(Recipe.named("naive"), name="naive_keep_nothing", keep_high_precision=()).register()
+    config = NVFP4Config(recipe=recipe)
     model = TinyLM()
-    config = NVFP4Config(recipe="naive")
+    quantize_(model, config, filter_fn=lambda m, fqn: fqn == "blocks.0")  # a container: its eligible linears
+    assert _nvfp4_names(model) == ["blocks.0.down", "blocks.0.up"]
+    model = TinyLM()
     fqn_to_config = {"blocks.0.up": config, "lm_head": config, "re:blocks\\.1\\.(up|down)": config}
     quantize_(model, FqnToConfig(fqn_to_config), filter_fn=None)
-    assert _nvfp4_names(model) == ["blocks.0.up", "blocks.1.down", "blocks.1.up"]  # lm_head kept
-    # Outside quantize_ the FQN is unknown: the handler swaps on shape alone and says so.
-    with pytest.warns(UserWarning, match="could not find the module's FQN"):
-        swapped = _nvfp4_config_transform(nn.Linear(32, 32), config)
-    assert isinstance(swapped, NVFP4Linear)
+    assert _nvfp4_names(model) == ["blocks.0.up", "blocks.1.down", "blocks.1.up", "lm_head"]
+    assert isinstance(_nvfp4_config_transform(nn.Linear(32, 32), config), NVFP4Linear)  # outside quantize_
 
 
 def test_unknown_recipe_raises_at_config_construction():
@@ -256,13 +276,13 @@ def test_unknown_recipe_raises_at_config_construction():
 
 def test_state_dict_round_trips_between_nvfp4_and_plain_models():
     nvfp4 = TinyLM()
-    quantize_(nvfp4, NVFP4Config())
+    _convert(nvfp4, NVFP4Config())
     plain = TinyLM()
     assert list(nvfp4.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(nvfp4.state_dict())  # strict
     _assert_all_equal(list(plain.state_dict().values()), list(nvfp4.state_dict().values()))
     fresh = TinyLM()
-    quantize_(fresh, NVFP4Config())
+    _convert(fresh, NVFP4Config())
     fresh.load_state_dict(plain.state_dict())
     _assert_all_equal(list(fresh.state_dict().values()), list(plain.state_dict().values()))
 
@@ -270,7 +290,7 @@ def test_state_dict_round_trips_between_nvfp4_and_plain_models():
 # ----------------------------------------------------------------------------- torch.compile
 def test_compiled_equals_eager_with_aot_eager_and_nvfp4_backends():
     model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="naive"))
+    _convert(model, NVFP4Config(recipe="naive"))
     x = torch.randn(2, 8, 32)
     want = _loss_and_grads(model, x)
     for g, w in zip(_loss_and_grads(model, x, lambda t: model.by_hand(t, "naive")), want):
@@ -296,7 +316,7 @@ def test_compiled_equals_eager_with_aot_eager_and_nvfp4_backends():
 
 def test_explain_lists_swapped_layers_as_already_nvfp4():
     model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="quartet_ii", skip=["blocks.1.down"]))
+    _convert(model, NVFP4Config(recipe="quartet_ii", skip=["blocks.1.down"]))
     x = torch.randn(4, 32)
     # No recipe given: the conversion stands, the linear quantize_ skipped stays high precision, and a warning says so.
     with pytest.warns(UserWarning, match=r"NVFP4Linear layers \(recipe quartet_ii\).*1 other linear matmul.*blocks\.1"):
@@ -345,7 +365,7 @@ def _assert_bits_equal_rtn(t, w, spec="rtn"):
 
 def test_export_is_bit_identical_to_rtn_and_runs_on_cpu():
     model = TinyLM()
-    quantize_(model, NVFP4Config(recipe="quartet_ii"))
+    _convert(model, NVFP4Config(recipe="quartet_ii"))
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in SWAPPED}
     biases = {n: model.get_submodule(n).bias for n in SWAPPED}
     assert export_torchao_nvfp4(model) is model
@@ -408,7 +428,7 @@ def test_export_options():
         export_torchao_nvfp4(nn.Linear(32, 32), spec="ms_eden")
     # filter_fn and a bare NVFP4Linear root
     model = TinyLM()
-    quantize_(model, NVFP4Config())
+    _convert(model, NVFP4Config())
     export_torchao_nvfp4(model, filter_fn=lambda m, fqn: fqn.startswith("blocks.0."))
     assert _nvfp4_names(model) == ["blocks.1.down", "blocks.1.up"]
     exported = export_torchao_nvfp4(NVFP4Linear(32, 32))
@@ -458,7 +478,7 @@ def test_gpu_quantize_then_nvfp4_backend_under_bf16_autocast_trains():
     d = 256
     model = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.LayerNorm(d)).cuda()
     reference = [p.detach().clone() for p in model.parameters()]
-    quantize_(model, NVFP4Config(recipe="quartet_ii"))
+    _convert(model, NVFP4Config(recipe="quartet_ii"))
     assert _nvfp4_names(model) == ["0", "2"]
     graphs = []
 
@@ -501,5 +521,5 @@ def test_gpu_quantize_then_nvfp4_backend_under_bf16_autocast_trains():
 def test_quantize_finds_every_fqn_without_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quantize_(TinyLM(), NVFP4Config())
+        _convert(TinyLM(), NVFP4Config())
     assert not [w for w in caught if "NVFP4Config" in str(w.message)]

@@ -171,7 +171,8 @@ def test_quantize_api_swaps_linears_to_the_preset():
     x = torch.randn(8, 64)
     want = nvfp4_linear(F.relu(nvfp4_linear(x, model[0].weight, model[0].bias, RECIPE)), model[2].weight,
                         model[2].bias, RECIPE)  # fmt: skip
-    torchao.quantization.quantize_(model, fp4compile.NVFP4Config(recipe=RECIPE))
+    config = fp4compile.NVFP4Config(recipe=RECIPE)
+    torchao.quantization.quantize_(model, config, filter_fn=config.filter_fn)
     assert isinstance(model[0], fp4compile.NVFP4Linear)
     assert torch.equal(model(x), want)
 
