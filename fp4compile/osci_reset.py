@@ -50,27 +50,23 @@ full-size quantization of each tracked step comes on top):
 
 :meth:`OsciReset.bytes_held` reports the bytes actually held, :meth:`OsciReset.bytes_bound` the maximum
 above for this model and :meth:`OsciReset.bytes_per_weight` that maximum per tracked weight element.
+
+The memory-efficient variant's sample is chosen and read in ``osci_sample.py``; the checks on the settings,
+the hook's handle and the ``state_dict`` format are in ``osci_state.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from . import dispatch
-from .eligibility import (
-    FLOAT_DTYPES,
-    LayerFilter,
-    SkipRule,
-    linear_layer_names,
-    warn_unmatched_patterns,
-)
-from .format import NVFP4, e2m1_decode, unpack_nibbles
+from .eligibility import LayerFilter, SkipRule, linear_layer_names, warn_unmatched_patterns
+from .format import NVFP4
 from .osci_layers import (
     TrackedLayer,
     discover_layers,
@@ -79,6 +75,8 @@ from .osci_layers import (
     quantize_weight,
     unwrap_model,
 )
+from .osci_sample import dequantize_at as _dequantize_at  # the name it had here (tests import it)
+from .osci_sample import edge_score, sample_size
 from .osci_shards import (
     check_shardable,
     full_from_local,
@@ -88,36 +86,12 @@ from .osci_shards import (
     local_rows,
     local_weight,
 )
+from .osci_state import CONFIG_KEYS, HookHandle, build_state_dict, check_settings, restore_state
 from .recipe import Recipe
 
 __all__ = ["OsciReset"]
 
 log = logging.getLogger(__name__)
-
-#: Width of the rounding bin of each E2M1 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6), as TetraJet-v2's memeff variant.
-_BIN_WIDTHS = (0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0)
-_STATE_VERSION = 1
-_SCHEDULE_KEYS = ("start", "period", "window", "memory_efficient", "sample_fraction")
-
-
-class _Handle:
-    """What :meth:`OsciReset.register` returns: ``remove()`` unregisters the hook (also as a context manager)."""
-
-    def __init__(self, owner: "OsciReset", torch_handle) -> None:
-        self._owner = owner
-        self._torch_handle = torch_handle
-
-    def remove(self) -> None:
-        """Unregister the hook from the optimizer; the OsciReset can then be registered again."""
-        self._torch_handle.remove()
-        if self._owner._handle is self:
-            self._owner._handle = None
-
-    def __enter__(self) -> "_Handle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 class OsciReset:
@@ -181,26 +155,7 @@ class OsciReset:
         autocast_dtype: Optional[torch.dtype] = None,
         weights: Optional[Sequence[str]] = None,
     ) -> None:
-        _check_int("start", start, minimum=0)
-        _check_int("period", period, minimum=1)
-        _check_int("window", window, minimum=1)
-        if window >= period:
-            raise ValueError(
-                f"window ({window}) must be smaller than period ({period}): the reset comes after step "
-                f"snapshot + window + 1, at the latest together with the next period's snapshot"
-            )
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(f"threshold must be a positive number, got {threshold!r}")
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold!r}")
-        if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
-            raise ValueError(f"sample_fraction must be a number in (0, 1], got {sample_fraction!r}")
-        if not 0.0 < sample_fraction <= 1.0:
-            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction!r}")
-        if not isinstance(memory_efficient, bool):
-            raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
-        if autocast_dtype is not None and autocast_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"autocast_dtype must be None or one of {FLOAT_DTYPES}, got {autocast_dtype!r}")
+        check_settings(start, period, window, threshold, memory_efficient, sample_fraction, autocast_dtype)
         skip = LayerFilter.parse(skip, what="OsciReset skip")
         if not isinstance(model, nn.Module):
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
@@ -217,7 +172,7 @@ class OsciReset:
         self.autocast_dtype = autocast_dtype
         self._step = 0
         self._history: list[dict[str, Any]] = []
-        self._handle: Optional[_Handle] = None
+        self._handle: Optional[HookHandle] = None
 
         root = unwrap_model(model)
         if weights is not None:
@@ -292,7 +247,7 @@ class OsciReset:
             itemsize = layer.param.element_size()
             if self.memory_efficient:
                 index_size = 4 if layer.numel < 2**31 else 8
-                total += self._sample_size(layer.numel) * (index_size + itemsize + 12)
+                total += sample_size(layer.numel, self.sample_fraction) * (index_size + itemsize + 12)
             else:
                 rows = layer.param.shape[0]
                 packed = rows * layer.k_padded // 2 + rows * layer.k_padded // 16
@@ -312,7 +267,7 @@ class OsciReset:
         )
 
     # ------------------------------------------------------------------ hooking
-    def register(self, optimizer: torch.optim.Optimizer) -> _Handle:
+    def register(self, optimizer: torch.optim.Optimizer) -> HookHandle:
         """Run :meth:`on_step` after every ``optimizer.step()`` (``register_step_post_hook``).
 
         Tracked weights that ``optimizer`` does not update are dropped (they cannot move). Returns a
@@ -331,7 +286,7 @@ class OsciReset:
         if dropped:
             log.info("OsciReset: the optimizer does not update %s; not tracking them", ", ".join(dropped))
         self._layers = kept
-        self._handle = _Handle(self, optimizer.register_step_post_hook(self._hook))
+        self._handle = HookHandle(self, optimizer.register_step_post_hook(self._hook))
         return self._handle
 
     def _hook(self, optimizer, args, kwargs) -> None:
@@ -371,9 +326,6 @@ class OsciReset:
         """Flat index of this rank's first element in the whole weight (0 unless sharded)."""
         return local_rows(layer.param)[0] * layer.in_features
 
-    def _sample_size(self, numel: int) -> int:
-        return min(numel, max(1, math.ceil(self.sample_fraction * numel - 1e-9)))
-
     def _snapshot(self) -> None:
         for layer in self._layers.values():
             w = local_weight(layer.param)
@@ -386,8 +338,8 @@ class OsciReset:
                 }
                 layer.q_prev = q
                 continue
-            score = self._edge_score(layer, q)
-            k = self._sample_size(layer.numel)
+            score = edge_score(layer, q, self.autocast_dtype)
+            k = sample_size(layer.numel, self.sample_fraction)
             index = torch.topk(score.reshape(-1), k, sorted=False).indices.sort().values
             if is_sharded(layer.param):  # this rank's share of the sample, as flat indices into its rows
                 offset = self._flat_offset(layer)
@@ -402,25 +354,6 @@ class OsciReset:
                 "d_w": torch.zeros(k, dtype=torch.float32, device=w.device),
             }
             layer.q_prev = None
-
-    def _edge_score(self, layer: TrackedLayer, q: NVFP4) -> torch.Tensor:
-        """``|W/s - Q(W)/s| / binwidth(Q(W)/s)`` per element (s = block scale x outer scale): 0 at a bin
-        centre, highest next to a rounding edge (TetraJet-v2's memeff selection)."""
-        rows, k = layer.param.shape
-        codes = unpack_nibbles(q.codes)[:, :k]
-        values = e2m1_decode(codes).abs()
-        widths = torch.tensor(_BIN_WIDTHS, dtype=torch.float32, device=codes.device)[(codes & 7).long()]
-        scale = q.scales.to(torch.float32).repeat_interleave(16, dim=1)[:, :k]
-        if q.outer.dim() == 0:
-            scale = scale * q.outer
-        else:
-            scale = scale * q.outer.repeat_interleave(128, dim=1)[:, :k]
-        w = full_weight(layer.param)
-        if self.autocast_dtype is not None:
-            w = w.to(self.autocast_dtype)
-        scaled = w.to(torch.float32).abs() / scale
-        score = torch.where(scale > 0, (scaled - values).abs() / widths, 0.0)
-        return torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _track(self) -> None:
         for layer in self._layers.values():
@@ -469,7 +402,7 @@ class OsciReset:
                     flat = w.detach().reshape(-1).clone()
                     flat[index] = values
                     w.copy_(flat.view_as(w))
-            tracked = self._sample_size(layer.numel) if self.memory_efficient else layer.numel
+            tracked = sample_size(layer.numel, self.sample_fraction) if self.memory_efficient else layer.numel
             counts[fqn] = (tracked, mask.sum())
             if is_sharded(layer.param):
                 sharded.append(fqn)
@@ -506,6 +439,10 @@ class OsciReset:
             log.debug("OsciReset step %d: %s reset %d of %d", step, fqn, r["reset"], r["tracked"])
 
     # ------------------------------------------------------------------ checkpointing
+    def _config(self) -> dict[str, Any]:
+        """The settings a :meth:`state_dict` records: the recipe's name and ``osci_state.CONFIG_KEYS``."""
+        return {"recipe": self.recipe.name, **{key: getattr(self, key) for key in CONFIG_KEYS}}
+
     def state_dict(self) -> dict[str, Any]:
         """The step counter, the live window state per parameter FQN and the reset history.
 
@@ -513,21 +450,7 @@ class OsciReset:
         (``torch.save``) or deep-copy it. The packed ``Q(previous weight)`` of the full variant is
         not saved; it is recomputed, bit-identical, on the first tracked step after loading.
         """
-        return {
-            "version": _STATE_VERSION,
-            "step": self._step,
-            "config": {
-                "recipe": self.recipe.name,
-                "start": self.start,
-                "period": self.period,
-                "window": self.window,
-                "threshold": self.threshold,
-                "memory_efficient": self.memory_efficient,
-                "sample_fraction": self.sample_fraction,
-            },
-            "layers": {fqn: dict(layer.state) for fqn, layer in self._layers.items() if layer.state},
-            "history": copy.deepcopy(self._history),
-        }
+        return build_state_dict(self._step, self._config(), self._layers, self._history)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into this OsciReset (same schedule, same tracked weights).
@@ -535,75 +458,9 @@ class OsciReset:
         Tensors move to their weight's device. Raises ``ValueError`` when the schedule or variant
         differs, or a layer is unknown or has mismatched shapes. ``threshold`` may differ (the new one applies).
         """
-        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
-            got = state_dict.get("version") if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(f"not an OsciReset state_dict of version {_STATE_VERSION} (got {got!r})")
-        config = state_dict["config"]
-        for key in _SCHEDULE_KEYS:
-            if config[key] != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={config[key]!r} but this OsciReset has {getattr(self, key)!r}")
-        step = state_dict["step"]
-        _check_int("state_dict['step']", step, minimum=0)
-        layers = state_dict["layers"]
-        unknown = sorted(set(layers) - set(self._layers))
-        if unknown:
-            raise ValueError(f"state_dict holds window state of weights this OsciReset does not track: {unknown}")
-        expected = ("index", "prev", "prev_q", "d_q", "d_w") if self.memory_efficient else ("prev", "d_q", "d_w")
-        restored: dict[str, dict[str, torch.Tensor]] = {}
-        for fqn, saved in layers.items():
-            layer = self._layers[fqn]
-            if sorted(saved) != sorted(expected):
-                raise ValueError(f"state of {fqn!r} has entries {sorted(saved)}, expected {sorted(expected)}")
-            device, dtype = layer.param.device, layer.param.dtype
-            local = local_weight(layer.param)
-            if self.memory_efficient:
-                k = saved["index"].numel()
-                shapes = {name: (k,) for name in expected}
-                whole = not is_sharded(layer.param)  # a shard holds its rows' share of the sample
-                if (whole and k != self._sample_size(layer.numel)) or (
-                    k and int(saved["index"].max()) >= local.numel()
-                ):
-                    raise ValueError(f"state of {fqn!r} samples {k} elements, not {self._sample_size(layer.numel)}")
-            else:
-                shapes = {name: tuple(local.shape) for name in expected}
-            state = {}
-            for name in expected:
-                tensor = saved[name]
-                if tuple(tensor.shape) != shapes[name]:
-                    raise ValueError(
-                        f"state {fqn!r}[{name!r}] has shape {tuple(tensor.shape)}, expected {shapes[name]}"
-                    )
-                if name == "index":
-                    target_dtype = torch.int32 if layer.numel < 2**31 else torch.int64
-                else:
-                    target_dtype = dtype if name == "prev" else torch.float32
-                state[name] = tensor.detach().to(device=device, dtype=target_dtype, copy=True)
-            restored[fqn] = state
+        step, restored = restore_state(state_dict, self._config(), self._layers)
         self._step = step
         for fqn, layer in self._layers.items():
             layer.state = restored.get(fqn, {})
             layer.q_prev = None
         self._history = copy.deepcopy(list(state_dict.get("history", [])))
-
-
-# ----------------------------------------------------------------------------- helpers
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a non-negative" if minimum == 0 else "a positive"
-        raise ValueError(f"{name} must be {what} integer, got {value!r}")
-
-
-def _dequantize_at(q: NVFP4, index: torch.Tensor, in_features: int) -> torch.Tensor:
-    """FP32 dequantized values of ``q`` at flat ``index`` into the unpadded [out, in_features] tensor.
-
-    Bit-identical to ``q.dequantize(torch.float32)`` at those elements (same products, same order), without
-    decoding the whole tensor.
-    """
-    rows = torch.div(index, in_features, rounding_mode="floor")
-    cols = index - rows * in_features
-    packed = q.codes[rows, torch.div(cols, 2, rounding_mode="floor")]
-    codes = torch.where(cols % 2 == 0, packed & 0xF, packed >> 4)
-    values = e2m1_decode(codes) * q.scales[rows, torch.div(cols, 16, rounding_mode="floor")].to(torch.float32)
-    if q.outer.dim() == 0:
-        return values * q.outer
-    return values * q.outer[rows, torch.div(cols, 128, rounding_mode="floor")]
