@@ -2,11 +2,12 @@
 
 - ``quantize``: NVFP4 quantization for every ``QuantSpec`` (RTN, SR, four-over-six, MS-EDEN, RHT-16/128,
   per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside;
-- ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants, outer scales in the epilogue
-  or per 1x128 K-block;
+- ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants sharing their tile order, K step
+  and epilogue helpers, outer scales in the epilogue or per 1x128 K-block;
 - ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded);
 - ``osci``: OsciReset's fused tracked-step update;
-- ``numerics``: the ``@triton.jit`` rounding, rotation and reduction helpers the kernels share.
+- ``numerics``: the ``@triton.jit`` helpers the kernels share: E2M1/E4M3 rounding and encoding, E2M1 code and
+  E4M3 scale decoding, rotation and reduction.
 
 The library reaches them only through ``fp4compile/dispatch.py``, which chooses between these kernels (CUDA
 tensors) and the reference (elsewhere); benchmarks and kernel tests call them directly.

@@ -19,27 +19,9 @@ import triton
 import triton.language as tl
 
 from ..format import NVFP4
+from .numerics import e2m1_value, e4m3_value
 
 __all__ = ["decode_triton"]
-
-
-@triton.jit
-def _e2m1_value(code):
-    """FP32 value of 4-bit E2M1 codes (int32): sign bit 3, exponent bits 2-1, mantissa bit 0."""
-    e = (code >> 1) & 3
-    m = code & 1
-    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-    return tl.where((code & 8) != 0, -mag, mag)
-
-
-@triton.jit
-def _e4m3_value(byte):
-    """FP32 value of float8_e4m3fn bit patterns (int32, non-negative scales)."""
-    e = (byte >> 3) & 15
-    m = byte & 7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
 
 
 @triton.jit
@@ -68,9 +50,9 @@ def _decode_kernel(
     scale_cols = col0 // 16 + tl.arange(0, BK // 16)
     scale_mask = row_ok & (scale_cols < K // 16)[None, :]
     scale_bytes = tl.load(scales_ptr + r64 * (K // 16) + scale_cols[None, :], mask=scale_mask, other=0)
-    scale = _e4m3_value(scale_bytes.to(tl.int32))
+    scale = e4m3_value(scale_bytes.to(tl.int32))
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BM, BK // 16, 16]), [BM, BK])
-    value = _e2m1_value(codes) * scale
+    value = e2m1_value(codes) * scale
     if OUTER == 1:
         value = value * tl.load(outer_ptr)
     if OUTER == 2:

@@ -21,21 +21,77 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 __all__ = ["gemm_triton"]
 
 
-def _configs() -> list[triton.Config]:
-    shapes = [  # (BM, BN, BK, stages, warps)
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 256, 64, 4, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 4, 4),
-        (128, 256, 128, 2, 8),
-        (128, 128, 128, 3, 8),
-        (64, 256, 128, 3, 8),
-    ]
+@triton.jit
+def _tile_coords(tile, grid_m, in_group, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``tile`` in grouped order, ``in_group = GROUP_M * grid_n`` tiles a group:
+    consecutive tiles walk down GROUP_M tile rows, then on to the next tile column, so that neighbouring programs
+    share operand tiles in L2."""
+    group = tile // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER: tl.constexpr):
+    """``acc + a @ b`` for the K step at ``k0`` (a [BM, BK], b [BK, N]). With per-1x128-block outer scales the
+    step's partial product is first scaled by ``outer_a[m, kb] * outer_b[n, kb]``, kb = k0 // 128 (BK divides 128)."""
+    if BLOCK_OUTER:
+        kb = k0 // 128
+        oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
+        ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
+        acc += tl.dot(a, b) * (oa[:, None] * ob[None, :])
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    c_ptr,
+    outer_a_ptr,
+    outer_b_ptr,
+    bias_ptr,
+    rm,
+    rn,
+    m_ok,
+    n_ok,
+    stride_cm,
+    stride_cn,
+    BLOCK_OUTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Per-tensor outer scales (per-block ones were applied in the K steps), bias, one rounding to C's dtype, store."""
+    if not BLOCK_OUTER:
+        acc = acc * (tl.load(outer_a_ptr) * tl.load(outer_b_ptr))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _autotune_configs(shapes, pre_hook=None) -> list[triton.Config]:
+    """One config per (BM, BN, BK, stages, warps), with grouped tile order over 8 tile rows."""
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+        triton.Config(
+            {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps, pre_hook=pre_hook
+        )
         for bm, bn, bk, stages, warps in shapes
     ]
+
+
+# Config space of the pointer kernel, (BM, BN, BK, stages, warps), timed per key by the autotuner on the GPU. The
+# choices: large Hopper fp16 tensor-core tiles with 8 warps in the style of Triton's matmul tutorials (the first is
+# the tutorial's 128x256x64, 3 stages, 8 warps), one 4-warp variant, BK 64 or 128 (BK must divide 128 so that a
+# per-block outer scale is constant over a K step; 128 is one outer block per step), fewer stages where a tile needs
+# more shared memory. Measured throughput on H100: benchmarks/RESULTS.md.
+_POINTER_SHAPES = [
+    (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8),
+    (128, 128, 64, 4, 4), (128, 256, 128, 2, 8), (128, 128, 128, 3, 8), (64, 256, 128, 3, 8),
+]  # fmt: skip
 
 
 @triton.jit
@@ -63,15 +119,11 @@ def _gemm_body(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """Pointer loads (any strides), one program per output tile."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
-
+    pid_m, pid_n = _tile_coords(pid, grid_m, GROUP_M * grid_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -87,48 +139,32 @@ def _gemm_body(
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & (rk[None, :] < K - k0), other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :] & (rk[:, None] < K - k0), other=0.0)
-        if BLOCK_OUTER:
-            kb = k0 // 128
-            oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
-            ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
-            acc += tl.dot(a, b) * (oa[:, None] * ob[None, :])
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER)
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
-    if not BLOCK_OUTER:
-        acc = acc * (tl.load(outer_a_ptr) * tl.load(outer_b_ptr))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue(
+        acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn, BLOCK_OUTER, HAS_BIAS
+    )
 
 
-_gemm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "EVEN_K"])(
-    triton.jit(_gemm_body.fn)
-)
-_gemm_fixed = _gemm_body
-
-
-def _tma_configs() -> list[triton.Config]:
-    shapes = [  # (BM, BN, BK, stages, warps)
-        (128, 256, 64, 3, 8),
-        (128, 256, 64, 4, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 128, 3, 8),
-        (128, 256, 128, 2, 8),
-    ]
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps,
-                      pre_hook=_set_block_shapes)
-        for bm, bn, bk, stages, warps in shapes
-    ]
+_gemm_tuned = triton.autotune(
+    configs=_autotune_configs(_POINTER_SHAPES), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "EVEN_K"]
+)(triton.jit(_gemm_body.fn))
+_gemm_fixed = _gemm_body  # one small shape, launched by gemm_triton(autotune=False) (the interpreter)
 
 
 def _set_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the TMA descriptors' block shapes follow the config being run."""
     nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
     nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+# Config space of the TMA kernel, (BM, BN, BK, stages, warps): the pointer kernel's shapes (see above) with 8 warps
+# and BM >= 128, for the same reasons; the pre-hook sizes the TMA descriptors' blocks to each config.
+_TMA_SHAPES = [
+    (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 256, 128, 2, 8),
+]  # fmt: skip
 
 
 @triton.jit
@@ -158,11 +194,7 @@ def _gemm_tma_body(
     k_tiles = tl.cdiv(K, BK)
     in_group = GROUP_M * grid_n
     for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=True):
-        group = tile // in_group
-        first_m = group * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % in_group) % size_m
-        pid_n = (tile % in_group) // size_m
+        pid_m, pid_n = _tile_coords(tile, grid_m, in_group, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         m_ok = rm < M
@@ -171,22 +203,14 @@ def _gemm_tma_body(
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BM, ki * BK])
             b = b_desc.load([pid_n * BN, ki * BK])
-            if BLOCK_OUTER:
-                kb = (ki * BK) // 128
-                oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
-                ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
-                acc += tl.dot(a, b.T) * (oa[:, None] * ob[None, :])
-            else:
-                acc = tl.dot(a, b.T, acc)
-        if not BLOCK_OUTER:
-            acc = acc * (tl.load(outer_a_ptr) * tl.load(outer_b_ptr))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
+        _epilogue(acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn,
+                  BLOCK_OUTER, HAS_BIAS)  # fmt: skip
 
 
-_gemm_tma = triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS"])(_gemm_tma_body)
+_gemm_tma = triton.autotune(
+    configs=_autotune_configs(_TMA_SHAPES, _set_block_shapes), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS"]
+)(_gemm_tma_body)
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -235,8 +259,8 @@ def gemm_triton(
         a_desc = TensorDescriptor.from_tensor(a, [1, 16])  # block shapes are set per config by the pre-hook
         b_desc = TensorDescriptor.from_tensor(b, [1, 16])
         grid = lambda meta: (min(sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-        _gemm_tma[grid](a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1), BLOCK_OUTER=block_outer,
-                        HAS_BIAS=bias is not None, NUM_SMS=sms)
+        tma_args = (a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1))
+        _gemm_tma[grid](*tma_args, BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, NUM_SMS=sms)
         return c
     flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     if autotune:

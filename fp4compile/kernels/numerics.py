@@ -1,10 +1,12 @@
 """Triton device functions mirroring ``fp4compile/format.py`` operation for operation.
 
-Every function here computes exactly what its ``format.py`` counterpart computes,
-with one IEEE rounding per operation, so kernels launched with
-``enable_fp_fusion=False`` match the spec bit for bit. E4M3 rounding is done
-arithmetically (no ``.to(tl.float8e4nv)``: the Triton interpreter rounds that
-cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the GPU).
+Encoding (E2M1 and E4M3 rounding, E4M3 bytes, code packing), decoding (E2M1 codes
+and E4M3 bytes back to FP32), rotation and reduction helpers. Every function here
+computes exactly what its ``format.py`` counterpart computes, with one IEEE rounding
+per operation, so kernels launched with ``enable_fp_fusion=False`` match the spec bit
+for bit. E4M3 rounding is done arithmetically (no ``.to(tl.float8e4nv)``: the Triton
+interpreter rounds that cast wrongly), divisions use ``div_rn`` (``/`` is approximate
+on the GPU). Decoding is exact: E2M1 and E4M3 values are exact in FP32.
 
 [Note: pieces] Kernels hold a tile of NB 16-element scale blocks as [BM, NB, W]
 "pieces": one piece of W=16 (a contiguous load), or, for the RHT-16 path, two
@@ -22,6 +24,8 @@ __all__ = [
     "e4m3_rne",
     "e4m3_sr",
     "e4m3_byte",
+    "e2m1_value",
+    "e4m3_value",
     "fwht",
     "fwht8",
     "abs_bits",
@@ -106,6 +110,25 @@ def e4m3_byte(b):
     normal = ((bits >> 20) - 960).to(tl.int32)
     subnormal = (b * 512.0).to(tl.int32)
     return tl.where(b >= 0.015625, normal, subnormal).to(tl.uint8)
+
+
+@triton.jit
+def e2m1_value(code):
+    """FP32 value of 4-bit E2M1 codes (int32): sign bit 3, exponent bits 2-1, mantissa bit 0."""
+    e = (code >> 1) & 3
+    m = code & 1
+    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def e4m3_value(byte):
+    """FP32 value of float8_e4m3fn bit patterns (int32, non-negative scales)."""
+    e = (byte >> 3) & 15
+    m = byte & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
 
 
 @triton.jit
