@@ -11,6 +11,9 @@ Public API:
   FP8 backward; the ``fp4_dge_occ`` preset).
 - :func:`nvfp4_linear`: ``F.linear`` with NVFP4 forward and backward GEMMs.
 - :func:`explain`: which matmuls of a model ``backend="nvfp4"`` rewrites, and the rewritten graphs.
+- :class:`OutControl`: TetraJet-v2's outlier input channels in MXFP8 (``Recipe(outliers=...)``,
+  preset ``tetrajet_v2_full``); :func:`outlier_channels` reports each layer's selection and
+  :func:`attach_outlier_state` registers the state before a checkpoint is loaded.
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
 - :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
 - :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, config,
@@ -34,6 +37,8 @@ from .explain import explain
 from .format import NVFP4
 from .linear import nvfp4_linear
 from .osci_reset import OsciReset
+from .outlier_channels import OutControl
+from .outlier_layers import attach_outlier_state, outlier_channels
 from .outliers import OutlierClamping
 from .quantize import quantize
 from .recipe import Recipe
@@ -47,12 +52,15 @@ __all__ = [
     "NVFP4",
     "NVFP4Linear",
     "OsciReset",
+    "OutControl",
     "OutlierClamping",
     "QuantSpec",
     "Recipe",
     "RowE2M1",
+    "attach_outlier_state",
     "explain",
     "nvfp4_linear",
+    "outlier_channels",
     "quantize",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .eligibility import FLOAT_DTYPES, why_not_nvfp4
+from .outlier_channels import OutlierState, observe
 from .recipe import Recipe
 
 __all__ = ["nvfp4_linear"]
@@ -70,6 +71,7 @@ def nvfp4_linear(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     recipe="nvidia",
+    outlier_state: Optional[OutlierState] = None,
 ) -> torch.Tensor:
     """``F.linear`` with NVFP4 forward and backward GEMMs quantized per ``recipe``.
 
@@ -78,6 +80,8 @@ def nvfp4_linear(
         weight: [out, in] of x's dtype; in and out multiples of 16.
         bias: optional [out].
         recipe: a :class:`Recipe` or a preset name (``Recipe.names()``); ``"bf16"`` is plain ``F.linear``.
+        outlier_state: the layer's :class:`~fp4compile.outlier_channels.OutlierState`, required by recipes with
+            ``outliers`` (``NVFP4Linear`` passes its own); with grad enabled each call records X into it.
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` would be.
 
@@ -93,5 +97,17 @@ def nvfp4_linear(
     from . import ops  # noqa: F401  (registers the fp4compile:: ops on first use)
 
     x2 = x.reshape(-1, x.shape[-1])
-    y = ops.linear(x2, weight, bias, recipe.name)[0]
+    if recipe.outliers is None:
+        if outlier_state is not None:
+            raise ValueError(f"nvfp4_linear: recipe {recipe.name!r} has no outliers option; pass no outlier_state")
+        y = ops.linear(x2, weight, bias, recipe.name)[0]
+    else:
+        if not isinstance(outlier_state, OutlierState):
+            raise ValueError(
+                f"nvfp4_linear: recipe {recipe.name!r} keeps outlier channels, which needs the layer's state: pass "
+                "outlier_state=fp4compile.outlier_channels.new_state(in_features, device) (NVFP4Linear holds one)"
+            )
+        if torch.is_grad_enabled():  # a training forward: record X first (the window's last one selects)
+            observe(x2, outlier_state, recipe.outliers)
+        y = ops.outlier_linear(x2, weight, bias, outlier_state.order, outlier_state.selected, recipe.name)[0]
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -119,6 +119,11 @@ def linear_forward(
     not save). With ``recipe.occ`` X is clamped first, and every X operand is the clamped one.
     Wang et al.'s layout (``recipe.fp8_backward``) runs in ``wang_linear.py``.
     """
+    if recipe.outliers is not None:  # never quantize without the outlier channels the recipe asks for
+        raise ValueError(
+            f"recipe {recipe.name!r} keeps outlier channels: it runs in fp4compile::outlier_linear with the layer's "
+            "state (nvfp4_linear(..., outlier_state=...), NVFP4Linear, or backend='nvfp4')"
+        )
     if recipe.fp8_backward:
         return wang_linear.linear_forward(x, weight, bias, recipe)
     tokens, in_features = x.shape

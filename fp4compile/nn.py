@@ -1,20 +1,23 @@
 """``NVFP4Linear``: an ``nn.Linear`` whose forward and backward GEMMs run in NVFP4.
 
 The module holds the same parameters as ``nn.Linear`` (``weight`` [out, in], optional ``bias``
-[out], same state_dict keys), so checkpoints move freely between the two. Its forward is
+[out], same state_dict keys), so checkpoints move freely between the two; a recipe with ``outliers``
+(OutControl) adds the layer's outlier-channel state as buffers (``outlier_norms``, ``outlier_count``,
+``outlier_order``, ``outlier_selected``), saved and restored with the model. Its forward is
 :func:`fp4compile.nvfp4_linear` with the module's recipe; in eager mode and under
 ``torch.compile`` (any backend) it runs the same ``fp4compile::linear`` op.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .eligibility import why_not_nvfp4
 from .linear import nvfp4_linear
+from .outlier_channels import OutlierState, new_state
 from .recipe import Recipe
 
 __all__ = ["NVFP4Linear"]
@@ -47,10 +50,20 @@ class NVFP4Linear(nn.Linear):
         _check_features(in_features, out_features)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = name
+        if Recipe.named(name).outliers is not None:
+            for field, tensor in zip(OutlierState._fields, new_state(in_features, device=device)):
+                self.register_buffer(f"outlier_{field}", tensor)
+
+    @property
+    def outlier_state(self) -> Optional[OutlierState]:
+        """The outlier-channel state (views of the buffers), or None when the recipe has no ``outliers``."""
+        if not hasattr(self, "outlier_order"):
+            return None
+        return OutlierState(*(getattr(self, f"outlier_{field}") for field in OutlierState._fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight^T + bias`` with NVFP4 forward and backward GEMMs (see :func:`nvfp4_linear`)."""
-        return nvfp4_linear(x, self.weight, self.bias, recipe=self.recipe)
+        return nvfp4_linear(x, self.weight, self.bias, recipe=self.recipe, outlier_state=self.outlier_state)
 
     def extra_repr(self) -> str:
         """``nn.Linear``'s description plus the recipe."""
@@ -78,6 +91,9 @@ class NVFP4Linear(nn.Linear):
         )
         new.weight = linear.weight
         new.bias = linear.bias
+        if new.outlier_state is not None:  # built on meta: the state goes where the weight is
+            for field, tensor in zip(OutlierState._fields, new_state(linear.in_features, linear.weight.device)):
+                setattr(new, f"outlier_{field}", tensor)
         new.train(linear.training)
         return new
 

@@ -18,10 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import outcontrol_gemms
 from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
 
-__all__ = ["SCHEMA_VERSION", "linear", "linear_backward_op"]
+__all__ = ["SCHEMA_VERSION", "linear", "linear_backward_op", "outlier_linear", "outlier_linear_backward"]
 
 # (codes, E4M3 scale bytes, outer) of X and of W, the rotation signs, then the OCC residual's (index, value).
 _SAVED_DTYPES = (
@@ -96,3 +97,70 @@ def _backward(ctx, dy, *unused_grads):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- OutControl (outlier channels)
+@torch.library.custom_op(f"fp4compile::outlier_linear_v{SCHEMA_VERSION}", mutates_args=())
+def outlier_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Tensor, selected: Tensor, recipe: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantized ``x @ weight^T + bias`` with OutControl's outlier channels (``order[:k]`` once ``selected``), and
+    the tensors saved for the backward (``outcontrol_gemms.py``)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return outcontrol_gemms.linear_forward(x, weight, bias, order, selected, Recipe.named(recipe))
+
+
+@outlier_linear.register_fake
+def _outlier_linear_fake(x, weight, bias, order, selected, recipe):
+    r = Recipe.named(recipe)
+    shapes = outcontrol_gemms.saved_shapes(r, x.shape[0], weight.shape[1], weight.shape[0])
+    saved = (x.new_empty(s, dtype=d) for s, d in zip(shapes, outcontrol_gemms.saved_dtypes(r)))
+    return (x.new_empty(x.shape[0], weight.shape[0]), *saved)
+
+
+@torch.library.custom_op(f"fp4compile::outlier_linear_backward_v{SCHEMA_VERSION}", mutates_args=())
+def outlier_linear_backward(
+    dy: Tensor,
+    weight: Tensor,
+    order: Tensor,
+    selected: Tensor,
+    x_codes: Tensor,
+    x_scales: Tensor,
+    x_outer: Tensor,
+    w_codes: Tensor,
+    w_scales: Tensor,
+    w_outer: Tensor,
+    outlier_values: Tensor,
+    outlier_exponents: Tensor,
+    recipe: str,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::outlier_linear`` (dbias empty without bias)."""
+    saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, outlier_values, outlier_exponents)
+    with torch.autocast(dy.device.type, enabled=False):
+        return outcontrol_gemms.linear_backward(dy, weight, order, selected, saved, Recipe.named(recipe), has_bias)
+
+
+@outlier_linear_backward.register_fake
+def _outlier_linear_backward_fake(dy, weight, *rest):
+    has_bias = rest[-1]
+    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
+    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db
+
+
+def _outlier_setup_context(ctx, inputs, output):
+    x, weight, bias, order, selected, recipe = inputs
+    ctx.recipe = recipe
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+    # Copies: the layer's state tensors are updated in place after the forward (outlier_channels.observe).
+    ctx.save_for_backward(weight, order.clone(), selected.clone(), *output[1:])
+
+
+def _outlier_backward(ctx, dy, *unused_grads):
+    weight, order, selected, *saved = ctx.saved_tensors
+    dx, dw, db = outlier_linear_backward(dy.contiguous(), weight, order, selected, *saved, ctx.recipe, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None, None, None
+
+
+outlier_linear.register_autograd(_outlier_backward, setup_context=_outlier_setup_context)

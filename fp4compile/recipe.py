@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .eligibility import LayerFilter
+from .outlier_channels import OutControl
 from .outliers import OutlierClamping
 from .spec import QuantSpec
 from .wang_format import FP8Tensor, RowE2M1
@@ -62,6 +63,9 @@ class Recipe:
         dge_k, dge_cap: the estimator's sharpness and cap (the paper's 5 and 3.0).
         occ: Wang et al.'s outlier clamping and compensation of the activations
             (:class:`~fp4compile.outliers.OutlierClamping`), or None.
+        outliers: outlier input channels kept out of FP4: TetraJet-v2's
+            :class:`~fp4compile.outlier_channels.OutControl`, or None. The layer then carries an
+            :class:`~fp4compile.outlier_channels.OutlierState` (``NVFP4Linear`` holds it as buffers).
     """
 
     name: str
@@ -79,6 +83,7 @@ class Recipe:
     dge_k: float = 5.0
     dge_cap: float = 3.0
     occ: Optional[OutlierClamping] = None
+    outliers: Optional[OutControl] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -102,12 +107,16 @@ class Recipe:
                 raise ValueError(f"Recipe.{field} must be a positive finite number, got {value!r}")
         if self.occ is not None and not isinstance(self.occ, OutlierClamping):
             raise TypeError(f"Recipe.occ must be an OutlierClamping or None, got {type(self.occ).__name__}")
+        if self.outliers is not None and not isinstance(self.outliers, OutControl):
+            raise TypeError(f"Recipe.outliers must be an OutControl or None, got {type(self.outliers).__name__}")
         if not self.quantized:
-            if self.dge or self.occ is not None:
+            if self.dge or self.occ is not None or self.outliers is not None:
                 raise ValueError(
-                    f"recipe {self.name!r}: dge and occ need quantized operands (give every slot a QuantSpec)"
+                    f"recipe {self.name!r}: dge, occ and outliers need quantized operands (give every slot a QuantSpec)"
                 )
             return
+        if self.outliers is not None:
+            self._check_outliers(specs)
         if any(isinstance(s, (RowE2M1, FP8Tensor)) for s in specs):
             self._check_wang_layout(specs)
             return
@@ -125,6 +134,24 @@ class Recipe:
             raise ValueError(
                 f"recipe {self.name!r}: stochastic forward quantizers are not supported (the forward is RTN in every "
                 "published recipe; SR in the forward diverges per NVIDIA's ablation)"
+            )
+
+    def _check_outliers(self, specs: list) -> None:
+        if any(not isinstance(s, QuantSpec) for s in specs) or self.dge or self.occ is not None:
+            raise ValueError(
+                f"recipe {self.name!r}: OutControl combines with NVFP4 slots only, without dge and occ (no published "
+                "recipe combines them)"
+            )
+        if self.fwd_x.outer != "block128" or self.fwd_w.outer != "block128":
+            raise ValueError(
+                f"recipe {self.name!r}: OutControl's outlier columns join the forward GEMM as K-blocks with their own "
+                "outer scales, which needs double-block forward quantizers (QuantSpec(outer='block128'), as "
+                f"TetraJet-v2); fwd.x is {self.fwd_x.short_str()}, fwd.w {self.fwd_w.short_str()}"
+            )
+        if self.wgrad_x_source != "forward":
+            raise ValueError(
+                f"recipe {self.name!r}: OutControl needs wgrad_x_source='forward' (the wgrad X operand is re-quantized "
+                "from the forward quantization, outlier channels from their outlier format, as TetraJet-v2)"
             )
 
     def _check_wang_layout(self, specs: list) -> None:
@@ -204,13 +231,17 @@ class Recipe:
         return self
 
     def options_str(self) -> str:
-        """The DGE and OCC options as text (``-`` for none)."""
+        """The DGE, OCC and outlier-channel options as text (``-`` for none)."""
         parts = []
         if self.dge:
             parts.append(f"DGE k={self.dge_k:g} cap={self.dge_cap:g}")
         if self.occ is not None:
             residual = "no compensation" if not self.occ.compensates else f"{self.occ.residual} compensation"
             parts.append(f"OCC alpha={self.occ.alpha:g} per {self.occ.granularity}, {residual}")
+        if self.outliers is not None:
+            o = self.outliers
+            last = o.start + o.window - 1
+            parts.append(f"OutControl {o.ratio:g} of channels in {o.outlier_format} (forwards {o.start}-{last})")
         return "; ".join(parts) or "-"
 
     def describe(self, slot: str) -> str:
@@ -265,6 +296,20 @@ _PRESETS = (
         _DB_RHT16_SR,
         dgrad_w_source="forward",
         wgrad_x_source="forward",
+    ),  # fmt: skip
+    # TetraJet-v2 with OutControl: the 10 % input channels of largest L2 norm over training forwards 500-549
+    # run in MXFP8 in the forward and wgrad GEMMs from then on (OsciReset is the separate optimizer hook).
+    Recipe(
+        "tetrajet_v2_full",
+        _DB_RTN,
+        _DB_RTN,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        _DB_RHT16_SR,
+        dgrad_w_source="forward",
+        wgrad_x_source="forward",
+        outliers=OutControl(ratio=0.1, start=500, window=50),
     ),  # fmt: skip
     # Quartet II: 4/6 RTN 1x16 forward on X and W; MS-EDEN (RHT-128) on the four backward operands, W^T
     # and X^T re-quantized from the saved forward quantization; one fresh sign vector per backward call.

@@ -101,7 +101,7 @@ def test_dge_through_the_backend_equals_eager():
 
 
 def test_dge_recipe_options_are_checked():
-    with pytest.raises(ValueError, match="dge and occ need quantized operands"):
+    with pytest.raises(ValueError, match="dge, occ and outliers need quantized operands"):
         Recipe("bf16_dge_test", dge=True)
     with pytest.raises(ValueError, match="dge_k must be a positive finite number"):
         dataclasses.replace(Recipe.named("naive"), name="bad_dge_k", dge=True, dge_k=0)

@@ -54,7 +54,8 @@ def test_every_recipe_keeps_the_lm_head_in_high_precision():
 
 
 def test_unknown_recipe_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown recipe 'nvfp4'; valid recipes: nvidia, tetrajet_v2, quartet_ii"):
+    valid = "nvidia, tetrajet_v2, tetrajet_v2_full, quartet_ii"
+    with pytest.raises(ValueError, match=f"unknown recipe 'nvfp4'; valid recipes: {valid}"):
         Recipe.named("nvfp4")
 
 

@@ -265,7 +265,8 @@ def test_a_config_without_fqn_rules_takes_any_filter_and_containers():
 
 
 def test_unknown_recipe_raises_at_config_construction():
-    with pytest.raises(ValueError, match=r"unknown recipe 'quartet2'; valid recipes: nvidia, tetrajet_v2, quartet_ii"):
+    valid = "nvidia, tetrajet_v2, tetrajet_v2_full, quartet_ii"
+    with pytest.raises(ValueError, match=f"unknown recipe 'quartet2'; valid recipes: {valid}"):
         NVFP4Config(recipe="quartet2")
     with pytest.raises(TypeError, match="recipe must be a Recipe or a recipe name"):
         NVFP4Config(recipe=3)

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn, why_not_nvfp4
 from ..linear import nvfp4_linear
+from ..outlier_channels import OutlierState, attach_state
 from ..recipe import Recipe
 from .names import ModuleNames, source_to_fqn
 from .report import ALREADY_NVFP4, FILTERED, INELIGIBLE, NO_WEIGHT, REWRITTEN, MatmulRecord
@@ -49,7 +50,7 @@ _CAST_METHODS = ("to", "type", "contiguous", "bfloat16", "half", "float")
 _MODULE_PATH_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])*\.?")
 #: Label of the already-quantized linear op in records.
 ALREADY_NVFP4_OP = "fp4compile.linear"
-_LINEAR_OP = re.compile(r"fp4compile::linear(?:_v\d+)?")  # the op's name carries its schema version
+_LINEAR_OP = re.compile(r"fp4compile::(?:outlier_)?linear(?:_v\d+)?")  # the op's name carries its schema version
 
 
 # ----------------------------------------------------------------------------- names
@@ -177,7 +178,7 @@ def _nvfp4_op_recipe(node: fx.Node) -> Optional[str]:
         return None
     if not _LINEAR_OP.fullmatch(name):
         return None
-    recipe = node.args[3] if len(node.args) > 3 else node.kwargs.get("recipe")
+    recipe = node.kwargs.get("recipe", node.args[-1] if len(node.args) > 3 else None)  # the last argument
     return str(recipe)
 
 
@@ -295,6 +296,10 @@ def rewrite_matmuls(
             reason, status = "recipe bf16 quantizes nothing", FILTERED
         if reason is None and keep_plain is not None:
             reason, status = keep_plain, FILTERED
+        owner = module[1]
+        if reason is None and recipe.outliers is not None:
+            if owner is None or getattr(owner, "weight", None) is not _parameter(weight_node) or not out_in:
+                reason, status = _NO_STATE_OWNER, INELIGIBLE
         records.append(
             MatmulRecord(
                 graph=graph_index,
@@ -311,13 +316,44 @@ def rewrite_matmuls(
             )
         )
         if reason is None:
-            _replace(graph, node, a, b, bias, out_in, recipe.name)
+            state = None
+            if recipe.outliers is not None:
+                state = _state_nodes(gm, node, attach_state(owner, recipe.outliers), len(records))
+            _replace(graph, node, a, b, bias, out_in, recipe.name, state)
     graph.lint()
     gm.recompile()
     return records
 
 
-def _replace(graph: fx.Graph, node: fx.Node, a, b, bias, out_in: bool, recipe: str) -> None:
+_NO_STATE_OWNER = (
+    "OutControl keeps each layer's outlier-channel state on its nn.Linear (F.linear of the module's own weight); "
+    "this matmul has none"
+)
+
+
+def _state_nodes(gm: fx.GraphModule, node: fx.Node, state: OutlierState, index: int) -> list[fx.Node]:
+    """``get_attr`` nodes of the layer's state tensors, registered on ``gm`` as the very tensors the module holds:
+    AOTAutograd lifts them to graph inputs, so their updates reach the module and nothing recompiles."""
+    from torch._dynamo.source import ConstantSource
+
+    nodes = []
+    sources = getattr(gm, "_param_name_to_source", None)  # AOTAutograd reads a source per lifted buffer
+    with gm.graph.inserting_before(node):
+        for field, tensor in zip(OutlierState._fields, state):
+            name = f"_fp4compile_outlier_{index}_{field}"
+            gm.register_buffer(name, tensor)
+            if sources is not None:
+                sources[name] = ConstantSource(name)
+            nodes.append(gm.graph.get_attr(name))
+    return nodes
+
+
+def _linear_with_state(x, weight, bias, norms, count, order, selected, recipe: str):
+    """``nvfp4_linear`` with the layer's outlier state (the call the pass inserts for OutControl recipes)."""
+    return nvfp4_linear(x, weight, bias, recipe=recipe, outlier_state=OutlierState(norms, count, order, selected))
+
+
+def _replace(graph: fx.Graph, node: fx.Node, a, b, bias, out_in: bool, recipe: str, state=None) -> None:
     with graph.inserting_before(node):
         if out_in:
             weight = b
@@ -325,7 +361,10 @@ def _replace(graph: fx.Graph, node: fx.Node, a, b, bias, out_in: bool, recipe: s
             weight = b.args[0]  # (W^T)^T = W: use the parameter side directly
         else:
             weight = graph.call_method("t", (b,))
-        new = graph.call_function(nvfp4_linear, (a, weight, bias), {"recipe": recipe})
+        if state is None:
+            new = graph.call_function(nvfp4_linear, (a, weight, bias), {"recipe": recipe})
+        else:
+            new = graph.call_function(_linear_with_state, (a, weight, bias, *state), {"recipe": recipe})
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -1,0 +1,187 @@
+"""The quantized linear layer with TetraJet-v2's OutControl: outlier input channels in MXFP8 (or bf16).
+
+For recipes with ``outliers=OutControl(...)`` (double-block forward quantizers, ``wgrad_x_source="forward"``);
+``order`` and ``selected`` come from the layer's :class:`~fp4compile.outlier_channels.OutlierState`, and
+``k = outlier_count(in_features, control)`` is a multiple of 128. With ``P = order``:
+
+- forward: X and W are taken in the channel order ``P`` and zero-padded along K to a multiple of 128;
+  both are quantized by the recipe's forward quantizers (1x128 blocks, so the first ``k`` channels
+  form blocks of their own). Once ``selected``, those first ``k`` channels (the outliers) are replaced
+  by their MXFP8 (or bf16) GEMM operand: same GEMM, the outlier columns as further K-blocks, each with
+  its own outer scale. Before selection ``P`` is the identity and this is the plain recipe, bit for bit.
+- dgrad stays fully FP4: ``W^T`` is the dequantized forward W (outlier columns from their MXFP8 form),
+  in the original order, quantized by the recipe's dgrad quantizer.
+- wgrad: the FP4 GEMM of the recipe over all channels (its X operand re-quantized from the dequantized
+  forward FP4 X), and once ``selected`` the outlier columns of dW come instead from an MXFP8 GEMM along
+  tokens of ``MXFP8(dY^T)`` and ``MXFP8(deq(MXFP8(X_S))^T)`` (TetraJet-v2's ``linear_mix``), RN, no rotation.
+
+Saved for the backward: the forward FP4 quantizations of X and W (as the plain recipe saves them) and
+the outlier columns of X in their outlier format (E4M3 bytes and E8M0 exponents, or bf16).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .format import NVFP4
+from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
+from .outlier_channels import outlier_count
+from .recipe import Recipe
+from .streams import stream_seed, stream_signs
+
+__all__ = ["linear_backward", "linear_forward", "saved_shapes"]
+
+
+def _round_up(n, multiple: int):
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _pad_cols(t: torch.Tensor, k) -> torch.Tensor:
+    return t if t.shape[1] == k else F.pad(t, (0, k - t.shape[1]))
+
+
+def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) -> tuple:
+    """Shapes of the eight saved tensors: (codes, scale bytes, outer) of X and W, the outlier columns of X."""
+    in_p = _round_up(in_features, 128)
+    k = outlier_count(in_features, recipe.outliers)
+    mx = recipe.outliers.outlier_format == "mxfp8"
+    return ((tokens, in_p // 2), (tokens, in_p // 16), (tokens, in_p // 128),
+            (out_features, in_p // 2), (out_features, in_p // 16), (out_features, in_p // 128),
+            (tokens, k), (tokens, k // 32) if mx else (0,))  # fmt: skip
+
+
+def saved_dtypes(recipe: Recipe) -> tuple[torch.dtype, ...]:
+    """Dtypes of the saved tensors (the outlier columns: E4M3 bytes and E8M0 exponents, or bf16)."""
+    mx = recipe.outliers.outlier_format == "mxfp8"
+    outlier = (torch.uint8, torch.int16) if mx else (torch.bfloat16, torch.int16)
+    return (torch.uint8, torch.uint8, torch.float32) * 2 + outlier
+
+
+def _outlier_operand(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM values and per-1x128 outer scales of ``t`` [rows, K] in the outlier format."""
+    return mxfp8_gemm_operand(quantize_mxfp8(t)) if fmt == "mxfp8" else bf16_gemm_operand(t)
+
+
+def _outlier_saved(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` in the outlier format as saved: (E4M3 bytes, E8M0 exponents) or (bf16, empty)."""
+    if fmt == "mxfp8":
+        q = quantize_mxfp8(t)
+        return q.elements.view(torch.uint8), q.exponents
+    return t.to(torch.bfloat16), torch.empty(0, dtype=torch.int16, device=t.device)
+
+
+def _saved_operand(values: torch.Tensor, exponents: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if fmt == "mxfp8":
+        return mxfp8_gemm_operand(MXFP8(values.view(torch.float8_e4m3fn), exponents))
+    return bf16_gemm_operand(values)
+
+
+def _outlier_dequantized(values: torch.Tensor, exponents: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "mxfp8":
+        return MXFP8(values.view(torch.float8_e4m3fn), exponents).dequantize()
+    return values.to(torch.float32)
+
+
+def _join(q_values, q_outer, outlier: tuple[torch.Tensor, torch.Tensor], k: int, selected: torch.Tensor):
+    """The GEMM operand: the FP4 one, its first ``k`` columns replaced by the outlier operand once selected."""
+    if k == 0:
+        return q_values, q_outer
+    values, outer = outlier
+    kb = k // 128
+    joined_values = torch.cat([torch.where(selected, values.to(q_values.dtype), q_values[:, :k]), q_values[:, k:]], 1)
+    joined_outer = torch.cat([torch.where(selected, outer, q_outer[:, :kb]), q_outer[:, kb:]], 1)
+    return joined_values, joined_outer
+
+
+def linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    order: torch.Tensor,
+    selected: torch.Tensor,
+    recipe: Recipe,
+) -> tuple[torch.Tensor, ...]:
+    """``y = x @ weight^T + bias`` with the outlier channels ``order[:k]`` in the outlier format once ``selected``,
+    and the tensors saved for the backward (:func:`saved_shapes`)."""
+    control = recipe.outliers
+    in_features = x.shape[1]
+    k, in_p = outlier_count(in_features, control), _round_up(in_features, 128)
+    xp, wp = _pad_cols(x[:, order], in_p), _pad_cols(weight[:, order], in_p)
+    qx, vx = dispatch.quantize_with_values(xp, recipe.fwd_x, None, None)
+    qw, vw = dispatch.quantize_with_values(wp, recipe.fwd_w, None, None)
+    fmt = control.outlier_format
+    outlier_x = _outlier_saved(xp[:, :k], fmt)
+    va, oa = _join(vx, qx.outer, _saved_operand(*outlier_x, fmt), k, selected)
+    vb, ob = _join(vw, qw.outer, _outlier_operand(wp[:, :k], fmt), k, selected)
+    y = dispatch.gemm(va, vb, oa, ob, bias, x.dtype)
+    return (y, qx.codes, qx.scales.view(torch.uint8), qx.outer, qw.codes, qw.scales.view(torch.uint8), qw.outer,
+            *outlier_x)  # fmt: skip
+
+
+def _restore(codes, scale_bytes, outer, spec) -> NVFP4:
+    return NVFP4(codes, scale_bytes.view(torch.float8_e4m3fn), outer, spec, dtype=torch.float32)
+
+
+def linear_backward(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    selected: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    recipe: Recipe,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``: FP4 dgrad, FP4 wgrad with the outlier columns of dW from the outlier format."""
+    x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, outlier_values, outlier_exponents = saved
+    control, fmt = recipe.outliers, recipe.outliers.outlier_format
+    tokens, out_features = dy.shape
+    in_features = weight.shape[1]
+    k = outlier_count(in_features, control)
+    inverse = torch.argsort(order)
+    device = dy.device
+    # Signs before any quantization, as linear_gemms draws them (the same streams as the plain recipe).
+    dgrad_signs = stream_signs(recipe.dgrad_dy.rotation_size, device) if recipe.dgrad_dy.random_signs else None
+    if recipe.share_backward_signs:
+        wgrad_signs = dgrad_signs
+    else:
+        wgrad_signs = stream_signs(recipe.wgrad_dy.rotation_size, device) if recipe.wgrad_dy.random_signs else None
+
+    # dgrad: dX = dY W, K = out, with W the dequantized forward W in the original channel order.
+    if recipe.dgrad_w_source == "forward":
+        w_deq = dispatch.dequantize(_restore(w_codes, w_scales, w_outer, recipe.fwd_w), in_features)
+        if k:
+            w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
+            w_deq = torch.cat([torch.where(selected, w_out, w_deq[:, :k]), w_deq[:, k:]], 1)
+        w_deq = w_deq[:, inverse]
+    else:
+        w_deq = weight.to(torch.float32)
+    out_p = _round_up(out_features, recipe.dgrad_dy.k_multiple)
+    q_wt = _quantize(_pad_cols(w_deq.T.contiguous(), out_p), recipe.dgrad_w, dgrad_signs)
+    q_dy = _quantize(_pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
+    dx = dispatch.gemm(q_dy[1], q_wt[1], q_dy[0].outer, q_wt[0].outer, None, dy.dtype)
+
+    # wgrad: dW = dY^T X, K = tokens; FP4 over every channel (in P's order), then the outlier columns.
+    t_p = _round_up(tokens, max(recipe.wgrad_dy.k_multiple, recipe.wgrad_x.k_multiple))
+    x_q = _restore(x_codes, x_scales, x_outer, recipe.fwd_x)
+    x_t = dispatch.dequantize_transposed(x_q, tokens, x_q.shape[1], t_p)
+    q_xt = _quantize(x_t, recipe.wgrad_x, wgrad_signs)
+    q_dyt = _quantize(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
+    dw = dispatch.gemm(q_dyt[1], q_xt[1], q_dyt[0].outer, q_xt[0].outer, None, torch.float32)
+    if k:
+        x_out_t = _pad_cols(_outlier_dequantized(outlier_values, outlier_exponents, fmt).T.contiguous(), t_p)
+        va, oa = _outlier_operand(_pad_cols(dy.T.to(torch.float32), t_p), fmt)
+        vb, ob = _outlier_operand(x_out_t, fmt)
+        dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
+        dw = torch.cat([torch.where(selected, dw_out, dw[:, :k]), dw[:, k:]], 1)
+    dw = dw[:, :in_features][:, inverse].to(weight.dtype)
+    db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else dy.new_empty(0)
+    return dx, dw, db
+
+
+def _quantize(t: torch.Tensor, spec, signs) -> tuple[NVFP4, torch.Tensor]:
+    seed = stream_seed(t.device) if spec.stochastic else None
+    return dispatch.quantize_with_values(t, spec, seed, signs)
