@@ -56,7 +56,6 @@ class TrackedLayer:
         return self.param.shape[1]
 
 
-
 def forward_weight_spec(recipe: Recipe) -> QuantSpec:
     """``recipe.fwd_w``, checked to be a deterministic quantizer without rotation."""
     if not recipe.quantized:
@@ -79,7 +78,6 @@ def forward_weight_spec(recipe: Recipe) -> QuantSpec:
     return spec
 
 
-
 def quantize_weight(w: torch.Tensor, layer: TrackedLayer, autocast_dtype: Optional[torch.dtype]) -> NVFP4:
     """The forward's quantization of weight values ``w``: autocast cast, K zero-padded, ``recipe.fwd_w``.
 
@@ -91,7 +89,6 @@ def quantize_weight(w: torch.Tensor, layer: TrackedLayer, autocast_dtype: Option
     if layer.k_padded != w.shape[1]:
         w = F.pad(w, (0, layer.k_padded - w.shape[1]))
     return quantize(w.contiguous(), layer.spec, validate=False)
-
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -121,12 +118,10 @@ def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> TrackedLayer:
     )
 
 
-
 def eligible_weight(weight: Optional[torch.Tensor]) -> bool:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
     return why_not_nvfp4(*weight.shape, weight.dtype) is None
-
 
 
 def is_converted(root: nn.Module) -> bool:
@@ -134,7 +129,6 @@ def is_converted(root: nn.Module) -> bool:
     from .nn import NVFP4Linear
 
     return any(isinstance(m, NVFP4Linear) for m in root.modules())
-
 
 
 def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[TrackedLayer]:
@@ -165,7 +159,6 @@ def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[
         fqn = normalize_fqn(name + ".weight" if name else "weight")
         layers.append(make_layer(fqn, weight, layer_recipe))
     return layers
-
 
 
 def named_layers(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[TrackedLayer]:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -161,6 +162,14 @@ class OsciReset:
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
         resolved = Recipe.resolve(recipe)
         forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
+        if resolved.outliers is not None:
+            warnings.warn(
+                f"recipe {resolved.name!r} has OutControl: OsciReset's Q quantizes each weight in its own channel "
+                "order; once a layer's outlier channels are selected the forward quantizes them in descending-norm "
+                "order with the outlier channels in MXFP8, which OsciReset does not model yet (its resets then use "
+                "the plain recipe's Q)",
+                stacklevel=2,
+            )
 
         self.recipe = resolved
         self.start = int(start)

@@ -19,7 +19,6 @@ from .spec import QuantSpec
 __all__ = ["quantize", "draw_seed", "draw_signs"]
 
 
-
 def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A Philox seed as an int64 [1] tensor on ``device``, drawn from ``generator``.
 

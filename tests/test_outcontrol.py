@@ -252,3 +252,8 @@ def test_gpu_layer_equals_the_cpu_spec():
         torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5 * cpu[0].abs().max().item())
     assert torch.equal(states[KERNEL_DEVICE].order.cpu(), states["cpu"].order)
     assert torch.equal(quantize_mxfp8(x.cuda()).elements.cpu().float(), quantize_mxfp8(x).elements.float())
+
+
+def test_osci_reset_says_it_does_not_model_the_outlier_channels_yet():
+    with pytest.warns(UserWarning, match="which OsciReset does not model yet"):
+        fp4compile.OsciReset(nn.Linear(256, 256), "tetrajet_v2_full", start=0)
