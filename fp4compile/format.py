@@ -49,6 +49,7 @@ __all__ = [
     "TE_RHT_SIGNS",
     "NVFP4",
     "e2m1_rne",
+    "e2m1_round",
     "e2m1_sr",
     "e2m1_decode",
     "e4m3_rne",
@@ -108,16 +109,26 @@ def _e2m1_code(mag: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.uint8) | (negative.to(torch.uint8) << 3)
 
 
+def _e2m1_rne_magnitude(v: torch.Tensor) -> torch.Tensor:
+    """|v| rounded to the E2M1 grid: nearest, ties to even, saturating at 6."""
+    a = v.abs().clamp(max=E2M1_MAX)
+    step = _e2m1_step(a)
+    t = a * (1.0 / step)
+    return ((t + _MAGIC_RNE) - _MAGIC_RNE) * step
+
+
 def e2m1_rne(v: torch.Tensor) -> torch.Tensor:
     """E2M1 codes of FP32 ``v``: round to nearest, ties to even, saturating at +-6.
 
     The sign bit is kept for values that round to zero (as hardware and torchao do).
     """
-    a = v.abs().clamp(max=E2M1_MAX)
-    step = _e2m1_step(a)
-    t = a * (1.0 / step)
-    rounded = (t + _MAGIC_RNE) - _MAGIC_RNE
-    return _e2m1_code(rounded * step, torch.signbit(v))
+    return _e2m1_code(_e2m1_rne_magnitude(v), torch.signbit(v))
+
+
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """The FP32 values of :func:`e2m1_rne` (``e2m1_decode(e2m1_rne(v))``), computed without a lookup table (no
+    host-to-device copy, so it can run inside CUDA-graph capture)."""
+    return torch.copysign(_e2m1_rne_magnitude(v), v)
 
 
 def e2m1_sr(v: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:

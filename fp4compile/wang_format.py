@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import E2M1_VALUES, e2m1_rne
+from .format import e2m1_round
 
 __all__ = ["FP8Tensor", "RowE2M1", "dequantize_rows", "fp8_gemm", "fp8_quantize", "quantize_rows"]
 
@@ -81,8 +81,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(torch.float32)
     amax = x.abs().amax(dim=1)
     gamma = torch.where(amax > 0, _E2M1_MAX / amax, torch.ones_like(amax))
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
-    return table[e2m1_rne(x * gamma[:, None]).long()], gamma
+    return e2m1_round(x * gamma[:, None]), gamma
 
 
 def dequantize_rows(v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -730,3 +730,12 @@ def test_dequantize_undoes_rotation(spec, seed):
     assert rel_rotated_domain > 1.0  # without unrotation the values are unrelated to x
     assert torch.equal(q.signs, signs)
     assert torch.equal(q.dequantize(), unrotate(q.dequantize_rotated(), signs))
+
+
+def test_e2m1_round_is_the_decoded_rne_code_sign_of_zero_included():
+    from fp4compile.format import e2m1_decode, e2m1_rne, e2m1_round
+
+    v = torch.cat([torch.randn(4096) * 4, torch.tensor([0.25, -0.25, 0.75, -0.75, 2.5, -2.5, 5.0, -5.0, 7.0, -7.0])])
+    v = torch.cat([v, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    got, want = e2m1_round(v), e2m1_decode(e2m1_rne(v))
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))

@@ -103,7 +103,7 @@ def _step(x, w, recipe, state, seed=1):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     torch.manual_seed(seed)
     y = nvfp4_linear(x, w, None, recipe, outlier_state=state) if state is not None else nvfp4_linear(x, w, None, recipe)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
     y.backward(dy)
     return y.detach(), x.grad, w.grad, dy
 
