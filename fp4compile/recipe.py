@@ -26,6 +26,7 @@ Slots hold :class:`QuantSpec` (NVFP4), except in Wang et al.'s layout (the ``fp4
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -280,37 +281,28 @@ _MS_EDEN = QuantSpec.named("ms_eden")
 _DB_RTN = QuantSpec.named("double_block_rtn")
 _DB_RHT16_SR = QuantSpec.named("double_block_rht16_sr")
 
+# TetraJet-v2: double-block scales, RTN forward, random-sign RHT-16 + unbiased SR on all four backward
+# operands, W^T and X^T re-quantized from the dequantized forward; separate signs for dgrad and wgrad.
+_TETRAJET_V2 = Recipe(
+    "tetrajet_v2",
+    _DB_RTN,
+    _DB_RTN,
+    _DB_RHT16_SR,
+    _DB_RHT16_SR,
+    _DB_RHT16_SR,
+    _DB_RHT16_SR,
+    dgrad_w_source="forward",
+    wgrad_x_source="forward",
+)  # fmt: skip
+
 _PRESETS = (
     # TransformerEngine NVFP4BlockScaling: 1x16 RTN activations, 16x16 RTN weights (fprop and dgrad share
     # them), SR on both gradient copies, the fixed-sign RHT-16 on both wgrad operands.
     Recipe("nvidia", _RTN, _RTN_2D, _SR_TE, _RTN_2D, _RHT16_SR_TE, _RHT16_RTN_TE),
-    # TetraJet-v2: double-block scales, RTN forward, random-sign RHT-16 + unbiased SR on all four backward
-    # operands, W^T and X^T re-quantized from the dequantized forward; separate signs for dgrad and wgrad.
-    Recipe(
-        "tetrajet_v2",
-        _DB_RTN,
-        _DB_RTN,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        dgrad_w_source="forward",
-        wgrad_x_source="forward",
-    ),  # fmt: skip
+    _TETRAJET_V2,
     # TetraJet-v2 with OutControl: the 10 % input channels of largest L2 norm over training forwards 500-549
     # run in MXFP8 in the forward and wgrad GEMMs from then on (OsciReset is the separate optimizer hook).
-    Recipe(
-        "tetrajet_v2_full",
-        _DB_RTN,
-        _DB_RTN,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        _DB_RHT16_SR,
-        dgrad_w_source="forward",
-        wgrad_x_source="forward",
-        outliers=OutControl(ratio=0.1, start=500, window=50),
-    ),  # fmt: skip
+    dataclasses.replace(_TETRAJET_V2, name="tetrajet_v2_full", outliers=OutControl(ratio=0.1, start=500, window=50)),
     # Quartet II: 4/6 RTN 1x16 forward on X and W; MS-EDEN (RHT-128) on the four backward operands, W^T
     # and X^T re-quantized from the saved forward quantization; one fresh sign vector per backward call.
     Recipe(
