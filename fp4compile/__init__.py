@@ -14,6 +14,7 @@ Public API:
 - :class:`OutControl`: TetraJet-v2's outlier input channels in MXFP8 (``Recipe(outliers=...)``,
   preset ``tetrajet_v2_full``); :func:`outlier_channels` reports each layer's selection and
   :func:`attach_outlier_state` registers the state before a checkpoint is loaded.
+- :class:`HotChannelPatch`: CHON's residual columns for the hot input channels (preset ``chon``).
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
 - :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
 - :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, config,
@@ -37,7 +38,7 @@ from .explain import explain
 from .format import NVFP4
 from .linear import nvfp4_linear
 from .osci_reset import OsciReset
-from .outlier_channels import OutControl
+from .outlier_channels import HotChannelPatch, OutControl
 from .outlier_layers import attach_outlier_state, outlier_channels
 from .outliers import OutlierClamping
 from .quantize import quantize
@@ -49,6 +50,7 @@ from .wang_format import FP8Tensor, RowE2M1
 # torchao, and ``from fp4compile import *`` must work without it.
 __all__ = [
     "FP8Tensor",
+    "HotChannelPatch",
     "NVFP4",
     "NVFP4Linear",
     "OsciReset",

@@ -8,13 +8,13 @@ registers no op.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .eligibility import FLOAT_DTYPES, why_not_nvfp4
-from .outlier_channels import OutlierState, observe
+from .outlier_channels import HotChannelPatch, HotState, OutlierState, observe, state_type, update_hot
 from .recipe import Recipe
 
 __all__ = ["nvfp4_linear"]
@@ -71,7 +71,7 @@ def nvfp4_linear(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     recipe="nvidia",
-    outlier_state: Optional[OutlierState] = None,
+    outlier_state: Optional[Union[OutlierState, HotState]] = None,
 ) -> torch.Tensor:
     """``F.linear`` with NVFP4 forward and backward GEMMs quantized per ``recipe``.
 
@@ -80,8 +80,9 @@ def nvfp4_linear(
         weight: [out, in] of x's dtype; in and out multiples of 16.
         bias: optional [out].
         recipe: a :class:`Recipe` or a preset name (``Recipe.names()``); ``"bf16"`` is plain ``F.linear``.
-        outlier_state: the layer's :class:`~fp4compile.outlier_channels.OutlierState`, required by recipes with
-            ``outliers`` (``NVFP4Linear`` passes its own); with grad enabled each call records X into it.
+        outlier_state: the layer's state (``outlier_channels.new_state(in_features, device, recipe.outliers)``),
+            required by recipes with ``outliers`` (``NVFP4Linear`` passes its own); with grad enabled each call
+            updates it (OutControl records X; the Hot-Channel Patch re-scores every ``period`` calls).
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` would be.
 
@@ -102,12 +103,20 @@ def nvfp4_linear(
             raise ValueError(f"nvfp4_linear: recipe {recipe.name!r} has no outliers option; pass no outlier_state")
         y = ops.linear(x2, weight, bias, recipe.name)[0]
     else:
-        if not isinstance(outlier_state, OutlierState):
+        control = recipe.outliers
+        if not isinstance(outlier_state, state_type(control)):
             raise ValueError(
                 f"nvfp4_linear: recipe {recipe.name!r} keeps outlier channels, which needs the layer's state: pass "
-                "outlier_state=fp4compile.outlier_channels.new_state(in_features, device) (NVFP4Linear holds one)"
+                "outlier_state=fp4compile.outlier_channels.new_state(in_features, device, recipe.outliers) "
+                "(NVFP4Linear holds one)"
             )
-        if torch.is_grad_enabled():  # a training forward: record X first (the window's last one selects)
-            observe(x2, outlier_state, recipe.outliers)
-        y = ops.outlier_linear(x2, weight, bias, outlier_state.order, outlier_state.selected, recipe.name)[0]
+        if isinstance(control, HotChannelPatch):
+            outputs = ops.hot_linear(x2, weight, bias, outlier_state.index, recipe.name)
+            y = outputs[0]
+            if torch.is_grad_enabled():  # the scores of this forward choose the hot channels of the next ones
+                update_hot(outputs[-1], outlier_state, control)
+        else:
+            if torch.is_grad_enabled():  # a training forward: record X first (the window's last one selects)
+                observe(x2, outlier_state, control)
+            y = ops.outlier_linear(x2, weight, bias, outlier_state.order, outlier_state.selected, recipe.name)[0]
     return y.view(*x.shape[:-1], weight.shape[0])

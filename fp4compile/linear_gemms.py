@@ -31,7 +31,7 @@ from .recipe import Recipe
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
 
-__all__ = ["linear_forward", "linear_backward", "SavedShapes", "saved_shapes"]
+__all__ = ["forward_with_gemm", "linear_forward", "linear_backward", "SavedShapes", "saved_shapes"]
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -126,6 +126,12 @@ def linear_forward(
         )
     if recipe.fp8_backward:
         return wang_linear.linear_forward(x, weight, bias, recipe)
+    return forward_with_gemm(x, weight, bias, recipe, None)
+
+
+def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tensor, ...]:
+    """:func:`linear_forward` (no OCC) with the output from ``gemm(qx, qw, in_p) -> y`` when given (the Hot-Channel
+    Patch adds its columns there): the same quantizations and the same saved tensors."""
     tokens, in_features = x.shape
 
     def empty(dtype: torch.dtype) -> torch.Tensor:  # a fresh one each time: op outputs must not alias
@@ -136,7 +142,9 @@ def linear_forward(
     in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
     qx = _quantize_operand(_pad_cols(x, in_p), recipe.fwd_x, None)
     qw = _quantize_operand(_pad_cols(weight, in_p), recipe.fwd_w, None)
-    if occ is not None and occ.compensates:
+    if gemm is not None:
+        y = gemm(qx, qw, in_p)
+    elif occ is not None and occ.compensates:
         y = nvfp4_gemm(qx, qw, None, out_dtype=torch.float32)
         y = y + compensation(dense_residual(x.shape, *residual, occ), weight, occ.residual)
         y = (y if bias is None else y + bias.float()).to(x.dtype)

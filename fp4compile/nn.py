@@ -10,14 +10,14 @@ The module holds the same parameters as ``nn.Linear`` (``weight`` [out, in], opt
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
 
 from .eligibility import why_not_nvfp4
 from .linear import nvfp4_linear
-from .outlier_channels import OutlierState, new_state
+from .outlier_channels import module_state, new_state
 from .recipe import Recipe
 
 __all__ = ["NVFP4Linear"]
@@ -50,16 +50,16 @@ class NVFP4Linear(nn.Linear):
         _check_features(in_features, out_features)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = name
-        if Recipe.named(name).outliers is not None:
-            for field, tensor in zip(OutlierState._fields, new_state(in_features, device=device)):
+        control = Recipe.named(name).outliers
+        if control is not None:
+            state = new_state(in_features, device, control)
+            for field, tensor in zip(state._fields, state):
                 self.register_buffer(f"outlier_{field}", tensor)
 
     @property
-    def outlier_state(self) -> Optional[OutlierState]:
-        """The outlier-channel state (views of the buffers), or None when the recipe has no ``outliers``."""
-        if not hasattr(self, "outlier_order"):
-            return None
-        return OutlierState(*(getattr(self, f"outlier_{field}") for field in OutlierState._fields))
+    def outlier_state(self):
+        """The outlier-channel state (the buffers), or None when the recipe has no ``outliers``."""
+        return module_state(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight^T + bias`` with NVFP4 forward and backward GEMMs (see :func:`nvfp4_linear`)."""
@@ -91,8 +91,10 @@ class NVFP4Linear(nn.Linear):
         )
         new.weight = linear.weight
         new.bias = linear.bias
-        if new.outlier_state is not None:  # built on meta: the state goes where the weight is
-            for field, tensor in zip(OutlierState._fields, new_state(linear.in_features, linear.weight.device)):
+        control = Recipe.named(name).outliers
+        if control is not None:  # built on meta: the state goes where the weight is
+            state = new_state(linear.in_features, linear.weight.device, control)
+            for field, tensor in zip(state._fields, state):
                 setattr(new, f"outlier_{field}", tensor)
         new.train(linear.training)
         return new

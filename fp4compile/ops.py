@@ -18,11 +18,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import outcontrol_gemms
+from . import hcp_gemms, outcontrol_gemms
 from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
 
-__all__ = ["SCHEMA_VERSION", "linear", "linear_backward_op", "outlier_linear", "outlier_linear_backward"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "hot_linear",
+    "linear",
+    "linear_backward_op",
+    "outlier_linear",
+    "outlier_linear_backward",
+]
 
 # (codes, E4M3 scale bytes, outer) of X and of W, the rotation signs, then the OCC residual's (index, value).
 _SAVED_DTYPES = (
@@ -164,3 +171,34 @@ def _outlier_backward(ctx, dy, *unused_grads):
 
 
 outlier_linear.register_autograd(_outlier_backward, setup_context=_outlier_setup_context)
+
+
+# ----------------------------------------------------------------------------- Hot-Channel Patch (CHON)
+@torch.library.custom_op(f"fp4compile::hot_linear_v{SCHEMA_VERSION}", mutates_args=())
+def hot_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor, recipe: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantized ``x @ weight^T + bias`` with the hot channels ``index`` patched (``hcp_gemms.py``), the plain
+    recipe's saved tensors, and the channel scores."""
+    with torch.autocast(x.device.type, enabled=False):
+        return hcp_gemms.linear_forward(x, weight, bias, index, Recipe.named(recipe))
+
+
+@hot_linear.register_fake
+def _hot_linear_fake(x, weight, bias, index, recipe):
+    y, *saved = _linear_fake(x, weight, bias, recipe)
+    return (y, *saved, x.new_empty(weight.shape[1], dtype=torch.float32))
+
+
+def _hot_setup_context(ctx, inputs, output):
+    x, weight, bias, index, recipe = inputs
+    _setup_context(ctx, (x, weight, bias, recipe), output[:-1])
+    ctx.mark_non_differentiable(output[-1])
+
+
+def _hot_backward(ctx, dy, *unused_grads):
+    dx, dw, db, _ = _backward(ctx, dy)  # the plain recipe's backward: straight through the patch
+    return dx, dw, db, None, None
+
+
+hot_linear.register_autograd(_hot_backward, setup_context=_hot_setup_context)

@@ -88,6 +88,7 @@ from .osci_shards import (
     local_weight,
 )
 from .osci_state import CONFIG_KEYS, HookHandle, build_state_dict, check_settings, restore_state
+from .outlier_channels import OutControl
 from .recipe import Recipe
 
 __all__ = ["OsciReset"]
@@ -162,7 +163,7 @@ class OsciReset:
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
         resolved = Recipe.resolve(recipe)
         forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
-        if resolved.outliers is not None:
+        if isinstance(resolved.outliers, OutControl):
             warnings.warn(
                 f"recipe {resolved.name!r} has OutControl: OsciReset's Q quantizes each weight in its own channel "
                 "order; once a layer's outlier channels are selected the forward quantizes them in descending-norm "

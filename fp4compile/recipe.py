@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .eligibility import LayerFilter
-from .outlier_channels import OutControl
+from .outlier_channels import HotChannelPatch, OutControl
 from .outliers import OutlierClamping
 from .spec import QuantSpec
 from .wang_format import FP8Tensor, RowE2M1
@@ -64,9 +64,10 @@ class Recipe:
         dge_k, dge_cap: the estimator's sharpness and cap (the paper's 5 and 3.0).
         occ: Wang et al.'s outlier clamping and compensation of the activations
             (:class:`~fp4compile.outliers.OutlierClamping`), or None.
-        outliers: outlier input channels kept out of FP4: TetraJet-v2's
-            :class:`~fp4compile.outlier_channels.OutControl`, or None. The layer then carries an
-            :class:`~fp4compile.outlier_channels.OutlierState` (``NVFP4Linear`` holds it as buffers).
+        outliers: outlier input channels handled apart: TetraJet-v2's
+            :class:`~fp4compile.outlier_channels.OutControl` or CHON's
+            :class:`~fp4compile.outlier_channels.HotChannelPatch`, or None. The layer then carries its state
+            (``outlier_<field>`` buffers of its ``nn.Linear`` or ``NVFP4Linear``).
     """
 
     name: str
@@ -84,7 +85,7 @@ class Recipe:
     dge_k: float = 5.0
     dge_cap: float = 3.0
     occ: Optional[OutlierClamping] = None
-    outliers: Optional[OutControl] = None
+    outliers: Optional[Union[OutControl, HotChannelPatch]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -108,8 +109,10 @@ class Recipe:
                 raise ValueError(f"Recipe.{field} must be a positive finite number, got {value!r}")
         if self.occ is not None and not isinstance(self.occ, OutlierClamping):
             raise TypeError(f"Recipe.occ must be an OutlierClamping or None, got {type(self.occ).__name__}")
-        if self.outliers is not None and not isinstance(self.outliers, OutControl):
-            raise TypeError(f"Recipe.outliers must be an OutControl or None, got {type(self.outliers).__name__}")
+        if self.outliers is not None and not isinstance(self.outliers, (OutControl, HotChannelPatch)):
+            raise TypeError(
+                f"Recipe.outliers must be an OutControl, a HotChannelPatch or None, got {type(self.outliers).__name__}"
+            )
         if not self.quantized:
             if self.dge or self.occ is not None or self.outliers is not None:
                 raise ValueError(
@@ -138,11 +141,20 @@ class Recipe:
             )
 
     def _check_outliers(self, specs: list) -> None:
+        kind = type(self.outliers).__name__
         if any(not isinstance(s, QuantSpec) for s in specs) or self.dge or self.occ is not None:
             raise ValueError(
-                f"recipe {self.name!r}: OutControl combines with NVFP4 slots only, without dge and occ (no published "
+                f"recipe {self.name!r}: {kind} combines with NVFP4 slots only, without dge and occ (no published "
                 "recipe combines them)"
             )
+        if isinstance(self.outliers, HotChannelPatch):
+            if self.fwd_x.outer != "tensor" or self.fwd_w.outer != "tensor":
+                raise ValueError(
+                    f"recipe {self.name!r}: the Hot-Channel Patch reuses the forward quantizations' per-tensor outer "
+                    f"scales for its columns (CHON builds on NVIDIA's recipe); fwd.x is {self.fwd_x.short_str()}, "
+                    f"fwd.w {self.fwd_w.short_str()}"
+                )
+            return
         if self.fwd_x.outer != "block128" or self.fwd_w.outer != "block128":
             raise ValueError(
                 f"recipe {self.name!r}: OutControl's outlier columns join the forward GEMM as K-blocks with their own "
@@ -239,10 +251,12 @@ class Recipe:
         if self.occ is not None:
             residual = "no compensation" if not self.occ.compensates else f"{self.occ.residual} compensation"
             parts.append(f"OCC alpha={self.occ.alpha:g} per {self.occ.granularity}, {residual}")
-        if self.outliers is not None:
-            o = self.outliers
+        o = self.outliers
+        if isinstance(o, OutControl):
             last = o.start + o.window - 1
             parts.append(f"OutControl {o.ratio:g} of channels in {o.outlier_format} (forwards {o.start}-{last})")
+        elif isinstance(o, HotChannelPatch):
+            parts.append(f"Hot-Channel Patch k={o.k} every {o.period} forwards, {o.residual} residuals")
         return "; ".join(parts) or "-"
 
     def describe(self, slot: str) -> str:
@@ -283,6 +297,9 @@ _DB_RHT16_SR = QuantSpec.named("double_block_rht16_sr")
 
 # TetraJet-v2: double-block scales, RTN forward, random-sign RHT-16 + unbiased SR on all four backward
 # operands, W^T and X^T re-quantized from the dequantized forward; separate signs for dgrad and wgrad.
+# TransformerEngine NVFP4BlockScaling: 1x16 RTN activations, 16x16 RTN weights (fprop and dgrad share
+# them), SR on both gradient copies, the fixed-sign RHT-16 on both wgrad operands.
+_NVIDIA = Recipe("nvidia", _RTN, _RTN_2D, _SR_TE, _RTN_2D, _RHT16_SR_TE, _RHT16_RTN_TE)
 _TETRAJET_V2 = Recipe(
     "tetrajet_v2",
     _DB_RTN,
@@ -296,9 +313,7 @@ _TETRAJET_V2 = Recipe(
 )  # fmt: skip
 
 _PRESETS = (
-    # TransformerEngine NVFP4BlockScaling: 1x16 RTN activations, 16x16 RTN weights (fprop and dgrad share
-    # them), SR on both gradient copies, the fixed-sign RHT-16 on both wgrad operands.
-    Recipe("nvidia", _RTN, _RTN_2D, _SR_TE, _RTN_2D, _RHT16_SR_TE, _RHT16_RTN_TE),
+    _NVIDIA,
     _TETRAJET_V2,
     # TetraJet-v2 with OutControl: the 10 % input channels of largest L2 norm over training forwards 500-549
     # run in MXFP8 in the forward and wgrad GEMMs from then on (OsciReset is the separate optimizer hook).
@@ -321,6 +336,14 @@ _PRESETS = (
     # dgrad, also with 4/6). Gradients keep TE's SR: SR combined with 4/6 is biased, so this preset never
     # uses it, and TE forbids 4/6 with RHT, so the wgrad X^T stays RHT-16 RTN.
     Recipe("four_over_six", _RTN_4OVER6, _RTN_4OVER6, _SR_TE, _RTN_4OVER6, _RHT16_SR_TE, _RHT16_RTN_TE),
+    # CHON: NVIDIA's recipe with the Hot-Channel Patch, and post-QK protection: the attention output projection
+    # (o_proj, out_proj, GPT-2's attn.c_proj) stays bf16. k and period are this library's (not recovered).
+    dataclasses.replace(
+        _NVIDIA,
+        name="chon",
+        outliers=HotChannelPatch(),
+        keep_high_precision=_NVIDIA.keep_high_precision + ("*.o_proj", "*.out_proj", "*.attn.c_proj"),
+    ),
     # Wang et al. (arXiv 2501.17116): E2M1 forward with exact absmax scales per token (X) and per output
     # channel (W), FP8 backward GEMMs (E5M2 dY, E4M3 copies of the FP4-simulated W and X, per-tensor
     # scales), DGE on the weight gradient, outlier clamping at 0.99 with bf16 compensation.

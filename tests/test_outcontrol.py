@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from testing import KERNEL_DEVICE, requires_gpu
+from testing import KERNEL_DEVICE, linear_step, requires_gpu
 
 import fp4compile
 from fp4compile.linear import nvfp4_linear
@@ -99,20 +99,11 @@ def test_options_and_layouts_are_checked():
 
 
 # ----------------------------------------------------------------------------- the mixed GEMMs
-def _step(x, w, recipe, state, seed=1):
-    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    torch.manual_seed(seed)
-    y = nvfp4_linear(x, w, None, recipe, outlier_state=state) if state is not None else nvfp4_linear(x, w, None, recipe)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
-    y.backward(dy)
-    return y.detach(), x.grad, w.grad, dy
-
-
 def test_before_selection_the_layer_is_the_plain_recipe_bit_for_bit():
     recipe, state = _recipe(start=3, window=2), new_state(512)
     x, w = _planted(), torch.randn(256, 512) / 20
     for _ in range(4):  # forwards 0..3: recording, no selection yet
-        for got, want in zip(_step(x, w, recipe, state), _step(x, w, "tetrajet_v2", None)):
+        for got, want in zip(linear_step(x, w, recipe, state), linear_step(x, w, "tetrajet_v2", None)):
             assert torch.equal(got, want)
     assert not state.selected.item()
 
@@ -121,9 +112,9 @@ def test_before_selection_the_layer_is_the_plain_recipe_bit_for_bit():
 def test_after_selection_outliers_join_the_gemm_in_their_format(fmt):
     recipe, state = _recipe(start=0, window=1, fmt=fmt), new_state(512)
     x, w = _planted(), torch.randn(256, 512) / 20
-    _step(x, w, recipe, state)  # the window: selects
+    linear_step(x, w, recipe, state)  # the window: selects
     assert state.selected.item()
-    y, dx, dw, dy = _step(x, w, recipe, state)
+    y, dx, dw, dy = linear_step(x, w, recipe, state)
     order, k = state.order, 128
     pad = lambda t: F.pad(t, (0, 512 - t.shape[1]))  # noqa: E731
 
@@ -137,7 +128,7 @@ def test_after_selection_outliers_join_the_gemm_in_their_format(fmt):
     want = xq[:, k:] @ wq[:, k:].T + outlier(x[:, order[:k]]) @ outlier(w[:, order[:k]]).T
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     exact = x.double() @ w.double().T
-    plain = _step(x, w, "tetrajet_v2", None)[0]
+    plain = linear_step(x, w, "tetrajet_v2", None)[0]
     assert (y.double() - exact).norm() < 0.7 * (plain.double() - exact).norm()  # the outliers no longer hurt
     # wgrad's outlier columns: the outlier-format GEMM along tokens of dY^T and the forward's outlier X
     t = lambda v: F.pad(v, (0, 128 - v.shape[1] % 128 if v.shape[1] % 128 else 0))  # noqa: E731
@@ -247,8 +238,8 @@ def test_gpu_layer_equals_the_cpu_spec():
     recipe, x, w = _recipe(start=0, window=1), _planted(), torch.randn(256, 512) / 20
     states = {device: new_state(512, device) for device in ("cpu", KERNEL_DEVICE)}
     for _ in range(2):  # before and after the selection
-        cpu = _step(x, w, recipe, states["cpu"])
-        gpu = _step(x.cuda(), w.cuda(), recipe, states[KERNEL_DEVICE])
+        cpu = linear_step(x, w, recipe, states["cpu"])
+        gpu = linear_step(x.cuda(), w.cuda(), recipe, states[KERNEL_DEVICE])
         torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5 * cpu[0].abs().max().item())
     assert torch.equal(states[KERNEL_DEVICE].order.cpu(), states["cpu"].order)
     assert torch.equal(quantize_mxfp8(x.cuda()).elements.cpu().float(), quantize_mxfp8(x).elements.float())

@@ -7,7 +7,7 @@ describes the machine, so tests import it like any module (``from testing import
 import pytest
 import torch
 
-__all__ = ["KERNEL_DEVICE", "ON_GPU", "assert_backend_matches_eager", "requires_gpu"]
+__all__ = ["KERNEL_DEVICE", "ON_GPU", "assert_backend_matches_eager", "linear_step", "requires_gpu"]
 
 #: Whether a CUDA GPU is present (GPU-only tests run; kernels run compiled, not interpreted).
 ON_GPU = torch.cuda.is_available()
@@ -36,3 +36,16 @@ def assert_backend_matches_eager(recipe, x: torch.Tensor) -> None:
             assert torch.equal(g, want)
     finally:
         torch._dynamo.reset()
+
+
+def linear_step(x: torch.Tensor, w: torch.Tensor, recipe, state=None, seed: int = 1):
+    """``(y, dx, dw)`` of one ``nvfp4_linear`` forward and backward (with the layer's outlier ``state`` if given),
+    torch seeded with ``seed`` first and a fixed random ``dY``."""
+    from fp4compile.linear import nvfp4_linear
+
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = nvfp4_linear(x, w, None, recipe, outlier_state=state)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, dy

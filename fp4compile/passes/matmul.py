@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn, why_not_nvfp4
 from ..linear import nvfp4_linear
-from ..outlier_channels import OutlierState, attach_state
+from ..outlier_channels import attach_state, state_type
 from ..recipe import Recipe
 from .names import ModuleNames, source_to_fqn
 from .report import ALREADY_NVFP4, FILTERED, INELIGIBLE, NO_WEIGHT, REWRITTEN, MatmulRecord
@@ -326,12 +326,12 @@ def rewrite_matmuls(
 
 
 _NO_STATE_OWNER = (
-    "OutControl keeps each layer's outlier-channel state on its nn.Linear (F.linear of the module's own weight); "
-    "this matmul has none"
+    "the recipe's outliers option keeps each layer's outlier-channel state on its nn.Linear (F.linear of the "
+    "module's own weight); this matmul has none"
 )
 
 
-def _state_nodes(gm: fx.GraphModule, node: fx.Node, state: OutlierState, index: int) -> list[fx.Node]:
+def _state_nodes(gm: fx.GraphModule, node: fx.Node, state, index: int) -> list[fx.Node]:
     """``get_attr`` nodes of the layer's state tensors, registered on ``gm`` as the very tensors the module holds:
     AOTAutograd lifts them to graph inputs, so their updates reach the module and nothing recompiles."""
     from torch._dynamo.source import ConstantSource
@@ -339,7 +339,7 @@ def _state_nodes(gm: fx.GraphModule, node: fx.Node, state: OutlierState, index: 
     nodes = []
     sources = getattr(gm, "_param_name_to_source", None)  # AOTAutograd reads a source per lifted buffer
     with gm.graph.inserting_before(node):
-        for field, tensor in zip(OutlierState._fields, state):
+        for field, tensor in zip(state._fields, state):
             name = f"_fp4compile_outlier_{index}_{field}"
             gm.register_buffer(name, tensor)
             if sources is not None:
@@ -348,9 +348,10 @@ def _state_nodes(gm: fx.GraphModule, node: fx.Node, state: OutlierState, index: 
     return nodes
 
 
-def _linear_with_state(x, weight, bias, norms, count, order, selected, recipe: str):
-    """``nvfp4_linear`` with the layer's outlier state (the call the pass inserts for OutControl recipes)."""
-    return nvfp4_linear(x, weight, bias, recipe=recipe, outlier_state=OutlierState(norms, count, order, selected))
+def _linear_with_state(x, weight, bias, *state, recipe: str):
+    """``nvfp4_linear`` with the layer's outlier state (the call the pass inserts for recipes with ``outliers``)."""
+    kind = state_type(Recipe.named(recipe).outliers)
+    return nvfp4_linear(x, weight, bias, recipe=recipe, outlier_state=kind(*state))
 
 
 def _replace(graph: fx.Graph, node: fx.Node, a, b, bias, out_in: bool, recipe: str, state=None) -> None:
