@@ -41,6 +41,7 @@ __all__ = [
     "outlier_count",
     "selected_channels",
     "state_type",
+    "sum_over_ranks",
     "update_hot",
 ]
 
@@ -182,12 +183,25 @@ def selected_channels(state, control) -> torch.Tensor:
     return state.order[: outlier_count(state.order.numel(), control)].clone()
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group (a functional all-reduce, traceable by
+    ``torch.compile``), or ``t`` itself outside ``torch.distributed``: every rank then selects the same channels."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(t, "sum", dist.group.WORLD)
+
+
 def observe(x: torch.Tensor, state: OutlierState, control: OutControl) -> None:
     """Record one training forward's input X [tokens, in] into ``state``, in place, and select when the window
-    is complete: ``order`` becomes the channels by descending accumulated norm (ties by channel index)."""
+    is complete: ``order`` becomes the channels by descending accumulated norm (ties by channel index). Under
+    ``torch.distributed`` the norms are summed over the ranks first, so every rank selects the same channels."""
     count = state.count
     recording = (count >= control.start) & (count < control.start + control.window)
-    norms = torch.linalg.vector_norm(x.detach().to(torch.float32), dim=0)
+    norms = sum_over_ranks(torch.linalg.vector_norm(x.detach().to(torch.float32), dim=0))
     state.norms.add_(torch.where(recording, norms, torch.zeros_like(norms)))
     completes = (count + 1 == control.start + control.window) & ~state.selected
     ranked = torch.argsort(state.norms, descending=True, stable=True)
@@ -198,8 +212,8 @@ def observe(x: torch.Tensor, state: OutlierState, control: OutControl) -> None:
 
 def update_hot(score: torch.Tensor, state: HotState, control: HotChannelPatch) -> None:
     """After a training forward: on every ``period``-th forward (the first included) the ``k`` channels of highest
-    ``score`` become the hot channels; in place, no host sync."""
+    ``score`` (summed over data-parallel ranks) become the hot channels; in place, no host sync."""
     rescore = state.count % control.period == 0
-    top = torch.topk(score, state.index.numel()).indices
+    top = torch.topk(sum_over_ranks(score), state.index.numel()).indices
     state.index.copy_(torch.where(rescore, top, state.index))
     state.count.add_(1)

@@ -9,6 +9,7 @@ DDP replicas identical; and the stochastic rounding and random signs of the quan
 between ranks, yet repeat when a rank is re-seeded.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -84,6 +85,15 @@ CUDA = Setting("cuda", "nccl", "inductor")
 STOCHASTIC = ("nvidia", "quartet_ii", "tetrajet_v2")  # trained under DDP next to bf16
 OSCI = dict(start=0, period=3, window=1, threshold=0.5, sample_fraction=0.5)  # resets within 6 steps
 OSCI_STEPS = 6
+# Outlier-channel recipes on naive quantizers (double-block forward for OutControl), registered at import so that
+# the spawned ranks know them too.
+OUTCONTROL = dataclasses.replace(
+    fp4compile.Recipe.named("tetrajet_v2_full"), name="tetrajet_v2_oc_dist_test",
+    outliers=fp4compile.OutControl(ratio=0.25, start=0, window=2),
+).register()  # fmt: skip
+HOT = dataclasses.replace(
+    fp4compile.Recipe.named("chon"), name="chon_dist_test", outliers=fp4compile.HotChannelPatch(k=4, period=2)
+).register()
 
 
 def _train(model: nn.Module, forward, rank: int, device, steps: int = STEPS, adam: bool = False) -> list[float]:
@@ -187,6 +197,19 @@ def _worker(rank: int, setting: Setting, init_file: str, out_dir: str) -> None:
             opt.zero_grad(set_to_none=True)
         results[f"fsdp_osci_params_{memory_efficient}"] = _full_params(model)
         results[f"fsdp_osci_resets_{memory_efficient}"] = [(r["step"], r["reset"], r["tracked"]) for r in osc.history]
+    # Outlier-channel statistics: summed over the ranks before any selection. No DDP here (it would broadcast
+    # rank 0's buffers): each rank trains its own copy on its own batches, and only the sum makes them agree.
+    for recipe, field in ((OUTCONTROL, "order"), (HOT, "index")):
+        torch._dynamo.reset()
+        model = _net().to(device)
+        for block in model.blocks:
+            block.up = fp4compile.NVFP4Linear.from_linear(block.up, recipe)
+        compiled = torch.compile(model, backend="nvfp4", options={"inner": setting.inner})
+        _train(model, compiled, rank, device, steps=3)
+        layer = model.blocks[0].up
+        results[f"{recipe.name}_{field}"] = getattr(layer, f"outlier_{field}").cpu()
+        if recipe is OUTCONTROL:
+            results["outcontrol_norms"] = layer.outlier_norms.cpu()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -320,3 +343,15 @@ def test_no_quantized_weight_is_cached_by_storage():
     want = nvfp4_linear(x, new, model.bias, "nvidia")
     assert torch.equal(after, want) and not torch.equal(after, before)
     torch._dynamo.reset()
+
+
+def test_outlier_channel_statistics_are_summed_over_ranks_so_every_rank_selects_the_same(ranks):
+    first, second = ranks
+    for key in (f"{OUTCONTROL.name}_order", f"{HOT.name}_index", "outcontrol_norms"):
+        assert torch.equal(first[key], second[key]), key
+    # OutControl's norms: each input channel's L2 norm over the window's two forwards (the first block's up
+    # projection reads the batch itself), summed over both ranks' batches.
+    cpu, want = torch.device("cpu"), torch.zeros(D)
+    for step in range(2):
+        want += sum(torch.linalg.vector_norm(_batch(step, rank, cpu)[0], dim=0) for rank in range(WORLD))
+    torch.testing.assert_close(first["outcontrol_norms"], want, rtol=1e-6, atol=0)
