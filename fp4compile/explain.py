@@ -16,8 +16,10 @@ def explain(model, *args, options: Optional[dict[str, Any]] = None, **kwargs) ->
     """Capture ``model(*args, **kwargs)`` with Dynamo, run the matmul pass, and report what it did.
 
     Nothing is compiled for training: the rewritten graphs run once, eagerly, under
-    ``torch.no_grad()``. ``args`` and ``kwargs`` are the model's inputs (``input_ids=ids`` for a
-    Hugging Face model); ``options`` are those of ``backend="nvfp4"``, as given to
+    ``torch.no_grad()``. With a recipe that has ``outliers``, the rewrite attaches each layer's
+    outlier-channel state buffers to its ``nn.Linear`` (as compiling does). ``args`` and ``kwargs``
+    are the model's inputs (``input_ids=ids`` for a Hugging Face model); ``options`` are those of
+    ``backend="nvfp4"``, as given to
     ``torch.compile(model, backend="nvfp4", options={...})`` (``recipe``, ``skip``, ...).
 
     Returns:

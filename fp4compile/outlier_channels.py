@@ -39,6 +39,7 @@ __all__ = [
     "new_state",
     "observe",
     "outlier_count",
+    "outlier_path",
     "selected_channels",
     "state_type",
     "sum_over_ranks",
@@ -105,6 +106,16 @@ class HotChannelPatch:
                 raise ValueError(f"HotChannelPatch.{name} must be a positive integer, got {value!r}")
         if self.residual not in ("bf16", "nvfp4"):
             raise ValueError(f"HotChannelPatch.residual must be 'bf16' or 'nvfp4', got {self.residual!r}")
+
+
+def outlier_path(control, in_features: int) -> str:
+    """The outlier-channel path a layer of ``in_features`` inputs carries, as ``explain`` prints it."""
+    if isinstance(control, HotChannelPatch):
+        return f"Hot-Channel Patch of {min(control.k, in_features)} channels ({control.residual} residuals)"
+    k = outlier_count(in_features, control)
+    if k == 0:
+        return f"no OutControl channels (in_features {in_features} < 128)"
+    return f"OutControl: {k} of {in_features} channels in {control.outlier_format}"
 
 
 def outlier_count(in_features: int, control: OutControl) -> int:

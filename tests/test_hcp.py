@@ -149,3 +149,34 @@ def test_gpu_layer_equals_the_cpu_spec():
         gpu = linear_step(x.cuda(), w.cuda(), recipe, gpu_state)[0]
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5 * cpu.abs().max().item())
     assert torch.equal(gpu_state.index.cpu(), cpu_state.index)
+
+
+def test_quantize_api_and_resume_carry_the_state():
+    from torchao.quantization import quantize_
+
+    recipe = _recipe(period=2)
+    torch.manual_seed(0)
+    start = Net()
+    straight, first = copy.deepcopy(start), copy.deepcopy(start)
+    for model in (straight, first):
+        config = fp4compile.NVFP4Config(recipe=recipe)
+        quantize_(model, config, filter_fn=config.filter_fn)
+        assert isinstance(model.fc1, fp4compile.NVFP4Linear) and "fc1.outlier_index" in model.state_dict()
+    _train(straight, straight, 4)
+    _train(first, first, 2)
+    resumed = copy.deepcopy(start)
+    assert fp4compile.attach_outlier_state(resumed, recipe) == ["fc1", "fc2"]
+    resumed.load_state_dict(first.state_dict())  # an nn.Linear model with the state, compiled from here on
+    torch._dynamo.reset()
+    compiled = torch.compile(resumed, backend="nvfp4", options={"recipe": recipe, "inner": "aot_eager"})
+    opt_steps = [(step, _data(seed=step)[0][:32]) for step in (2, 3)]
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.01)
+    for step, x in opt_steps:
+        torch.manual_seed(step)
+        (compiled(x) * _LOSS_WEIGHTS).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch._dynamo.reset()
+    want = straight.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, want[key]), key

@@ -208,6 +208,8 @@ def test_explain_names_the_matmul_that_cannot_hold_state():
     report = fp4compile.explain(NetWithHead(), torch.randn(8, 256), options={"recipe": _recipe()})
     rows = {r.module or r.weight: r for r in report.records}
     assert rows["fc1"].rewritten and rows["fc2"].rewritten
+    assert rows["fc1"].reason == "OutControl: 128 of 256 channels in mxfp8"  # the path each layer carries
+    assert "rewritten, OutControl: 128 of 256 channels in mxfp8" in str(report)
     assert not rows["head"].rewritten and "outlier-channel state on its nn.Linear" in rows["head"].reason
 
 

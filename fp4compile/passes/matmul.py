@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..eligibility import FLOAT_DTYPES, LayerFilter, normalize_fqn, why_not_nvfp4
 from ..linear import nvfp4_linear
-from ..outlier_channels import attach_state, state_type
+from ..outlier_channels import attach_state, outlier_path, state_type
 from ..recipe import Recipe
 from .names import ModuleNames, source_to_fqn
 from .report import ALREADY_NVFP4, FILTERED, INELIGIBLE, NO_WEIGHT, REWRITTEN, MatmulRecord
@@ -297,9 +297,12 @@ def rewrite_matmuls(
         if reason is None and keep_plain is not None:
             reason, status = keep_plain, FILTERED
         owner = module[1]
+        path = ""
         if reason is None and recipe.outliers is not None:
             if owner is None or getattr(owner, "weight", None) is not _parameter(weight_node) or not out_in:
                 reason, status = _NO_STATE_OWNER, INELIGIBLE
+            else:
+                path = outlier_path(recipe.outliers, w_shape[1])
         records.append(
             MatmulRecord(
                 graph=graph_index,
@@ -311,7 +314,7 @@ def rewrite_matmuls(
                 w_shape=w_shape,
                 recipe=recipe.name,
                 rewritten=reason is None,
-                reason=reason or "",
+                reason=reason or path,
                 status=status,
             )
         )

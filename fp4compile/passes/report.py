@@ -34,8 +34,14 @@ class MatmulRecord(NamedTuple):
     w_shape: tuple
     recipe: str
     rewritten: bool
-    reason: str
+    reason: str  # why not, for a skipped matmul; the outlier-channel path of a rewritten one, or ""
     status: str = REWRITTEN
+
+
+def _outcome(r: MatmulRecord) -> str:
+    if not r.rewritten:
+        return f"skipped: {r.reason}"
+    return f"rewritten, {r.reason}" if r.reason else "rewritten"
 
 
 def _shape(shape: tuple) -> str:
@@ -78,7 +84,7 @@ class RewriteReport:
         header = ("graph", "module", "weight", "op", "x", "weight [out, in]", "recipe", "NVFP4")
         rows = [
             (str(r.graph), r.module or "(root)", r.weight or "-", r.op, _shape(r.x_shape), _shape(r.w_shape),
-             r.recipe, "rewritten" if r.rewritten else f"skipped: {r.reason}")
+             r.recipe, _outcome(r))
             for r in self.records
         ]  # fmt: skip
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
