@@ -427,3 +427,50 @@ def test_train_nproc_runs_each_recipe_on_data_parallel_ranks(tmp_path):
     with torch.no_grad():
         losses = [model(*train_batch(corpus.train, i, config.batch, config.seq, config.seed)) for i in (0, 1)]
     assert results["runs"]["bf16"]["train_loss"][0] == pytest.approx(((losses[0] + losses[1]) / 2).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- --data
+def _text_tree(root, files=12, words=400):
+    """``files`` text files, a third of them in a subdirectory, plus a hidden file that must be skipped."""
+    (root / "sub").mkdir(parents=True)
+    vocabulary = "the quick brown fox jumps over a lazy dog while nvfp4 training runs".split()
+    for i in range(files):
+        text = " ".join(vocabulary[(i * 7 + j * 3) % len(vocabulary)] for j in range(words))
+        (root / ("sub" if i % 3 == 0 else ".") / f"doc{i:02d}.txt").write_text(text)
+    (root / ".hidden.txt").write_text("never read")
+    return sorted(str(p) for p in root.rglob("doc*.txt"))
+
+
+def test_data_trains_on_the_users_text_split_by_file(tmp_path):
+    files = _text_tree(tmp_path / "text")
+    printed, results = _train(tmp_path / "out", "--recipes", "bf16", "--data", str(tmp_path / "text"))
+    corpus = results["corpus"]
+    walked = [str(tmp_path / "text" / f"doc{i:02d}.txt") for i in range(12) if i % 3] + [
+        str(tmp_path / "text" / "sub" / f"doc{i:02d}.txt") for i in range(0, 12, 3)
+    ]  # the walk's order: a directory's files (sorted), then its subdirectories
+    assert sorted(walked) == files
+    assert corpus["val_files"] == [walked[9]]  # every 10th file of the walk is validation
+    assert corpus["train_files"] == walked[:9] + walked[10:]
+    assert "--data files" in printed and ".hidden" not in json.dumps(corpus)
+    assert math.isfinite(results["runs"]["bf16"]["val_loss"])
+    again = load_corpus(300_000, data=[str(tmp_path / "text")])
+    assert list(again.train_files) == corpus["train_files"]  # deterministic
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: (d / "b.bin").write_bytes(b"ab\0cd"), "looks binary (it holds NUL bytes); pass text files"),
+        (lambda d: (d / "e.txt").write_text(""), "no text to train on"),
+        (lambda d: (d / "one.txt").write_text("x" * 4000), "give at least two files"),
+        (lambda d: None, "no such file or directory"),
+    ],
+    ids=["binary", "empty", "one-file", "missing"],
+)
+def test_bad_data_is_a_one_line_error(capsys, tmp_path, make, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    make(data)
+    path = next(iter(data.iterdir()), tmp_path / "missing")
+    line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), "--data", str(path)])
+    assert line.startswith("fp4compile train: error: corpus: --data") and message in line

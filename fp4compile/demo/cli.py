@@ -193,8 +193,14 @@ def _add_train_parser(commands) -> None:
         "cuda: reduce-overhead)",
     )  # fmt: skip
     t.add_argument(
+        "--data", nargs="+", default=(), metavar="PATH",
+        help="train on your own text: files, or directories read whole (sorted, hidden files skipped), as bytes, "
+        "split into train and validation by file (default: this Python's standard-library source)",
+    )  # fmt: skip
+    t.add_argument(
         "--corpus-mb", type=_positive_float, default=None,
-        help="megabytes of stdlib source to read (default: about what the run reads, 1 to 32)",
+        help="megabytes of text to read, from --data or the standard library (default: about what the run reads, "
+        "1 to 32)",
     )  # fmt: skip
     t.add_argument(
         "--threads", type=_positive_int, default=None,
@@ -326,6 +332,7 @@ def _run_train(args: argparse.Namespace) -> int:
             d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
             eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
             corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
+            data=tuple(args.data),
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
         ).resolved()  # fmt: skip

@@ -1,6 +1,9 @@
-"""The training corpus of ``fp4compile train``: the running interpreter's own standard-library sources, as bytes.
+"""The training corpus of ``fp4compile train``: the user's text (``--data``) or, by default, the running
+interpreter's own standard-library sources, as bytes.
 
-Nothing is downloaded. The ``.py`` files under ``sysconfig.get_paths()["stdlib"]`` (``site-packages``
+``--data PATH...`` reads text files, and every file below each directory (sorted, hidden ones skipped), as
+bytes; a file with a NUL byte is refused as binary, and all-empty input is refused too. By default nothing is
+downloaded. The ``.py`` files under ``sysconfig.get_paths()["stdlib"]`` (``site-packages``
 and ``__pycache__`` excluded) are listed in sorted order of their relative paths; a subset of about
 the requested size is taken at an even stride over that list (so it spans the whole library, not
 just the first letters of the alphabet), and every ``val_every``-th file of the subset goes to the
@@ -14,11 +17,11 @@ from __future__ import annotations
 import os
 import sysconfig
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Corpus", "load_corpus", "stdlib_sources", "train_batch", "val_batches"]
+__all__ = ["Corpus", "load_corpus", "stdlib_sources", "text_sources", "train_batch", "val_batches"]
 
 _EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
@@ -51,7 +54,8 @@ class Corpus:
         train: uint8 [n_train] (files joined in order, separated by a newline).
         val: uint8 [n_val].
         train_files / val_files: relative paths under ``root``, in the order they were joined.
-        root: the standard-library directory they were read from.
+        root: the standard-library directory they were read from ("" for ``--data``: the paths are the files).
+        source: what the files are, for :meth:`describe` (``stdlib .py files from ROOT``, ``--data files``).
     """
 
     train: torch.Tensor
@@ -59,30 +63,64 @@ class Corpus:
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
     root: str
+    source: str = ""
 
     def describe(self) -> str:
         """One line: sizes and file counts of the two splits."""
+        source = self.source or f"stdlib .py files from {self.root}"
         return (
-            f"corpus: {len(self.train_files) + len(self.val_files)} stdlib .py files from {self.root}: "
+            f"corpus: {len(self.train_files) + len(self.val_files)} {source}: "
             f"train {len(self.train) / 1e6:.2f} MB ({len(self.train_files)} files), "
             f"val {len(self.val) / 1e6:.2f} MB ({len(self.val_files)} files)"
         )
 
 
-def load_corpus(target_bytes: int, val_every: int = 10, root: Optional[str] = None) -> Corpus:
-    """Read a deterministic subset of about ``target_bytes`` of stdlib sources and split it by file.
+def text_sources(paths: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, size in bytes)`` of the files ``paths`` name: files as given, directories walked (sorted, hidden
+    files and directories skipped), in the order given. Raises ``ValueError`` naming a path that does not exist,
+    a file that looks binary (a NUL byte in its first 64 KiB), or input without a single byte."""
+    found: list[tuple[str, int]] = []
+    for path in paths:
+        if os.path.isfile(path):
+            candidates = [path]
+        elif os.path.isdir(path):
+            candidates = []
+            for directory, subdirs, files in os.walk(path):
+                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+                candidates += [os.path.join(directory, f) for f in sorted(files) if not f.startswith(".")]
+        else:
+            raise ValueError(f"--data {path!r}: no such file or directory")
+        for file in candidates:
+            with open(file, "rb") as f:
+                if b"\0" in f.read(65536):
+                    raise ValueError(f"--data: {file!r} looks binary (it holds NUL bytes); pass text files")
+            found.append((file, os.path.getsize(file)))
+    if not any(size for _, size in found):
+        raise ValueError(f"--data {' '.join(paths)!r}: no text to train on (no file, or only empty files)")
+    return found
+
+
+def load_corpus(
+    target_bytes: int, val_every: int = 10, root: Optional[str] = None, data: Optional[Sequence[str]] = None
+) -> Corpus:
+    """Read a deterministic subset of about ``target_bytes`` of text and split it by file.
 
     Args:
-        target_bytes: how many bytes to read in all (the whole library if it is smaller).
+        target_bytes: how many bytes to read in all (everything if there is less).
         val_every: every ``val_every``-th file of the subset (the last of each group) is validation.
         root: the directory to read (default: this interpreter's standard library).
+        data: the user's text files and directories (``--data``) instead of the standard library.
     """
     if target_bytes <= 0:
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     if val_every < 2:
         raise ValueError(f"val_every must be at least 2, got {val_every}")
-    root = root or sysconfig.get_paths()["stdlib"]
-    files = stdlib_sources(root)
+    if data:
+        root, source = "", "--data files"
+        files = text_sources(data)
+    else:
+        root, source = root or sysconfig.get_paths()["stdlib"], ""
+        files = stdlib_sources(root)
     total = sum(size for _, size in files)
     stride = max(1, total // target_bytes)
     subset, size = [], 0
@@ -92,13 +130,16 @@ def load_corpus(target_bytes: int, val_every: int = 10, root: Optional[str] = No
                 break
             subset.append(path)
             size += nbytes
-    subset.sort()
+    position = {path: i for i, (path, _) in enumerate(files)}
+    subset.sort(key=position.__getitem__)  # the files' own order (sorted paths for the standard library)
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for i, path in enumerate(subset):
         splits["val" if i % val_every == val_every - 1 else "train"].append(path)
     if not splits["val"]:  # a tiny subset: give validation its last file
         splits["val"].append(splits["train"].pop())
     if not splits["train"]:
+        if data:
+            raise ValueError("--data: train and validation are split by file; give at least two files")
         raise ValueError(f"target_bytes={target_bytes} selects too few files to split; ask for more")
 
     def read(paths: list[str]) -> torch.Tensor:
@@ -108,7 +149,8 @@ def load_corpus(target_bytes: int, val_every: int = 10, root: Optional[str] = No
                 chunks.append(f.read())
         return torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).clone()
 
-    return Corpus(read(splits["train"]), read(splits["val"]), tuple(splits["train"]), tuple(splits["val"]), root)
+    return Corpus(read(splits["train"]), read(splits["val"]), tuple(splits["train"]), tuple(splits["val"]), root,
+                  source)  # fmt: skip
 
 
 def _windows(data: torch.Tensor, starts: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -315,7 +315,7 @@ def run_training(
     config = config.resolved()
     prepare_out_dir(out_dir)  # before any training: an unwritable --out fails now, not after the last recipe
     try:
-        corpus = load_corpus(config.corpus_bytes)
+        corpus = load_corpus(config.corpus_bytes, data=config.data)
     except ValueError as error:  # too small a corpus_bytes
         raise TrainInputError(f"corpus: {error}") from error
     for split, data in (("training", corpus.train), ("validation", corpus.val)):

@@ -86,6 +86,7 @@ class TrainConfig:
     inner: Optional[str] = None
     mode: Optional[str] = None
     corpus_bytes: Optional[int] = None
+    data: tuple[str, ...] = ()  # --data: text files and directories instead of the standard library
     grad_clip: float = 1.0
     osci_reset: bool = False
     osci_start: Optional[int] = None
