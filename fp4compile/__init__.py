@@ -15,7 +15,8 @@ Public API:
   preset ``tetrajet_v2_full``); :func:`outlier_channels` reports each layer's selection and
   :func:`attach_outlier_state` registers the state before a checkpoint is loaded.
 - :class:`HotChannelPatch`: CHON's residual columns for the hot input channels (preset ``chon``).
-- :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer.
+- :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer
+  (:class:`OsciResetCallback` drives it from a Hugging Face ``Trainer``; needs ``transformers``).
 - :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
 - :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, config,
   filter_fn=config.filter_fn)`` with ``config = NVFP4Config(recipe=...)`` swaps eligible linears for
@@ -46,8 +47,8 @@ from .recipe import Recipe
 from .spec import QuantSpec
 from .wang_format import FP8Tensor, RowE2M1
 
-# NVFP4Config, export_torchao_nvfp4 and load_torchao_nvfp4 are public too but left out of __all__: they need
-# torchao, and ``from fp4compile import *`` must work without it.
+# NVFP4Config, export_torchao_nvfp4, load_torchao_nvfp4 (torchao) and OsciResetCallback (transformers) are public
+# too but left out of __all__: ``from fp4compile import *`` must work without those packages.
 __all__ = [
     "FP8Tensor",
     "HotChannelPatch",
@@ -73,13 +74,16 @@ _LAZY = {
     "NVFP4Config": ".torchao_integration",
     "export_torchao_nvfp4": ".torchao_integration",
     "load_torchao_nvfp4": ".torchao_integration",
+    "OsciResetCallback": ".hf_trainer",
 }
 
 
 def __getattr__(name: str):
-    """Load ``NVFP4Linear``, ``NVFP4Config``, ``export_torchao_nvfp4`` and ``load_torchao_nvfp4`` on first access.
+    """Load ``NVFP4Linear``, ``NVFP4Config``, ``export_torchao_nvfp4``, ``load_torchao_nvfp4`` and
+    ``OsciResetCallback`` on first access.
 
-    The torchao ones raise ``ImportError`` (``pip install "torchao>=0.18"``) when torchao is missing.
+    The torchao ones raise ``ImportError`` (``pip install "torchao>=0.18"``) when torchao is missing,
+    ``OsciResetCallback`` when transformers is.
     """
     module = _LAZY.get(name)
     if module is None:
