@@ -474,3 +474,45 @@ def test_bad_data_is_a_one_line_error(capsys, tmp_path, make, message):
     path = next(iter(data.iterdir()), tmp_path / "missing")
     line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), "--data", str(path)])
     assert line.startswith("fp4compile train: error: corpus: --data") and message in line
+
+
+# ----------------------------------------------------------------------------- --seeds and resuming
+def test_seeds_train_every_recipe_per_seed_and_summarize_mean_and_spread(tmp_path):
+    printed, results = _train(tmp_path, "--recipes", "bf16,naive", "--seeds", "2", "--seed", "3")
+    runs = results["runs"]
+    assert list(runs) == ["bf16@3", "naive@3", "bf16@4", "naive@4"]
+    assert [(r["recipe"], r["seed"]) for r in runs.values()] == [("bf16", 3), ("naive", 3), ("bf16", 4), ("naive", 4)]
+    assert runs["bf16@3"]["init_sha256"] != runs["bf16@4"]["init_sha256"]  # another seed, another model
+    assert runs["bf16@3"]["init_sha256"] == runs["naive@3"]["init_sha256"]  # one seed, the same start for all
+    gaps = [runs[f"naive@{s}"]["gap_to_bf16_pct"] for s in (3, 4)]
+    header, rule, bf16_row, naive_row = printed.splitlines()[-6:-2]
+    assert "vs bf16 (val), mean" in header and "min .. max" in header
+    assert f"{sum(gaps) / 2:+.2f} %" in naive_row and f"{min(gaps):+.2f} .. {max(gaps):+.2f} %" in naive_row
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_an_interrupted_run_resumes_and_another_configuration_starts_over(tmp_path, monkeypatch):
+    calls = []
+    real = train.train_recipe
+
+    def interrupted(recipe, *args, **kwargs):
+        calls.append(recipe)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(recipe, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_recipe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "--recipes", "bf16,naive")
+    with open(tmp_path / "results.json") as f:
+        assert list(json.load(f)["runs"]) == ["bf16"]  # written after the first run
+    calls.clear()
+    monkeypatch.setattr(train, "train_recipe", lambda recipe, *a, **k: calls.append(recipe) or real(recipe, *a, **k))
+    printed, resumed = _train(tmp_path, "--recipes", "bf16,naive")
+    assert calls == ["naive"] and "resuming: 1 run(s)" in printed
+    _, fresh = _train(tmp_path / "fresh", "--recipes", "bf16,naive")
+    deterministic = ("train_loss", "val_curve", "init_sha256", "gap_to_bf16_pct", "recipe", "seed")
+    for key, run in fresh["runs"].items():  # the resumed run kept bf16's first run and trained naive as before
+        assert {f: resumed["runs"][key][f] for f in deterministic} == {f: run[f] for f in deterministic}
+    printed, _ = _train(tmp_path, "--recipes", "bf16", "--steps", "6")
+    assert "another configuration's runs: moved to" in printed and (tmp_path / "results.previous.json").exists()

@@ -159,6 +159,11 @@ def _add_train_parser(commands) -> None:
     )
     t.add_argument("--seed", type=int, default=0, help="seed of the initialization, the data order and the random "
                    "rounding bits; the same for every recipe (default 0)")  # fmt: skip
+    t.add_argument(
+        "--seeds", type=_positive_int, default=1,
+        help="train every recipe with N seeds (--seed, --seed + 1, ...); the table shows the mean and spread of the "
+        "validation gap to bf16 over the seeds, results.json keeps every run (default 1)",
+    )  # fmt: skip
     t.add_argument("--batch", type=_positive_int, default=None, help=f"sequences per step ({per_device('batch')})")
     t.add_argument("--seq", type=_positive_int, default=None, help=f"bytes per sequence ({per_device('seq')})")
     t.add_argument(
@@ -332,7 +337,7 @@ def _run_train(args: argparse.Namespace) -> int:
             d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
             eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
             corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
-            data=tuple(args.data),
+            data=tuple(args.data), seeds=args.seeds,
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
         ).resolved()  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 __all__ = ["moving_average", "plot_losses", "plot_results"]
 
@@ -22,7 +22,13 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, smooth: int = 0) -> str:
+def plot_losses(
+    curves: Mapping[str, Sequence[float]],
+    path: str,
+    title: str,
+    smooth: int = 0,
+    bands: Optional[Mapping[str, tuple[Sequence[float], Sequence[float]]]] = None,
+) -> str:
     """Draw every recipe's per-step training loss on one plot and save it as a PNG at ``path``.
 
     With a ``bf16`` curve among several, a second panel below shows each other recipe's smoothed loss
@@ -34,6 +40,8 @@ def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, sm
         title: the plot title.
         smooth: with ``smooth > 1`` the raw curves are drawn faintly and a trailing mean over
             ``smooth`` steps on top of them; the default picks about 1/20 of the run.
+        bands: recipe name -> (lowest, highest) curve over several seeds, drawn (smoothed) as a shaded band
+            around the recipe's curve (the mean over the seeds).
 
     Returns:
         ``path``.
@@ -51,6 +59,9 @@ def plot_losses(curves: Mapping[str, Sequence[float]], path: str, title: str, sm
     for i, (name, losses) in enumerate(curves.items()):
         color = f"C{i % 10}"
         steps = range(len(losses))
+        if bands and name in bands:
+            low, high = (moving_average(list(b), window) for b in bands[name])
+            axes.fill_between(range(len(low)), low, high, color=color, alpha=0.2, linewidth=0)
         if window > 1:
             axes.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
             axes.plot(steps, smoothed[name], color=color, linewidth=1.6, label=name)
@@ -89,14 +100,25 @@ def plot_results(results_json: str, path: str) -> str:
 
     with open(results_json) as f:
         results = json.load(f)
-    curves = {}
+    grouped: dict[str, list[list[float]]] = {}
     for name, run in results["runs"].items():
-        label = name + (" +osci" if run.get("osci_reset") is not None else "")
-        curves[label] = [math.nan if v is None else v for v in run["train_loss"]]
+        recipe = run.get("recipe", name)
+        label = recipe + (" +osci" if run.get("osci_reset") is not None else "")
+        grouped.setdefault(label, []).append([math.nan if v is None else v for v in run["train_loss"]])
+    curves, bands = {}, {}
+    for label, runs in grouped.items():  # several seeds: the mean, with the min .. max band
+        n = min(len(r) for r in runs)
+        curves[label] = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
+        if len(runs) > 1:
+            bands[label] = ([min(r[i] for r in runs) for i in range(n)], [max(r[i] for r in runs) for i in range(n)])
     params = results["config"]["params"]
     device = results["config"]["device"]
-    title = f"byte-level GPT ({params / 1e6:.2f}M params) on Python stdlib source, {device}"
-    return plot_losses(curves, path, title=title)
+    seeds = results["config"].get("seeds", 1)
+    data = "your --data text" if results["config"].get("data") else "Python stdlib source"
+    title = f"byte-level GPT ({params / 1e6:.2f}M params) on {data}, {device}"
+    if seeds > 1:
+        title += f", mean of {seeds} seeds (band: min .. max)"
+    return plot_losses(curves, path, title=title, bands=bands)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ A run's settings, :class:`TrainConfig` and the device presets, are in ``train_co
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import math
@@ -42,7 +43,7 @@ from ..streams import rank_and_world
 from .corpus import Corpus, load_corpus, train_batch, val_batches
 from .gpt import GPT
 from .report import device_name
-from .results import FINAL_WINDOW, results_table, write_results
+from .results import FINAL_WINDOW, previous_runs, results_table, run_key, write_results
 from .train_config import DEFAULT_RECIPES, PRESETS, TrainConfig
 from .train_config import OSCI_THRESHOLD as OSCI_THRESHOLD  # re-exported: cli.py imports it from here
 
@@ -121,6 +122,25 @@ class RecipeRun:
     init_sha256: str
     diverged: bool = False
     osci_reset: Optional[list[dict]] = None
+
+    @classmethod
+    def from_json(cls, recipe: str, run: dict) -> "RecipeRun":
+        """A run as ``results.json`` stores it (null losses back to NaN), for resuming."""
+
+        def value(v):
+            return math.nan if v is None else v
+
+        return cls(
+            recipe=recipe,
+            train_loss=[value(v) for v in run["train_loss"]],
+            val_curve=[(step, value(v)) for step, v in run["val_curve"]],
+            tokens_per_s=value(run["tokens_per_s"]),
+            first_step_s=value(run["first_step_s"]),
+            wall_s=run["wall_s"],
+            init_sha256=run["init_sha256"],
+            diverged=run["diverged"],
+            osci_reset=run["osci_reset"],
+        )
 
     @property
     def final_train_loss(self) -> float:
@@ -340,19 +360,30 @@ def run_training(
             f"{config.osci_period} steps after, window {config.osci_window}, threshold {config.osci_threshold:g}"
         )
     log(corpus.describe())
+    results = os.path.join(out_dir, "results.json")
+    done, note = previous_runs(results, config)
+    if note:
+        log(note)
     runs: dict[str, RecipeRun] = {}
-    for recipe in config.recipes:
-        if config.nproc > 1:
-            from .ranks import train_on_ranks  # it imports train_recipe from here
+    for seed in range(config.seed, config.seed + config.seeds):
+        seeded = dataclasses.replace(config, seed=seed)
+        for recipe in config.recipes:
+            key = run_key(recipe, seed, config.seeds)
+            if key in done:  # an earlier, interrupted run of this configuration finished it
+                runs[key] = RecipeRun.from_json(recipe, done[key])
+                continue
+            if config.nproc > 1:
+                from .ranks import train_on_ranks  # it imports train_recipe from here
 
-            runs[recipe] = train_on_ranks(recipe, config, corpus, progress)
-        elif config.device == "cuda":
-            runs[recipe] = _train_in_fresh_process(recipe, config, corpus, progress)
-        else:
-            runs[recipe] = train_recipe(recipe, config, corpus, progress=progress, log=log)
+                runs[key] = train_on_ranks(recipe, seeded, corpus, progress)
+            elif config.device == "cuda":
+                runs[key] = _train_in_fresh_process(recipe, seeded, corpus, progress)
+            else:
+                runs[key] = train_recipe(recipe, seeded, corpus, progress=progress, log=log)
+            # after every run: an interrupted run resumes from here
+            write_results(results, config, corpus, runs, params, time.perf_counter() - start)
     wall_s = time.perf_counter() - start
     # The results first, then the table, then the plot: a failing plot loses nothing.
-    results = os.path.join(out_dir, "results.json")
     write_results(results, config, corpus, runs, params, wall_s)
     log(results_table(runs))
     log(f"wrote {results} ({wall_s:.0f} s in all)")

@@ -73,6 +73,7 @@ class TrainConfig:
     recipes: tuple[str, ...] = DEFAULT_RECIPES
     device: str = "cpu"
     seed: int = 0
+    seeds: int = 1  # --seeds N: every recipe trained with seeds seed .. seed + N - 1
     steps: Optional[int] = None
     batch: Optional[int] = None
     seq: Optional[int] = None
