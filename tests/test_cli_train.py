@@ -516,3 +516,45 @@ def test_an_interrupted_run_resumes_and_another_configuration_starts_over(tmp_pa
         assert {f: resumed["runs"][key][f] for f in deterministic} == {f: run[f] for f in deterministic}
     printed, _ = _train(tmp_path, "--recipes", "bf16", "--steps", "6")
     assert "another configuration's runs: moved to" in printed and (tmp_path / "results.previous.json").exists()
+
+
+# ----------------------------------------------------------------------------- --hf-config
+def _hf_config(directory, model_type="llama", **overrides):
+    import transformers
+
+    shapes = {
+        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64),
+        "gpt2": dict(n_embd=32, n_layer=1, n_head=2, n_positions=64),
+        "t5": dict(d_model=32, num_layers=1, num_heads=2, d_ff=64, d_kv=16),
+    }  # fmt: skip
+    config = transformers.AutoConfig.for_model(model_type, **{**shapes[model_type], **overrides})
+    config.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_hf_config_trains_that_architecture_from_the_same_weights_per_recipe(tmp_path, model_type):
+    config = _hf_config(tmp_path / "config", model_type)
+    printed, results = _train(tmp_path / "out", "--recipes", "bf16,naive", "--hf-config", config)
+    runs = results["runs"]
+    assert runs["bf16"]["init_sha256"] == runs["naive"]["init_sha256"]
+    assert all(math.isfinite(run["val_loss"]) for run in runs.values())
+    assert f"byte-level {model_type} (" in printed and results["config"]["hf_config"] == config
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: str(d / "nowhere"), "no such file"),
+        (lambda d: (d / "c.json").write_text("{not json") and str(d / "c.json"), "cannot read it as JSON"),
+        (lambda d: (d / "c.json").write_text("{}") and str(d / "c.json"), 'no "model_type"'),
+        (lambda d: _hf_config(d, "t5"), "'t5' is not a causal language model"),
+        (lambda d: _hf_config(d, "llama", max_position_embeddings=16), "16 positions, fewer than --seq 32"),
+    ],
+    ids=["missing", "not-json", "no-model-type", "not-causal", "short-positions"],
+)
+def test_bad_hf_config_is_a_one_line_error(capsys, tmp_path, make, message):
+    path = make(tmp_path)
+    line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), "--hf-config", path])
+    assert "--hf-config" in line and message in line

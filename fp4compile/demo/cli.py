@@ -203,6 +203,12 @@ def _add_train_parser(commands) -> None:
         "split into train and validation by file (default: this Python's standard-library source)",
     )  # fmt: skip
     t.add_argument(
+        "--hf-config", default=None, metavar="PATH",
+        help="train a Hugging Face causal LM instead of the demo GPT: its config.json (or the directory holding "
+        "it; Llama, Qwen2, GPT-2, Mistral, ...), randomly initialized from --seed, vocabulary set to the 256 bytes; "
+        "nothing is downloaded",
+    )  # fmt: skip
+    t.add_argument(
         "--corpus-mb", type=_positive_float, default=None,
         help="megabytes of text to read, from --data or the standard library (default: about what the run reads, "
         "1 to 32)",
@@ -337,7 +343,7 @@ def _run_train(args: argparse.Namespace) -> int:
             d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
             eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
             corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
-            data=tuple(args.data), seeds=args.seeds,
+            data=tuple(args.data), seeds=args.seeds, hf_config=args.hf_config,
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
         ).resolved()  # fmt: skip

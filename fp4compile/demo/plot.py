@@ -115,7 +115,8 @@ def plot_results(results_json: str, path: str) -> str:
     device = results["config"]["device"]
     seeds = results["config"].get("seeds", 1)
     data = "your --data text" if results["config"].get("data") else "Python stdlib source"
-    title = f"byte-level GPT ({params / 1e6:.2f}M params) on {data}, {device}"
+    model = "model of --hf-config" if results["config"].get("hf_config") else "GPT"
+    title = f"byte-level {model} ({params / 1e6:.2f}M params) on {data}, {device}"
     if seeds > 1:
         title += f", mean of {seeds} seeds (band: min .. max)"
     return plot_losses(curves, path, title=title, bands=bands)

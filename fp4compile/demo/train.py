@@ -189,6 +189,15 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """The model of the run, weights from torch's current seed: the demo GPT, or ``--hf-config``'s architecture."""
+    if config.hf_config:
+        from .hf_model import HFByteLM, load_hf_config
+
+        return HFByteLM(load_hf_config(config.hf_config, config.seq))
+    return GPT(config.model_config())
+
+
 def train_recipe(
     recipe: str,
     config: TrainConfig,
@@ -213,7 +222,7 @@ def train_recipe(
     torch._dynamo.reset()  # each recipe compiles afresh (and never hits Dynamo's recompile limit)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = GPT(config.model_config())
+        model = build_model(config)
     init_hash = _parameter_hash(model)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -344,11 +353,20 @@ def run_training(
                 f"the {split} split of the corpus ({len(data)} bytes) is too short for sequences of {config.seq} "
                 f"bytes (at least {config.seq + 2}); read more of the corpus or shorten the sequences"
             )
-    params = GPT(config.model_config()).num_parameters()
+    try:
+        model = build_model(config)
+    except ValueError as error:  # a --hf-config that is not a causal LM, ...
+        raise TrainInputError(str(error)) from error
+    params = model.num_parameters()
+    if config.hf_config:
+        architecture = f"byte-level {model.description}, seq {config.seq}"
+    else:
+        architecture = (f"byte-level GPT (layers {config.layers}, d_model {config.d_model}, heads {config.heads}, "
+                        f"seq {config.seq})")  # fmt: skip
+    del model
     compiler = config.inner + (f", mode {config.mode}" if config.mode not in (None, "default") else "")
     log(
-        f"{params / 1e6:.2f}M-parameter byte-level GPT (layers {config.layers}, d_model {config.d_model}, "
-        f"heads {config.heads}, seq {config.seq}), batch {config.batch}, {config.steps} steps, lr {config.lr:g}, "
+        f"{params / 1e6:.2f}M-parameter {architecture}, batch {config.batch}, {config.steps} steps, lr {config.lr:g}, "
         f"on {config.device} ({device_name(config.device)})"
         f"{f' x {config.nproc} processes (DDP)' if config.nproc > 1 else ''}, "
         f"backend nvfp4 (inner {compiler}){', bf16 autocast' if config.device == 'cuda' else ', float32'}"

@@ -88,6 +88,7 @@ class TrainConfig:
     mode: Optional[str] = None
     corpus_bytes: Optional[int] = None
     data: tuple[str, ...] = ()  # --data: text files and directories instead of the standard library
+    hf_config: Optional[str] = None  # --hf-config: a Hugging Face causal-LM architecture instead of the demo GPT
     grad_clip: float = 1.0
     osci_reset: bool = False
     osci_start: Optional[int] = None
