@@ -558,3 +558,42 @@ def test_bad_hf_config_is_a_one_line_error(capsys, tmp_path, make, message):
     path = make(tmp_path)
     line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), "--hf-config", path])
     assert "--hf-config" in line and message in line
+
+
+def _tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator(["def f(x):\n    return x + 1\n" * 50, "import os\nclass A: pass\n" * 50], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return str(directory), fast
+
+
+def test_tokenizer_trains_on_token_ids_with_its_vocabulary(tmp_path):
+    config = _hf_config(tmp_path / "config")
+    directory, tokenizer = _tokenizer(tmp_path / "tokenizer")
+    printed, results = _train(tmp_path / "out", "--recipes", "bf16", "--hf-config", config, "--tokenizer", directory)
+    corpus = load_corpus(300_000)
+    text = bytes(corpus.train.tolist()).decode("utf-8", "replace")
+    want = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert results["corpus"]["unit"] == "token" and results["corpus"]["train_bytes"] == want
+    assert "M tokens" in printed and math.isfinite(results["runs"]["bf16"]["val_loss"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (lambda d: ["--tokenizer", str(d)], "--tokenizer needs --hf-config"),
+        (lambda d: ["--hf-config", _hf_config(d / "c"), "--tokenizer", str(d / "none")], "not a directory"),
+        (lambda d: ["--hf-config", _hf_config(d / "c"), "--tokenizer", str(d / "c")], "no tokenizer could be loaded"),
+    ],
+    ids=["without-hf-config", "missing", "not-a-tokenizer"],
+)
+def test_bad_tokenizer_is_a_one_line_error(capsys, tmp_path, flags, message):
+    line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), *flags(tmp_path)])
+    assert message in line

@@ -209,6 +209,11 @@ def _add_train_parser(commands) -> None:
         "nothing is downloaded",
     )  # fmt: skip
     t.add_argument(
+        "--tokenizer", default=None, metavar="DIR",
+        help="with --hf-config: tokenize the text with the tokenizer saved in DIR (save_pretrained's files; nothing "
+        "is downloaded) instead of reading bytes; losses are then per token",
+    )  # fmt: skip
+    t.add_argument(
         "--corpus-mb", type=_positive_float, default=None,
         help="megabytes of text to read, from --data or the standard library (default: about what the run reads, "
         "1 to 32)",
@@ -343,7 +348,7 @@ def _run_train(args: argparse.Namespace) -> int:
             d_model=args.d_model, layers=args.layers, heads=args.heads, lr=args.lr, warmup=args.warmup,
             eval_every=args.eval_every, val_batches=args.val_batches, inner=args.inner, mode=args.mode,
             corpus_bytes=None if args.corpus_mb is None else int(args.corpus_mb * 1e6), osci_reset=args.osci_reset,
-            data=tuple(args.data), seeds=args.seeds, hf_config=args.hf_config,
+            data=tuple(args.data), seeds=args.seeds, hf_config=args.hf_config, tokenizer=args.tokenizer,
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
         ).resolved()  # fmt: skip

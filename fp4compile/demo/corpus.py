@@ -64,14 +64,16 @@ class Corpus:
     val_files: tuple[str, ...]
     root: str
     source: str = ""
+    unit: str = "byte"  # what an element of train / val is: a byte, or a token (--tokenizer)
 
     def describe(self) -> str:
         """One line: sizes and file counts of the two splits."""
         source = self.source or f"stdlib .py files from {self.root}"
+        size = "MB" if self.unit == "byte" else "M tokens"
         return (
             f"corpus: {len(self.train_files) + len(self.val_files)} {source}: "
-            f"train {len(self.train) / 1e6:.2f} MB ({len(self.train_files)} files), "
-            f"val {len(self.val) / 1e6:.2f} MB ({len(self.val_files)} files)"
+            f"train {len(self.train) / 1e6:.2f} {size} ({len(self.train_files)} files), "
+            f"val {len(self.val) / 1e6:.2f} {size} ({len(self.val_files)} files)"
         )
 
 

@@ -14,15 +14,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["HFByteLM", "load_hf_config"]
+__all__ = ["HFByteLM", "load_hf_config", "load_tokenizer", "tokenize_corpus"]
 
 BYTE_VOCAB = 256
 
 
-def load_hf_config(path: str, seq: int):
+def load_tokenizer(path: str):
+    """The tokenizer saved in directory ``path`` (``save_pretrained``'s files; nothing is downloaded)."""
+    import transformers
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--tokenizer {path!r}: not a directory (give the directory a tokenizer was saved to)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--tokenizer {path!r}: no tokenizer could be loaded from it ({error})") from None
+
+
+def tokenize_corpus(corpus, tokenizer):
+    """``corpus`` with both splits as token ids (int64) of ``tokenizer`` instead of bytes (text decoded as UTF-8,
+    undecodable bytes replaced)."""
+    import dataclasses
+
+    def ids(data: torch.Tensor) -> torch.Tensor:
+        text = bytes(data.tolist()).decode("utf-8", errors="replace")
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+    return dataclasses.replace(corpus, train=ids(corpus.train), val=ids(corpus.val), unit="token")
+
+
+def load_hf_config(path: str, seq: int, vocab_size: int = BYTE_VOCAB):
     """The ``transformers`` config of the causal LM in ``path`` (a ``config.json`` or a directory holding one), its
-    vocabulary set to bytes. Raises ``ValueError`` naming the problem (missing file, not JSON, no ``model_type``,
-    not a causal LM, positions fewer than ``seq``)."""
+    vocabulary set to ``vocab_size`` (the bytes, or a tokenizer's). Raises ``ValueError`` naming the problem
+    (missing file, not JSON, no ``model_type``, not a causal LM, positions fewer than ``seq``)."""
     import transformers
 
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -46,7 +70,7 @@ def load_hf_config(path: str, seq: int):
         ) from None
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"--hf-config {file!r}: {model_type!r} is not a causal language model")
-    config.vocab_size = BYTE_VOCAB
+    config.vocab_size = vocab_size
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # token ids of another vocabulary
         if getattr(config, name, None) is not None:
             setattr(config, name, None)

@@ -28,6 +28,7 @@ def plot_losses(
     title: str,
     smooth: int = 0,
     bands: Optional[Mapping[str, tuple[Sequence[float], Sequence[float]]]] = None,
+    unit: str = "byte",
 ) -> str:
     """Draw every recipe's per-step training loss on one plot and save it as a PNG at ``path``.
 
@@ -42,6 +43,7 @@ def plot_losses(
             ``smooth`` steps on top of them; the default picks about 1/20 of the run.
         bands: recipe name -> (lowest, highest) curve over several seeds, drawn (smoothed) as a shaded band
             around the recipe's curve (the mean over the seeds).
+        unit: what the loss is per (``byte``, or ``token`` with a tokenizer).
 
     Returns:
         ``path``.
@@ -68,7 +70,7 @@ def plot_losses(
         else:
             axes.plot(steps, losses, color=color, linewidth=1.4, label=name)
     axes.set_xlabel("step")
-    axes.set_ylabel("training loss (nats/byte)")
+    axes.set_ylabel(f"training loss (nats/{unit})")
     axes.set_title(title + (f"\n(faint: per step; solid: mean of the last {window} steps)" if window > 1 else ""))
     axes.grid(True, alpha=0.3)
     if curves:
@@ -116,10 +118,12 @@ def plot_results(results_json: str, path: str) -> str:
     seeds = results["config"].get("seeds", 1)
     data = "your --data text" if results["config"].get("data") else "Python stdlib source"
     model = "model of --hf-config" if results["config"].get("hf_config") else "GPT"
-    title = f"byte-level {model} ({params / 1e6:.2f}M params) on {data}, {device}"
+    level = "token-level" if results["config"].get("tokenizer") else "byte-level"
+    title = f"{level} {model} ({params / 1e6:.2f}M params) on {data}, {device}"
     if seeds > 1:
         title += f", mean of {seeds} seeds (band: min .. max)"
-    return plot_losses(curves, path, title=title, bands=bands)
+    unit = "token" if results["config"].get("tokenizer") else "byte"
+    return plot_losses(curves, path, title=title, bands=bands, unit=unit)
 
 
 if __name__ == "__main__":

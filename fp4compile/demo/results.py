@@ -111,7 +111,8 @@ def write_results(
         "config": {**dataclasses.asdict(config), "params": params, "wall_s": wall_s},
         "corpus": {
             "root": corpus.root,
-            "train_bytes": len(corpus.train),
+            "unit": corpus.unit,
+            "train_bytes": len(corpus.train),  # elements of the split: bytes, or tokens with --tokenizer
             "val_bytes": len(corpus.val),
             "train_files": list(corpus.train_files),
             "val_files": list(corpus.val_files),

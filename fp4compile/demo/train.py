@@ -192,9 +192,12 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
 def build_model(config: TrainConfig) -> torch.nn.Module:
     """The model of the run, weights from torch's current seed: the demo GPT, or ``--hf-config``'s architecture."""
     if config.hf_config:
-        from .hf_model import HFByteLM, load_hf_config
+        from .hf_model import BYTE_VOCAB, HFByteLM, load_hf_config, load_tokenizer
 
-        return HFByteLM(load_hf_config(config.hf_config, config.seq))
+        vocab = len(load_tokenizer(config.tokenizer)) if config.tokenizer else BYTE_VOCAB
+        return HFByteLM(load_hf_config(config.hf_config, config.seq, vocab))
+    if config.tokenizer:
+        raise ValueError("--tokenizer needs --hf-config (the demo GPT reads bytes)")
     return GPT(config.model_config())
 
 
@@ -347,6 +350,13 @@ def run_training(
         corpus = load_corpus(config.corpus_bytes, data=config.data)
     except ValueError as error:  # too small a corpus_bytes
         raise TrainInputError(f"corpus: {error}") from error
+    if config.tokenizer and config.hf_config:
+        from .hf_model import load_tokenizer, tokenize_corpus
+
+        try:
+            corpus = tokenize_corpus(corpus, load_tokenizer(config.tokenizer))
+        except ValueError as error:
+            raise TrainInputError(str(error)) from error
     for split, data in (("training", corpus.train), ("validation", corpus.val)):
         if len(data) < config.seq + 2:  # corpus.train_batch and corpus.val_batches need one window and a byte
             raise TrainInputError(

@@ -89,6 +89,7 @@ class TrainConfig:
     corpus_bytes: Optional[int] = None
     data: tuple[str, ...] = ()  # --data: text files and directories instead of the standard library
     hf_config: Optional[str] = None  # --hf-config: a Hugging Face causal-LM architecture instead of the demo GPT
+    tokenizer: Optional[str] = None  # --tokenizer: a locally saved tokenizer instead of bytes (needs hf_config)
     grad_clip: float = 1.0
     osci_reset: bool = False
     osci_start: Optional[int] = None
