@@ -116,12 +116,12 @@ def plot_results(results_json: str, path: str) -> str:
     params = results["config"]["params"]
     device = results["config"]["device"]
     seeds = results["config"].get("seeds", 1)
-    data = "your --data text" if results["config"].get("data") else "Python stdlib source"
+    data = "--data text" if results["config"].get("data") else "Python stdlib source"
     model = "model of --hf-config" if results["config"].get("hf_config") else "GPT"
     level = "token-level" if results["config"].get("tokenizer") else "byte-level"
     title = f"{level} {model} ({params / 1e6:.2f}M params) on {data}, {device}"
     if seeds > 1:
-        title += f", mean of {seeds} seeds (band: min .. max)"
+        title += f"\nmean of {seeds} seeds (band: min .. max)"
     unit = "token" if results["config"].get("tokenizer") else "byte"
     return plot_losses(curves, path, title=title, bands=bands, unit=unit)
 
