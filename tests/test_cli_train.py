@@ -597,3 +597,13 @@ def test_tokenizer_trains_on_token_ids_with_its_vocabulary(tmp_path):
 def test_bad_tokenizer_is_a_one_line_error(capsys, tmp_path, flags, message):
     line = _one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "out"), *flags(tmp_path)])
     assert message in line
+
+
+def test_a_directory_walk_skips_binary_files_and_says_how_many(tmp_path):
+    files = _text_tree(tmp_path / "text")
+    (tmp_path / "text" / "sub" / "__pycache__").mkdir()
+    (tmp_path / "text" / "sub" / "__pycache__" / "m.pyc").write_bytes(b"\0\1")
+    (tmp_path / "text" / "image.bin").write_bytes(b"PNG\0\0")
+    corpus = load_corpus(300_000, data=[str(tmp_path / "text")])
+    assert sorted(corpus.train_files + corpus.val_files) == files
+    assert "(1 binary files skipped)" in corpus.describe()  # __pycache__ is not walked at all

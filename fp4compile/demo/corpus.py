@@ -1,8 +1,9 @@
 """The training corpus of ``fp4compile train``: the user's text (``--data``) or, by default, the running
 interpreter's own standard-library sources, as bytes.
 
-``--data PATH...`` reads text files, and every file below each directory (sorted, hidden ones skipped), as
-bytes; a file with a NUL byte is refused as binary, and all-empty input is refused too. By default nothing is
+``--data PATH...`` reads text files, and every text file below each directory (sorted; hidden ones,
+``__pycache__`` and binary files skipped, the binary ones counted in :meth:`Corpus.describe`), as bytes; a
+file named explicitly with a NUL byte is refused as binary, and all-empty input is refused too. By default nothing is
 downloaded. The ``.py`` files under ``sysconfig.get_paths()["stdlib"]`` (``site-packages``
 and ``__pycache__`` excluded) are listed in sorted order of their relative paths; a subset of about
 the requested size is taken at an even stride over that list (so it spans the whole library, not
@@ -77,26 +78,34 @@ class Corpus:
         )
 
 
-def text_sources(paths: Sequence[str]) -> list[tuple[str, int]]:
-    """``(path, size in bytes)`` of the files ``paths`` name: files as given, directories walked (sorted, hidden
-    files and directories skipped), in the order given. Raises ``ValueError`` naming a path that does not exist,
-    a file that looks binary (a NUL byte in its first 64 KiB), or input without a single byte."""
+def _looks_binary(file: str) -> bool:
+    with open(file, "rb") as f:
+        return b"\0" in f.read(65536)
+
+
+def text_sources(paths: Sequence[str], skipped: Optional[list[str]] = None) -> list[tuple[str, int]]:
+    """``(path, size in bytes)`` of the files ``paths`` name: files as given, directories walked (sorted; hidden
+    files and directories and ``__pycache__`` skipped, and binary files, listed in ``skipped``), in the order
+    given. Raises ``ValueError`` naming a path that does not exist, a file named explicitly that looks binary (a
+    NUL byte in its first 64 KiB), or input without a single byte."""
     found: list[tuple[str, int]] = []
     for path in paths:
         if os.path.isfile(path):
-            candidates = [path]
+            if _looks_binary(path):
+                raise ValueError(f"--data: {path!r} looks binary (it holds NUL bytes); pass text files")
+            found.append((path, os.path.getsize(path)))
         elif os.path.isdir(path):
-            candidates = []
             for directory, subdirs, files in os.walk(path):
-                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-                candidates += [os.path.join(directory, f) for f in sorted(files) if not f.startswith(".")]
+                subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in _EXCLUDED_DIRS)
+                for name in sorted(f for f in files if not f.startswith(".")):
+                    file = os.path.join(directory, name)
+                    if _looks_binary(file):
+                        if skipped is not None:
+                            skipped.append(file)
+                        continue
+                    found.append((file, os.path.getsize(file)))
         else:
             raise ValueError(f"--data {path!r}: no such file or directory")
-        for file in candidates:
-            with open(file, "rb") as f:
-                if b"\0" in f.read(65536):
-                    raise ValueError(f"--data: {file!r} looks binary (it holds NUL bytes); pass text files")
-            found.append((file, os.path.getsize(file)))
     if not any(size for _, size in found):
         raise ValueError(f"--data {' '.join(paths)!r}: no text to train on (no file, or only empty files)")
     return found
@@ -118,8 +127,9 @@ def load_corpus(
     if val_every < 2:
         raise ValueError(f"val_every must be at least 2, got {val_every}")
     if data:
-        root, source = "", "--data files"
-        files = text_sources(data)
+        skipped: list[str] = []
+        files = text_sources(data, skipped)
+        root, source = "", "--data files" + (f" ({len(skipped)} binary files skipped)" if skipped else "")
     else:
         root, source = root or sysconfig.get_paths()["stdlib"], ""
         files = stdlib_sources(root)
