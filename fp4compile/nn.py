@@ -2,8 +2,8 @@
 
 The module holds the same parameters as ``nn.Linear`` (``weight`` [out, in], optional ``bias``
 [out], same state_dict keys), so checkpoints move freely between the two; a recipe with ``outliers``
-(OutControl) adds the layer's outlier-channel state as buffers (``outlier_norms``, ``outlier_count``,
-``outlier_order``, ``outlier_selected``), saved and restored with the model. Its forward is
+(OutControl, the Hot-Channel Patch) adds the layer's outlier-channel state as buffers ``outlier_<field>``,
+saved and restored with the model. Its forward is
 :func:`fp4compile.nvfp4_linear` with the module's recipe; in eager mode and under
 ``torch.compile`` (any backend) it runs the same ``fp4compile::linear`` op.
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .eligibility import why_not_nvfp4
 from .linear import nvfp4_linear
-from .outlier_channels import module_state, new_state
+from .outlier_channels import attach_state, module_state
 from .recipe import Recipe
 
 __all__ = ["NVFP4Linear"]
@@ -52,9 +52,7 @@ class NVFP4Linear(nn.Linear):
         self.recipe = name
         control = Recipe.named(name).outliers
         if control is not None:
-            state = new_state(in_features, device, control)
-            for field, tensor in zip(state._fields, state):
-                self.register_buffer(f"outlier_{field}", tensor)
+            attach_state(self, control)
 
     @property
     def outlier_state(self):
@@ -93,9 +91,7 @@ class NVFP4Linear(nn.Linear):
         new.bias = linear.bias
         control = Recipe.named(name).outliers
         if control is not None:  # built on meta: the state goes where the weight is
-            state = new_state(linear.in_features, linear.weight.device, control)
-            for field, tensor in zip(state._fields, state):
-                setattr(new, f"outlier_{field}", tensor)
+            attach_state(new, control, fresh=True)
         new.train(linear.training)
         return new
 

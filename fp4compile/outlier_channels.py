@@ -169,12 +169,12 @@ def module_state(module: torch.nn.Module):
     return None
 
 
-def attach_state(module: torch.nn.Module, control):
+def attach_state(module: torch.nn.Module, control, fresh: bool = False):
     """The state of ``module`` (an ``nn.Linear``), registered as its buffers ``outlier_<field>`` if it has none yet
-    (on its weight's device), so that ``state_dict()`` saves it and ``load_state_dict`` restores it; ``control``
-    is remembered as the attribute ``outlier_control`` (for reports)."""
+    (or, with ``fresh``, anew), on its weight's device, so that ``state_dict()`` saves it and ``load_state_dict``
+    restores it; ``control`` is remembered as the attribute ``outlier_control`` (for reports)."""
     module.outlier_control = control
-    state = module_state(module)
+    state = None if fresh else module_state(module)
     if state is not None and not isinstance(state, state_type(control)):
         raise ValueError(f"{type(module).__name__} holds the state of another outliers option than {control}")
     if state is None:
