@@ -269,7 +269,7 @@ def export_torchao_nvfp4(
     the bias unchanged.
 
     Saving and loading: save ``model.state_dict()`` with ``torch.save``. To load it, build the model
-    as it was saved -- the same dtype, ``quantize_(model, NVFP4Config(...))`` swapping the same
+    as it was saved -- the same dtype, ``quantize_`` with ``NVFP4Config`` swapping the same
     layers, then ``export_torchao_nvfp4`` with the same ``dynamic_activation`` (``spec`` does not
     matter: the checkpoint's codes and scales replace the weights) -- and call
     :func:`load_torchao_nvfp4` ``(model, path)``. Plain ``model.load_state_dict(torch.load(path))``
@@ -281,7 +281,7 @@ def export_torchao_nvfp4(
     or ``dynamic_activation``) instead of failing in torchao's ``NVFP4Tensor.copy_``.
 
     Args:
-        model: a model (or a single ``NVFP4Linear``) after ``quantize_(model, NVFP4Config(...))``.
+        model: a model (or a single ``NVFP4Linear``) after ``quantize_`` with ``NVFP4Config``.
         spec: a deterministic per-tensor quantizer without rotation: ``"rtn"``, ``"rtn_4over6"``
             or ``"rtn_2d"`` (its 16x16 scales are stored per 1x16 block).
         dynamic_activation: False (default): weight-only, runs anywhere (CPU included) by
@@ -314,7 +314,7 @@ def export_torchao_nvfp4(
 
 # ----------------------------------------------------------------------------- loading an exported checkpoint
 _HOW_TO_BUILD = (
-    "build the model as the saved one was built (same dtype, quantize_(model, NVFP4Config(...)), "
+    "build the model as the saved one was built (same dtype, quantize_ with NVFP4Config(...) and its filter_fn, "
     "export_torchao_nvfp4(model, dynamic_activation=<as when saved>)) and load into it"
 )
 
@@ -398,7 +398,7 @@ def load_torchao_nvfp4(
 ):
     """Load a checkpoint of a model exported by :func:`export_torchao_nvfp4` into an exported ``model``.
 
-    ``model`` is built as the saved one was: the same dtype, ``quantize_(model, NVFP4Config(...))``
+    ``model`` is built as the saved one was: the same dtype, ``quantize_`` with ``NVFP4Config``
     swapping the same layers, then ``export_torchao_nvfp4(model, dynamic_activation=...)`` with the
     saved model's ``dynamic_activation`` (its ``spec`` does not matter). The checkpoint's ``qdata``,
     ``scale`` and ``per_tensor_scale`` are copied into the model's ``NVFP4Tensor`` weights bit for
