@@ -31,11 +31,22 @@ from .recipe import Recipe
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
 
-__all__ = ["forward_with_gemm", "linear_forward", "linear_backward", "SavedShapes", "saved_shapes"]
+__all__ = [
+    "SavedShapes",
+    "forward_with_gemm",
+    "linear_backward",
+    "linear_forward",
+    "pad_cols",
+    "quantize_operand",
+    "restore",
+    "round_up",
+    "saved_shapes",
+    "signs_for",
+]
 
 
 # ----------------------------------------------------------------------------- shapes
-def _round_up(n, multiple: int):
+def round_up(n, multiple: int):
     return (n + multiple - 1) // multiple * multiple
 
 
@@ -67,11 +78,11 @@ def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) ->
     """Shapes of the saved tensors of a forward over ``tokens`` rows (symbolic sizes allowed)."""
     if recipe.fp8_backward:
         return SavedShapes(*wang_linear.saved_shapes(recipe, tokens, in_features, out_features))
-    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
+    in_p = round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
     if recipe.wgrad_x_source == "forward":
         x = _quant_shapes(tokens, in_p, recipe.fwd_x)
     else:
-        x = _quant_shapes(in_features, _round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x)), recipe.wgrad_x)
+        x = _quant_shapes(in_features, round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x)), recipe.wgrad_x)
     if _saves_weight(recipe):
         w = _quant_shapes(out_features, in_p, recipe.fwd_w)
     else:
@@ -86,11 +97,11 @@ def _saves_weight(recipe: Recipe) -> bool:
 
 
 # ----------------------------------------------------------------------------- quantize helpers
-def _pad_cols(t: torch.Tensor, k: int) -> torch.Tensor:
+def pad_cols(t: torch.Tensor, k: int) -> torch.Tensor:
     return t if t.shape[1] == k else F.pad(t, (0, k - t.shape[1]))
 
 
-def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The rotation signs of ``spec``: None for none and for TE's fixed signs (the kernel holds those; a cached
     device copy would be a live allocation inside a CUDA-graph pool), else ``drawn`` or fresh random ones."""
     if spec.random_signs:
@@ -98,13 +109,13 @@ def _signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tens
     return None
 
 
-def _quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
+def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
     """Quantize ``x`` (2-D, shape already valid for ``spec``) with its GEMM values."""
     seed = stream_seed(x.device) if spec.stochastic else None
     return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
 
 
-def _restore(codes, scale_bits, outer, spec: QuantSpec, signs=None) -> NVFP4:
+def restore(codes, scale_bits, outer, spec: QuantSpec, signs=None) -> NVFP4:
     return NVFP4(codes, scale_bits.view(torch.float8_e4m3fn), outer, spec, signs=signs, dtype=torch.float32)
 
 
@@ -139,9 +150,9 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
 
     occ = recipe.occ
     x, residual = clamp_for_forward(x, occ)
-    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
-    qx = _quantize_operand(_pad_cols(x, in_p), recipe.fwd_x, None)
-    qw = _quantize_operand(_pad_cols(weight, in_p), recipe.fwd_w, None)
+    in_p = round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
+    qx = quantize_operand(pad_cols(x, in_p), recipe.fwd_x, None)
+    qw = quantize_operand(pad_cols(weight, in_p), recipe.fwd_w, None)
     if gemm is not None:
         y = gemm(qx, qw, in_p)
     elif occ is not None and occ.compensates:
@@ -155,9 +166,9 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     if recipe.wgrad_x_source == "forward":
         saved_x = qx.q
     else:
-        t_p = _round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
-        wgrad_signs = _signs_for(recipe.wgrad_x, x.device, None)
-        saved_x = _quantize_operand(_pad_cols(x.T, t_p), recipe.wgrad_x, wgrad_signs).q
+        t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
+        wgrad_signs = signs_for(recipe.wgrad_x, x.device, None)
+        saved_x = quantize_operand(pad_cols(x.T, t_p), recipe.wgrad_x, wgrad_signs).q
         if recipe.wgrad_x.random_signs:
             signs = wgrad_signs
     if _saves_weight(recipe):
@@ -172,8 +183,8 @@ def _dge_multiplier(weight: torch.Tensor, recipe: Recipe, w_q: Optional[NVFP4]) 
     """``dge_derivative`` of ``weight`` in E2M1 units of its forward quantization (``w_q`` when the forward saved
     it, else quantized again: the forward weight quantizer is deterministic), FP32 [out, in]."""
     out_features, in_features = weight.shape
-    in_p = _round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
-    w_p = _pad_cols(weight, in_p)
+    in_p = round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
+    w_p = pad_cols(weight, in_p)
     if w_q is None:
         w_q = dispatch.quantize(w_p, recipe.fwd_w, None, None)
     v = scaled_values(w_p, w_q)[:, :in_features]
@@ -200,34 +211,34 @@ def linear_backward(
 
     # Signs: one vector per backward (shared) or one per GEMM; wgrad's may come from the forward.
     from_forward = saved_signs if saved_signs.numel() else None
-    shared = _signs_for(recipe.dgrad_dy, device, from_forward) if recipe.share_backward_signs else None
-    dgrad_signs = shared if shared is not None else _signs_for(recipe.dgrad_dy, device, None)
-    wgrad_signs = shared if shared is not None else _signs_for(recipe.wgrad_dy, device, from_forward)
+    shared = signs_for(recipe.dgrad_dy, device, from_forward) if recipe.share_backward_signs else None
+    dgrad_signs = shared if shared is not None else signs_for(recipe.dgrad_dy, device, None)
+    wgrad_signs = shared if shared is not None else signs_for(recipe.wgrad_dy, device, from_forward)
 
     # dgrad: dX = dY W, K = out.
-    out_p = _round_up(out_features, _k_multiple(recipe.dgrad_dy, recipe.dgrad_w))
+    out_p = round_up(out_features, _k_multiple(recipe.dgrad_dy, recipe.dgrad_w))
     if recipe.reuses_forward_weight and out_p == out_features:
-        qw = operand_of(_restore(w_codes, w_scales, w_outer, recipe.fwd_w))
+        qw = operand_of(restore(w_codes, w_scales, w_outer, recipe.fwd_w))
         q_wt = Operand(qw.q, qw.values[:, :in_features].T)  # exact: 16x16 quantization commutes with W^T
     else:
         if recipe.dgrad_w_source == "forward":
-            w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w)
+            w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
             w_t = dispatch.dequantize_transposed(w_q, out_features, in_features, out_p)
         else:
-            w_t = _pad_cols(weight.T, out_p)
-        q_wt = _quantize_operand(w_t, recipe.dgrad_w, dgrad_signs)
-    q_dy = _quantize_operand(_pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
+            w_t = pad_cols(weight.T, out_p)
+        q_wt = quantize_operand(w_t, recipe.dgrad_w, dgrad_signs)
+    q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
     dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
     # wgrad: dW = dY^T X, K = tokens.
-    t_p = _round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
+    t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
     if recipe.wgrad_x_source == "forward":
-        x_q = _restore(x_codes, x_scales, x_outer, recipe.fwd_x)
+        x_q = restore(x_codes, x_scales, x_outer, recipe.fwd_x)
         x_t = dispatch.dequantize_transposed(x_q, tokens, in_features, t_p)
-        q_xt = _quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
+        q_xt = quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
     else:
-        q_xt = operand_of(_restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
-    q_dyt = _quantize_operand(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
+        q_xt = operand_of(restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
+    q_dyt = quantize_operand(pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
     compensated = recipe.occ is not None and recipe.occ.compensates
     if recipe.dge or compensated:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
@@ -235,7 +246,7 @@ def linear_backward(
             r = dense_residual(torch.Size((tokens, in_features)), residual_index, residual_value, recipe.occ)
             dw = dw + residual_weight_grad(dy, r, recipe.occ.residual)
         if recipe.dge:
-            w_q = _restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
+            w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
             dw = dw * _dge_multiplier(weight, recipe, w_q)
         dw = dw.to(weight.dtype)
     else:

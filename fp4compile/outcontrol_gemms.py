@@ -24,29 +24,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
-from .format import NVFP4
+from .gemm import nvfp4_gemm
+from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
 from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
 from .outlier_channels import outlier_count
 from .recipe import Recipe
-from .streams import stream_seed, stream_signs
 
 __all__ = ["linear_backward", "linear_forward", "saved_shapes"]
 
 
-def _round_up(n, multiple: int):
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _pad_cols(t: torch.Tensor, k) -> torch.Tensor:
-    return t if t.shape[1] == k else F.pad(t, (0, k - t.shape[1]))
-
-
 def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) -> tuple:
     """Shapes of the eight saved tensors: (codes, scale bytes, outer) of X and W, the outlier columns of X."""
-    in_p = _round_up(in_features, 128)
+    in_p = round_up(in_features, 128)
     k = outlier_count(in_features, recipe.outliers)
     mx = recipe.outliers.outlier_format == "mxfp8"
     return ((tokens, in_p // 2), (tokens, in_p // 16), (tokens, in_p // 128),
@@ -109,8 +100,8 @@ def linear_forward(
     and the tensors saved for the backward (:func:`saved_shapes`)."""
     control = recipe.outliers
     in_features = x.shape[1]
-    k, in_p = outlier_count(in_features, control), _round_up(in_features, 128)
-    xp, wp = _pad_cols(x[:, order], in_p), _pad_cols(weight[:, order], in_p)
+    k, in_p = outlier_count(in_features, control), round_up(in_features, 128)
+    xp, wp = pad_cols(x[:, order], in_p), pad_cols(weight[:, order], in_p)
     qx, vx = dispatch.quantize_with_values(xp, recipe.fwd_x, None, None)
     qw, vw = dispatch.quantize_with_values(wp, recipe.fwd_w, None, None)
     fmt = control.outlier_format
@@ -120,10 +111,6 @@ def linear_forward(
     y = dispatch.gemm(va, vb, oa, ob, bias, x.dtype)
     return (y, qx.codes, qx.scales.view(torch.uint8), qx.outer, qw.codes, qw.scales.view(torch.uint8), qw.outer,
             *outlier_x)  # fmt: skip
-
-
-def _restore(codes, scale_bytes, outer, spec) -> NVFP4:
-    return NVFP4(codes, scale_bytes.view(torch.float8_e4m3fn), outer, spec, dtype=torch.float32)
 
 
 def linear_backward(
@@ -144,44 +131,36 @@ def linear_backward(
     inverse = torch.argsort(order)
     device = dy.device
     # Signs before any quantization, as linear_gemms draws them (the same streams as the plain recipe).
-    dgrad_signs = stream_signs(recipe.dgrad_dy.rotation_size, device) if recipe.dgrad_dy.random_signs else None
-    if recipe.share_backward_signs:
-        wgrad_signs = dgrad_signs
-    else:
-        wgrad_signs = stream_signs(recipe.wgrad_dy.rotation_size, device) if recipe.wgrad_dy.random_signs else None
+    dgrad_signs = signs_for(recipe.dgrad_dy, device, None)
+    wgrad_signs = dgrad_signs if recipe.share_backward_signs else signs_for(recipe.wgrad_dy, device, None)
 
     # dgrad: dX = dY W, K = out, with W the dequantized forward W in the original channel order.
     if recipe.dgrad_w_source == "forward":
-        w_deq = dispatch.dequantize(_restore(w_codes, w_scales, w_outer, recipe.fwd_w), in_features)
+        w_deq = dispatch.dequantize(restore(w_codes, w_scales, w_outer, recipe.fwd_w), in_features)
         if k:
             w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
             w_deq = torch.cat([torch.where(selected, w_out, w_deq[:, :k]), w_deq[:, k:]], 1)
         w_deq = w_deq[:, inverse]
     else:
         w_deq = weight.to(torch.float32)
-    out_p = _round_up(out_features, recipe.dgrad_dy.k_multiple)
-    q_wt = _quantize(_pad_cols(w_deq.T.contiguous(), out_p), recipe.dgrad_w, dgrad_signs)
-    q_dy = _quantize(_pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
-    dx = dispatch.gemm(q_dy[1], q_wt[1], q_dy[0].outer, q_wt[0].outer, None, dy.dtype)
+    out_p = round_up(out_features, recipe.dgrad_dy.k_multiple)
+    q_wt = quantize_operand(pad_cols(w_deq.T.contiguous(), out_p), recipe.dgrad_w, dgrad_signs)
+    q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
+    dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
     # wgrad: dW = dY^T X, K = tokens; FP4 over every channel (in P's order), then the outlier columns.
-    t_p = _round_up(tokens, max(recipe.wgrad_dy.k_multiple, recipe.wgrad_x.k_multiple))
-    x_q = _restore(x_codes, x_scales, x_outer, recipe.fwd_x)
+    t_p = round_up(tokens, max(recipe.wgrad_dy.k_multiple, recipe.wgrad_x.k_multiple))
+    x_q = restore(x_codes, x_scales, x_outer, recipe.fwd_x)
     x_t = dispatch.dequantize_transposed(x_q, tokens, x_q.shape[1], t_p)
-    q_xt = _quantize(x_t, recipe.wgrad_x, wgrad_signs)
-    q_dyt = _quantize(_pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
-    dw = dispatch.gemm(q_dyt[1], q_xt[1], q_dyt[0].outer, q_xt[0].outer, None, torch.float32)
+    q_xt = quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
+    q_dyt = quantize_operand(pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
+    dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
     if k:
-        x_out_t = _pad_cols(_outlier_dequantized(outlier_values, outlier_exponents, fmt).T.contiguous(), t_p)
-        va, oa = _outlier_operand(_pad_cols(dy.T.to(torch.float32), t_p), fmt)
+        x_out_t = pad_cols(_outlier_dequantized(outlier_values, outlier_exponents, fmt).T.contiguous(), t_p)
+        va, oa = _outlier_operand(pad_cols(dy.T.to(torch.float32), t_p), fmt)
         vb, ob = _outlier_operand(x_out_t, fmt)
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
         dw = torch.cat([torch.where(selected, dw_out, dw[:, :k]), dw[:, k:]], 1)
     dw = dw[:, :in_features][:, inverse].to(weight.dtype)
     db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db
-
-
-def _quantize(t: torch.Tensor, spec, signs) -> tuple[NVFP4, torch.Tensor]:
-    seed = stream_seed(t.device) if spec.stochastic else None
-    return dispatch.quantize_with_values(t, spec, seed, signs)
