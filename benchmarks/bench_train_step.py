@@ -1,43 +1,59 @@
-"""One optimizer step of a GPT-2-small-size model: torch.compile bf16 (Inductor) vs backend="nvfp4".
+"""One optimizer step of a GPT-2-small or Llama-style model: torch.compile bf16 (Inductor) vs backend="nvfp4".
 
-Run on a GPU:  python -m benchmarks.bench_train_step [--out DIR] [--recipes nvidia,quartet_ii,tetrajet_v2]
+Run on a GPU:  python -m benchmarks.bench_train_step [--model gpt2|llama] [--mode reduce-overhead] [--out DIR]
+               [--recipes nvidia,quartet_ii,tetrajet_v2]
 
-Model: Hugging Face GPT-2 config at GPT-2 small size (12 layers, d 768, 12 heads, vocab
-50257, 124M parameters), random weights, sequence 1024, FP32 master weights under bf16
-autocast, fused AdamW. One step = forward, backward, optimizer step, zero_grad. The LM head
-(tied to the embedding) stays in bf16 under every recipe. Peak memory is the CUDA allocator's
-peak during one step (weights, optimizer state, activations).
+Models (Hugging Face configs, random weights, FP32 master weights under bf16 autocast, fused AdamW):
+- ``gpt2``: GPT-2 small (12 layers, d 768, 12 heads, vocab 50257, 124M parameters), batch 8 x 1024 tokens;
+  the LM head (tied to the embedding) stays in bf16 under every recipe.
+- ``llama``: Llama-style, d_model 2048, SwiGLU 5632, 8 layers, 16 heads, vocab 32000, batch 4 x 2048 tokens.
+One step = forward, backward, optimizer step, zero_grad. Reported: the median step (CUDA events), the first
+step's wall time (compilation included), the host time per step (wall time of the Python call that enqueues a
+step, no synchronization: equal to the step time when the host is the bottleneck) and the CUDA allocator's peak
+during a step (weights, optimizer state, activations).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 from benchmarks.utils import environment_line, gpu_environment, write_json
 from fp4compile.demo.report import format_table, markdown_table
 
-SEQ = 1024
+#: (sequence length, default batch, description) per model.
+MODELS = {
+    "gpt2": (1024, 8, "GPT-2 small"),
+    "llama": (2048, 4, "Llama-style d_model 2048, SwiGLU 5632, 8 layers"),
+}
 
 
-def _model():
+def _model(kind: str):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=SEQ)
-    return transformers.GPT2LMHeadModel(config).cuda()
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+        return transformers.GPT2LMHeadModel(config).cuda()
+    config = transformers.LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).cuda()
 
 
-def make_step(recipe: str, batch: int, mode: str = "default"):
+def make_step(recipe: str, batch: int, mode: str = "default", kind: str = "gpt2"):
     """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4")."""
-    model = _model()
+    model = _model(kind)
+    seq = MODELS[kind][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if recipe == "bf16":
         compiled = torch.compile(model, mode=mode)
     else:
         compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "mode": mode})
-    ids = torch.randint(0, 50257, (batch, SEQ), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -50,55 +66,67 @@ def make_step(recipe: str, batch: int, mode: str = "default"):
     return model, step
 
 
-def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str) -> dict:
-    model, step = make_step(recipe, batch, mode)
+def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str) -> dict:
+    model, step = make_step(recipe, batch, mode, kind)
+    first = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - first
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         loss = step()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     times.sort()
+    host.sort()
     params = sum(p.numel() for p in model.parameters())
-    return dict(recipe=recipe, ms=times[len(times) // 2], peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                loss=loss.item(), params=params)  # fmt: skip
+    return dict(recipe=recipe, ms=times[len(times) // 2], host_ms=host[len(host) // 2], first_step_s=first_s,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(), params=params)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out", help="directory for bench_train_step.json / .md")
     parser.add_argument("--recipes", default="nvidia,quartet_ii,tetrajet_v2", help="comma-separated recipes")
-    parser.add_argument("--batch", type=int, default=8, help="sequences of 1024 tokens per step")
+    parser.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="the model (see above)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8 gpt2, 4 llama)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--mode", default="default", help="torch.compile mode for every variant (e.g. reduce-overhead)")
     args = parser.parse_args()
     env = gpu_environment("bench_train_step")
+    seq, default_batch, description = MODELS[args.model]
+    batch = args.batch or default_batch
     records = []
     for recipe in ["bf16", *args.recipes.split(",")]:
-        records.append(_measure(recipe, args.batch, warmup=5, steps=args.steps, mode=args.mode))
+        records.append(_measure(recipe, batch, warmup=5, steps=args.steps, mode=args.mode, kind=args.model))
         print(records[-1], flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     base = records[0]
-    header = ["variant", "step ms", "vs bf16", "peak GiB", "vs bf16", "loss"]
+    header = ["variant", "step ms", "vs bf16", "host ms", "1st step s", "vs bf16", "peak GiB", "vs bf16", "loss"]
     rows = [
         [("torch.compile bf16" if r["recipe"] == "bf16" else f"nvfp4 {r['recipe']}"), f"{r['ms']:.1f}",
-         f"{r['ms'] / base['ms']:.2f}x", f"{r['peak_gib']:.2f}", f"{r['peak_gib'] / base['peak_gib']:.2f}x",
-         f"{r['loss']:.3f}"]
+         f"{r['ms'] / base['ms']:.2f}x", f"{r['host_ms']:.1f}", f"{r['first_step_s']:.1f}",
+         f"{r['first_step_s'] / base['first_step_s']:.2f}x", f"{r['peak_gib']:.2f}",
+         f"{r['peak_gib'] / base['peak_gib']:.2f}x", f"{r['loss']:.3f}"]
         for r in records
     ]  # fmt: skip
     print(format_table(header, rows))
-    stem = "bench_train_step" if args.mode == "default" else f"bench_train_step_{args.mode}"
-    write_json(f"{args.out}/{stem}.json", dict(env=env, seq=SEQ, batch=args.batch, mode=args.mode, results=records))
+    stem = f"bench_train_step_{args.model}_{args.mode}"
+    write_json(f"{args.out}/{stem}.json", dict(env=env, model=args.model, seq=seq, batch=batch, mode=args.mode,
+                                               results=records))  # fmt: skip
     with open(f"{args.out}/{stem}.md", "w") as f:
         f.write(f"{environment_line(env)}; ")
-        f.write(f"GPT-2 small ({base['params'] / 1e6:.0f}M params), batch {args.batch} x {SEQ} tokens, ")
+        f.write(f"{description} ({base['params'] / 1e6:.0f}M params), batch {batch} x {seq} tokens, ")
         f.write(f"mode {args.mode}\n\n")
         f.write(markdown_table(header, rows) + "\n")
 

@@ -114,9 +114,9 @@ def gemm(
     """``(va @ vb^T) * outer`` (+ bias) as ``out_dtype``, FP32 accumulation; outer scales per tensor or per 1x128
     K-block (``[rows, K/128]``)."""
     if on_triton(va):
-        from .kernels.gemm import gemm_triton
+        from .kernels.gemm_op import gemm_op
 
-        return gemm_triton(va, vb, outer_a, outer_b, bias, out_dtype)
+        return gemm_op(va, vb, outer_a, outer_b, bias, out_dtype)
     out = _reference_gemm(va, vb, outer_a, outer_b)
     if bias is not None:
         out = out + bias.float()

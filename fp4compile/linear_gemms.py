@@ -219,7 +219,8 @@ def linear_backward(
     out_p = round_up(out_features, _k_multiple(recipe.dgrad_dy, recipe.dgrad_w))
     if recipe.reuses_forward_weight and out_p == out_features:
         qw = operand_of(restore(w_codes, w_scales, w_outer, recipe.fwd_w))
-        q_wt = Operand(qw.q, qw.values[:, :in_features].T)  # exact: 16x16 quantization commutes with W^T
+        w_values = qw.values if qw.values.shape[1] == in_features else qw.values[:, :in_features]
+        q_wt = Operand(qw.q, w_values.T)  # exact: 16x16 quantization commutes with W^T
     else:
         if recipe.dgrad_w_source == "forward":
             w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)

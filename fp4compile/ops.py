@@ -1,11 +1,19 @@
 """torch.library ops of the quantized linear layer (namespace ``fp4compile``), with fake kernels and autograd.
 
-- ``fp4compile::linear_v2(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
+- ``fp4compile::linear_v3(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
   quantized tensors the backward needs (see ``linear_gemms.py``), returned as outputs so that
   AOTAutograd saves exactly them (never a high-precision copy of x).
-- ``fp4compile::linear_backward_v2(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+- ``fp4compile::linear_backward_v3(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+- ``outlier_linear`` / ``outlier_linear_backward`` (OutControl) and ``hot_linear`` (the Hot-Channel Patch).
 
-(``_v2``: :data:`SCHEMA_VERSION`.)
+(``_v3``: :data:`~fp4compile.schema.SCHEMA_VERSION`.)
+
+Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own code (``linear_gemms.py``
+...), whose Triton kernels are launched through ``wrap_triton`` while AOTAutograd traces it, so that under
+``torch.compile`` the op decomposes into the quantize and decode kernels (launched by Inductor's generated
+code), the opaque GEMM op (``kernels/gemm_op.py``) and ordinary ops that Inductor fuses with their
+neighbours. Elsewhere (the reference on the CPU) the body calls ``<name>_reference_v3``, an opaque
+custom op: the reference draws its Philox seed on the host and must not be traced or recompiled.
 
 The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this
 module registers the ops; ``import fp4compile`` alone does not import it.
@@ -13,14 +21,17 @@ module registers the ops; ``import fp4compile`` alone does not import it.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import hcp_gemms, outcontrol_gemms
+from .dispatch import on_triton
 from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
+from .schema import SCHEMA_VERSION, op_name
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -38,29 +49,50 @@ _SAVED_DTYPES = (
 )  # fmt: skip
 
 
-#: Part of the op names, bumped whenever an op's schema changes: Inductor's and AOTAutograd's on-disk caches
-#: key a graph on the names of the ops it calls, not on their schemas, so a graph compiled against an older
-#: schema would call the changed op with its old arguments.
-SCHEMA_VERSION = 2
+def _device_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: ``impl`` becomes the triton op ``fp4compile::<name>`` (its CUDA body) and the opaque custom op
+    ``fp4compile::<name>_reference`` (what the triton op calls for tensors off CUDA, faked by ``fake``). ``impl``
+    runs with autocast off: exact numerics, no op inside may be autocast."""
+
+    def define(impl: Callable) -> Callable:
+        @functools.wraps(impl)
+        def exact(*args):
+            with torch.autocast(args[0].device.type, enabled=False):
+                return impl(*args)
+
+        reference = torch.library.custom_op(op_name(f"{name}_reference"), exact, mutates_args=())
+        reference.register_fake(fake)
+
+        @functools.wraps(impl)
+        def body(*args):
+            return exact(*args) if on_triton(args[0]) else reference(*args)
+
+        return torch.library.triton_op(op_name(name), body, mutates_args=())
+
+    return define
 
 
-@torch.library.custom_op(f"fp4compile::linear_v{SCHEMA_VERSION}", mutates_args=())
-def linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Quantized ``x @ weight^T + bias`` for 2-D x, and the tensors saved for the backward."""
-    with torch.autocast(x.device.type, enabled=False):  # exact numerics: no op inside may be autocast
-        return linear_forward(x, weight, bias, Recipe.named(recipe))
-
-
-@linear.register_fake
 def _linear_fake(x, weight, bias, recipe):
     shapes = saved_shapes(Recipe.named(recipe), x.shape[0], weight.shape[1], weight.shape[0])
     y = x.new_empty(x.shape[0], weight.shape[0])
     return (y, *(x.new_empty(s, dtype=d) for s, d in zip(shapes, _SAVED_DTYPES)))
 
 
-@torch.library.custom_op(f"fp4compile::linear_backward_v{SCHEMA_VERSION}", mutates_args=())
+@_device_op("linear", _linear_fake)
+def linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantized ``x @ weight^T + bias`` for 2-D x, and the tensors saved for the backward."""
+    return linear_forward(x, weight, bias, Recipe.named(recipe))
+
+
+def _linear_backward_fake(dy, weight, *saved_and_flags):
+    has_bias = saved_and_flags[-1]
+    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
+    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db  # contiguous, as computed
+
+
+@_device_op("linear_backward", _linear_backward_fake)
 def linear_backward_op(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -78,15 +110,7 @@ def linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::linear`` (dbias empty without bias)."""
     saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, signs, residual_index, residual_value)
-    with torch.autocast(dy.device.type, enabled=False):
-        return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
-
-
-@linear_backward_op.register_fake
-def _linear_backward_fake(dy, weight, *saved_and_flags):
-    has_bias = saved_and_flags[-1]
-    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
-    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db  # contiguous, as computed
+    return linear_backward(dy, weight, saved, Recipe.named(recipe), has_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,17 +131,6 @@ linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- OutControl (outlier channels)
-@torch.library.custom_op(f"fp4compile::outlier_linear_v{SCHEMA_VERSION}", mutates_args=())
-def outlier_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Tensor, selected: Tensor, recipe: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Quantized ``x @ weight^T + bias`` with OutControl's outlier channels (``order[:k]`` once ``selected``), and
-    the tensors saved for the backward (``outcontrol_gemms.py``)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return outcontrol_gemms.linear_forward(x, weight, bias, order, selected, Recipe.named(recipe))
-
-
-@outlier_linear.register_fake
 def _outlier_linear_fake(x, weight, bias, order, selected, recipe):
     r = Recipe.named(recipe)
     shapes = outcontrol_gemms.saved_shapes(r, x.shape[0], weight.shape[1], weight.shape[0])
@@ -125,7 +138,22 @@ def _outlier_linear_fake(x, weight, bias, order, selected, recipe):
     return (x.new_empty(x.shape[0], weight.shape[0]), *saved)
 
 
-@torch.library.custom_op(f"fp4compile::outlier_linear_backward_v{SCHEMA_VERSION}", mutates_args=())
+@_device_op("outlier_linear", _outlier_linear_fake)
+def outlier_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Tensor, selected: Tensor, recipe: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantized ``x @ weight^T + bias`` with OutControl's outlier channels (``order[:k]`` once ``selected``), and
+    the tensors saved for the backward (``outcontrol_gemms.py``)."""
+    return outcontrol_gemms.linear_forward(x, weight, bias, order, selected, Recipe.named(recipe))
+
+
+def _outlier_linear_backward_fake(dy, weight, *rest):
+    has_bias = rest[-1]
+    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
+    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db
+
+
+@_device_op("outlier_linear_backward", _outlier_linear_backward_fake)
 def outlier_linear_backward(
     dy: Tensor,
     weight: Tensor,
@@ -144,15 +172,7 @@ def outlier_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of ``fp4compile::outlier_linear`` (dbias empty without bias)."""
     saved = (x_codes, x_scales, x_outer, w_codes, w_scales, w_outer, outlier_values, outlier_exponents)
-    with torch.autocast(dy.device.type, enabled=False):
-        return outcontrol_gemms.linear_backward(dy, weight, order, selected, saved, Recipe.named(recipe), has_bias)
-
-
-@outlier_linear_backward.register_fake
-def _outlier_linear_backward_fake(dy, weight, *rest):
-    has_bias = rest[-1]
-    db = weight.new_empty(weight.shape[0]) if has_bias else dy.new_empty(0)
-    return dy.new_empty(dy.shape[0], weight.shape[1]), weight.new_empty(weight.shape), db
+    return outcontrol_gemms.linear_backward(dy, weight, order, selected, saved, Recipe.named(recipe), has_bias)
 
 
 def _outlier_setup_context(ctx, inputs, output):
@@ -174,20 +194,18 @@ outlier_linear.register_autograd(_outlier_backward, setup_context=_outlier_setup
 
 
 # ----------------------------------------------------------------------------- Hot-Channel Patch (CHON)
-@torch.library.custom_op(f"fp4compile::hot_linear_v{SCHEMA_VERSION}", mutates_args=())
+def _hot_linear_fake(x, weight, bias, index, recipe):
+    y, *saved = _linear_fake(x, weight, bias, recipe)
+    return (y, *saved, x.new_empty(weight.shape[1], dtype=torch.float32))
+
+
+@_device_op("hot_linear", _hot_linear_fake)
 def hot_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor, recipe: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Quantized ``x @ weight^T + bias`` with the hot channels ``index`` patched (``hcp_gemms.py``), the plain
     recipe's saved tensors, and the channel scores."""
-    with torch.autocast(x.device.type, enabled=False):
-        return hcp_gemms.linear_forward(x, weight, bias, index, Recipe.named(recipe))
-
-
-@hot_linear.register_fake
-def _hot_linear_fake(x, weight, bias, index, recipe):
-    y, *saved = _linear_fake(x, weight, bias, recipe)
-    return (y, *saved, x.new_empty(weight.shape[1], dtype=torch.float32))
+    return hcp_gemms.linear_forward(x, weight, bias, index, Recipe.named(recipe))
 
 
 def _hot_setup_context(ctx, inputs, output):

@@ -92,6 +92,34 @@ def _gemm_tflops(tokens: int, k: int, n: int) -> tuple[float, float]:
     return flops / ours / 1e9, flops / ref / 1e9
 
 
+def _steady_outlier_state(recipe, in_features: int, device):
+    """A layer state past its warm-up, so that the outlier path itself is timed: OutControl's channels already
+    selected (a random order), the Hot-Channel Patch's first scoring done."""
+    from ..outlier_channels import HotChannelPatch, new_state
+
+    control = recipe.outliers
+    state = new_state(in_features, device, control)
+    if isinstance(control, HotChannelPatch):
+        state.count.fill_(1)
+        state.index.copy_(torch.randperm(in_features, device=device)[: state.index.numel()])
+    else:
+        state.order.copy_(torch.randperm(in_features, device=device))
+        state.selected.fill_(True)
+        state.count.fill_(control.start + control.window)
+    return state
+
+
+def _recipe_fn(name: str, in_features: int):
+    from ..linear import nvfp4_linear
+    from ..recipe import Recipe
+
+    recipe = Recipe.named(name)
+    if recipe.outliers is None:
+        return lambda a, b: nvfp4_linear(a, b, None, name)
+    state = _steady_outlier_state(recipe, in_features, "cuda")
+    return lambda a, b: nvfp4_linear(a, b, None, name, outlier_state=state)
+
+
 def run_linear_bench(
     recipes: Sequence[str] = RECIPES,
     baseline: bool = True,
@@ -102,7 +130,8 @@ def run_linear_bench(
     """Time every variant at every shape on the current CUDA GPU.
 
     Args:
-        recipes: recipe names to time with ``nvfp4_linear``.
+        recipes: recipe names to time with ``nvfp4_linear`` (recipes with ``outliers`` are timed past their
+            warm-up: OutControl's channels selected, the Hot-Channel Patch's channels scored).
         baseline: also time the compiled fake-quant baseline.
         shapes: ``(in_features, out_features)`` pairs.
         tokens: rows of x.
@@ -115,8 +144,6 @@ def run_linear_bench(
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the linear benchmark needs a CUDA GPU and none is available")
-    from ..linear import nvfp4_linear
-
     fake = torch.compile(fake_quant_linear)
     rows: list[list[str]] = []
     records: list[dict] = []
@@ -135,7 +162,7 @@ def run_linear_bench(
         candidates = [("bf16 F.linear", F.linear)]
         if baseline:
             candidates.append(("fake-quant compiled", fake))
-        candidates += [(r, lambda a, b, r=r: nvfp4_linear(a, b, None, r)) for r in recipes]
+        candidates += [(r, _recipe_fn(r, d_in)) for r in recipes]
         for label, fn in candidates:
             ms = bf16_ms if label == "bf16 F.linear" else _fwd_bwd_ms(fn, x, w, dy)
             saved = _saved_bytes_per_element(fn, x, w)

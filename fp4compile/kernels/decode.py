@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..format import NVFP4
+from .launch import launcher
 from .numerics import e2m1_value, e4m3_value
 
 __all__ = ["decode_triton"]
@@ -99,5 +100,5 @@ def decode_triton(
     scale_bytes = q.scales.view(torch.uint8)
     # K (the stored row length) drives the addressing; rows and cols bound the decoded region.
     args = (q.codes, scale_bytes, q.outer, out, rows, cols, k, stride_om, stride_ok)
-    _decode_kernel[grid](*args, OUTER=outer_kind, BM=bm, BK=bk)
+    launcher(_decode_kernel)[grid](*args, OUTER=outer_kind, BM=bm, BK=bk)
     return out

@@ -3,10 +3,13 @@
 Encoding (E2M1 and E4M3 rounding, E4M3 bytes, code packing), decoding (E2M1 codes
 and E4M3 bytes back to FP32), rotation and reduction helpers. Every function here
 computes exactly what its ``format.py`` counterpart computes, with one IEEE rounding
-per operation, so kernels launched with ``enable_fp_fusion=False`` match the spec bit
-for bit. E4M3 rounding is done arithmetically (no ``.to(tl.float8e4nv)``: the Triton
-interpreter rounds that cast wrongly), divisions use ``div_rn`` (``/`` is approximate
-on the GPU). Decoding is exact: E2M1 and E4M3 values are exact in FP32.
+per operation. Kernels are compiled with FP fusion on (Inductor compiles the kernels it
+launches that way), so every product whose rounding matters before an add goes through
+:func:`product` (``mul_rn``, never fused into an FMA); the other products are exact
+(powers of two, +-1, E2M1 x E4M3) or feed no add, and fusing them changes no bit.
+E4M3 rounding is done arithmetically (no ``.to(tl.float8e4nv)``: the Triton interpreter
+rounds that cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the GPU).
+Decoding is exact: E2M1 and E4M3 values are exact in FP32.
 
 [Note: pieces] Kernels hold a tile of NB 16-element scale blocks as [BM, NB, W]
 "pieces": one piece of W=16 (a contiguous load), or, for the RHT-16 path, two
@@ -18,6 +21,7 @@ trees, which equals the 16-element tree of format.pairwise_sum.
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = [
     "e2m1_round",
@@ -34,9 +38,20 @@ __all__ = [
     "pairwise_sum",
     "piece_random_bits",
     "pack_codes",
+    "product",
 ]
 
 _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
+
+
+@triton.jit
+def product(a, b, NO_FMA: tl.constexpr):
+    """``a * b`` rounded once and never contracted with a following add: ``mul_rn`` on the GPU (``NO_FMA``);
+    the interpreter (CPU tensors) evaluates each operation on its own anyway."""
+    if NO_FMA:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
 
 
 @triton.jit

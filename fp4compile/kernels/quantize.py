@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..format import NVFP4, TE_RHT_SIGNS, fp32_constants, rotation_scale
 from ..spec import QuantSpec
+from .launch import launcher
 from .numerics import (
     e2m1_round,
     e4m3_byte,
@@ -38,6 +39,7 @@ from .numerics import (
     pack_codes,
     pairwise_sum,
     piece_random_bits,
+    product,
 )
 
 __all__ = ["quantize_triton"]
@@ -80,6 +82,7 @@ def _load_tile(
     LOG_ROTATION,
     ROTATION_SCALE,
     FIXED_SIGNS,
+    NO_FMA,
     BM,
     BK,
 ):
@@ -96,7 +99,7 @@ def _load_tile(
         lo = lo * _sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
         hi = hi * _sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
         lo, hi = lo + hi, lo - hi
-        return fwht8(lo, BM, NB) * ROTATION_SCALE, fwht8(hi, BM, NB) * ROTATION_SCALE
+        return product(fwht8(lo, BM, NB), ROTATION_SCALE, NO_FMA), product(fwht8(hi, BM, NB), ROTATION_SCALE, NO_FMA)
     else:
         cols = col0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (cols < K)[None, :]
@@ -104,7 +107,7 @@ def _load_tile(
         x = x.to(tl.float32)
         if ROTATION == 128:
             x = x * _sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
-            x = fwht(x, BM, BK, LOG_ROTATION) * ROTATION_SCALE
+            x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
         xb = tl.reshape(x, [BM, NB, 16])
         return xb, xb
 
@@ -129,10 +132,10 @@ def _round_piece(x, e, seed_ptr, rows, col0, K, PIECE: tl.constexpr, ROUNDING: t
 
 
 @triton.jit
-def _piece_sq_error(value, b, outer, x, W, BM, NB):
+def _piece_sq_error(value, b, outer, x, NO_FMA, W, BM, NB):
     """Per-block sum over one piece of the squared dequantization error (format._block_sq_error)."""
-    d = (value * b[:, :, None]) * outer - x
-    return pairwise_sum(d * d, W, BM, NB)
+    d = product(value * b[:, :, None], outer, NO_FMA) - x
+    return pairwise_sum(product(d, d, NO_FMA), W, BM, NB)
 
 
 @triton.jit
@@ -171,6 +174,7 @@ def _quantize_tile(
     ROUNDING: tl.constexpr,
     FOUR_OVER_SIX: tl.constexpr,
     WRITE_VALUES: tl.constexpr,
+    NO_FMA: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -191,12 +195,12 @@ def _quantize_tile(
         b4 = e4m3_rne(raw * 1.5)
         e4 = _encode_factor(b4, outer)
         lo_code4, lo_value4 = _round_piece(lo, e4, seed_ptr, rows, col0, K, 0, ROUNDING, W, BM, NB)
-        err6 = _piece_sq_error(lo_value, b, outer, lo, W, BM, NB)
-        err4 = _piece_sq_error(lo_value4, b4, outer, lo, W, BM, NB)
+        err6 = _piece_sq_error(lo_value, b, outer, lo, NO_FMA, W, BM, NB)
+        err4 = _piece_sq_error(lo_value4, b4, outer, lo, NO_FMA, W, BM, NB)
         if HALVES:
             hi_code4, hi_value4 = _round_piece(hi, e4, seed_ptr, rows, col0, K, 1, ROUNDING, W, BM, NB)
-            err6 += _piece_sq_error(hi_value, b, outer, hi, W, BM, NB)
-            err4 += _piece_sq_error(hi_value4, b4, outer, hi, W, BM, NB)
+            err6 += _piece_sq_error(hi_value, b, outer, hi, NO_FMA, W, BM, NB)
+            err4 += _piece_sq_error(hi_value4, b4, outer, hi, NO_FMA, W, BM, NB)
             hi_code = tl.where((err4 < err6)[:, :, None], hi_code4, hi_code)
             hi_value = tl.where((err4 < err6)[:, :, None], hi_value4, hi_value)
         lo_code = tl.where((err4 < err6)[:, :, None], lo_code4, lo_code)
@@ -204,12 +208,12 @@ def _quantize_tile(
         b = tl.where(err4 < err6, b4, b)
     if ROUNDING == 2:
         u_lo = lo * e[:, :, None]
-        num = pairwise_sum(u_lo * u_lo, W, BM, NB)
-        den = pairwise_sum(u_lo * lo_value, W, BM, NB)
+        num = pairwise_sum(product(u_lo, u_lo, NO_FMA), W, BM, NB)
+        den = pairwise_sum(product(u_lo, lo_value, NO_FMA), W, BM, NB)
         if HALVES:
             u_hi = hi * e[:, :, None]
-            num += pairwise_sum(u_hi * u_hi, W, BM, NB)
-            den += pairwise_sum(u_hi * hi_value, W, BM, NB)
+            num += pairwise_sum(product(u_hi, u_hi, NO_FMA), W, BM, NB)
+            den += pairwise_sum(product(u_hi, hi_value, NO_FMA), W, BM, NB)
         correction = tl.where(den > 0.0, tl.math.div_rn(num, tl.where(den > 0.0, den, 1.0)), 1.0)
         block_ids = rows[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB))[None, :]
         bits20 = tl.randint(tl.load(seed_ptr), block_ids.to(tl.int32)) & 0xFFFFF
@@ -260,6 +264,7 @@ def _nvfp4_quantize_kernel(
     ROUNDING: tl.constexpr,
     FOUR_OVER_SIX: tl.constexpr,
     WRITE_VALUES: tl.constexpr,
+    NO_FMA: tl.constexpr,
     VMAX_CAP: tl.constexpr,
     INV_VMAX: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -293,6 +298,7 @@ def _nvfp4_quantize_kernel(
                 LOG_ROTATION,
                 ROTATION_SCALE,
                 FIXED_SIGNS,
+                NO_FMA,
                 BM,
                 BK,
             )
@@ -319,6 +325,7 @@ def _nvfp4_quantize_kernel(
                 LOG_ROTATION,
                 ROTATION_SCALE,
                 FIXED_SIGNS,
+                NO_FMA,
                 BM,
                 BK,
             )
@@ -350,6 +357,7 @@ def _nvfp4_quantize_kernel(
                 ROUNDING,
                 FOUR_OVER_SIX,
                 WRITE_VALUES,
+                NO_FMA,
                 BM,
                 BK,
             )
@@ -407,7 +415,7 @@ def quantize_triton(
         if per_tensor
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else outer
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
     bm = block_rows or _tile_rows(spec)
     tiles = tiles_per_program or _tiles_per_program(m, k, bm)
     vmax_cap, inv_vmax = fp32_constants(spec)
@@ -425,34 +433,36 @@ def quantize_triton(
         ROUNDING=_ROUNDING[spec.rounding],
         FOUR_OVER_SIX=spec.scale_rule == "4over6",
         WRITE_VALUES=values is not None,
+        NO_FMA=x.is_cuda,
         VMAX_CAP=vmax_cap,
         INV_VMAX=inv_vmax,
         BM=bm,
         BK=_BK,
         TILES=tiles,
         num_warps=num_warps,
-        enable_fp_fusion=False,
     )
-    dummy = codes
+    # Pointers a specialization never reads are None (not a stand-in tensor: an alias of an output would
+    # confuse the mutation analysis of the traced launch, see kernels/launch.py).
     args = (
         x,
         codes,
         scales,
         outer,
         amax_bits,
-        dummy if signs is None else signs,
-        dummy if seed is None else seed,
-        dummy if values is None else values,
+        signs,
+        seed,
+        values,
         m,
         k,
         x.stride(0),
         x.stride(1),
     )
     grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
+    kernel = launcher(_nvfp4_quantize_kernel)
     if m > 0 and per_tensor:
-        _nvfp4_quantize_kernel[grid](*args, MODE=0, REVERSE=False, **constants)
+        kernel[grid](*args, MODE=0, REVERSE=False, **constants)
     if m > 0:
-        _nvfp4_quantize_kernel[grid](*args, MODE=1, REVERSE=per_tensor, **constants)
+        kernel[grid](*args, MODE=1, REVERSE=per_tensor, **constants)
     else:
         outer.fill_(1.0)
     return NVFP4(

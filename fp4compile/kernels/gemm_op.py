@@ -1,0 +1,32 @@
+"""``fp4compile::gemm``: the Triton NVFP4 GEMM as an opaque custom op.
+
+The quantized linear's triton ops (``ops.py``) are traced into the compiled graph kernel by kernel; the
+GEMM stays one op in that graph (as ``aten.mm`` would), because its persistent TMA kernel autotunes
+the descriptors' block shapes in a pre-hook, which Inductor cannot launch, and the pointer kernel it
+could launch is 25-30 % slower (benchmarks/RESULTS.md, GEMM stage).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..schema import op_name
+from .gemm import gemm_triton
+
+__all__ = ["gemm_op"]
+
+
+@torch.library.custom_op(op_name("gemm"), mutates_args=(), device_types="cuda")
+def gemm_op(
+    a: Tensor, b: Tensor, outer_a: Tensor, outer_b: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+) -> Tensor:
+    """``(a @ b^T) * outer`` (+ bias) as ``out_dtype`` (see :func:`~fp4compile.kernels.gemm.gemm_triton`)."""
+    return gemm_triton(a, b, outer_a, outer_b, bias, out_dtype)
+
+
+@gemm_op.register_fake
+def _gemm_fake(a, b, outer_a, outer_b, bias, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)

@@ -1,0 +1,26 @@
+"""How the kernel wrappers launch their Triton kernels: directly, or through ``torch.library.wrap_triton``.
+
+Inside the ``fp4compile::`` triton ops (``ops.py``) AOTAutograd traces the wrappers with fake or functional
+tensors: the kernel calls must then be ``wrap_triton`` calls, which record them as graph nodes that Inductor
+compiles and launches itself. Outside tracing a kernel is launched directly, since ``wrap_triton``'s dispatch
+costs about a millisecond per call in eager mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.library import wrap_triton
+
+__all__ = ["launcher", "tracing"]
+
+
+def tracing() -> bool:
+    """Whether a torch dispatch mode is active (AOTAutograd's functionalization, fake tensors, ``make_fx``)."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def launcher(kernel: Any) -> Any:
+    """``kernel`` itself, or ``wrap_triton(kernel)`` while :func:`tracing`; index it with the grid as usual."""
+    return wrap_triton(kernel) if tracing() else kernel

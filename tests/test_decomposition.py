@@ -1,0 +1,162 @@
+"""The fp4compile:: triton ops decompose on CUDA: Inductor launches their kernels and sees their torch ops.
+
+On the CPU the CUDA decomposition is traced with fake CUDA tensors in a fresh interpreter without
+TRITON_INTERPRET (the kernels are recorded, not run): the graphs (expecttest) list each kernel launch and
+each fp4compile op. On the GPU the compiled op equals the eager op bit for bit where the recipe's
+rounding is deterministic.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from expecttest import TestCase
+from testing import requires_gpu
+
+from fp4compile.linear import nvfp4_linear
+
+_TRACE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fp4compile import ops
+
+    recipe, tokens, d_in, d_out = sys.argv[1], 256, 256, 128
+
+    def summary(gm):
+        launches, others = [], 0
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                name = getattr(kernel, "fn", kernel).__name__
+                mode = node.kwargs["kwargs"].get("MODE")
+                launches.append(name if mode is None else f"{name}(MODE={mode})")
+            elif "fp4compile" in str(node.target):
+                launches.append(str(node.target))
+            else:
+                others += 1
+        return launches, others
+
+    with FakeTensorMode() as mode:
+        x = torch.empty(tokens, d_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+        dy = torch.empty(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+        saved = ops.linear(x, w, None, recipe)[1:]
+    forward = make_fx(dispatch_functionalize(lambda x, w: ops.linear(x, w, None, recipe)), tracing_mode="fake")(x, w)
+    backward = make_fx(
+        dispatch_functionalize(lambda dy, w, *s: ops.linear_backward_op(dy, w, *s, recipe, False)), tracing_mode="fake"
+    )(dy, w, *saved)
+    print(json.dumps({"forward": summary(forward), "backward": summary(backward)}))
+    """
+)
+
+
+def _trace(recipe: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TRACE, recipe], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _listing(part) -> str:
+    launches, others = part
+    return "\n".join(launches) + f"\n({others} other ops)"
+
+
+class TestCudaDecomposition(TestCase):
+    def test_nvidia(self):
+        graphs = _trace("nvidia")
+        self.assertExpectedInline(_listing(graphs["forward"]), """\
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+(89 other ops)""")
+        self.assertExpectedInline(_listing(graphs["backward"]), """\
+_decode_kernel
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+_decode_kernel
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+(85 other ops)""")
+
+    def test_tetrajet_v2(self):
+        graphs = _trace("tetrajet_v2")
+        self.assertExpectedInline(_listing(graphs["forward"]), """\
+_nvfp4_quantize_kernel(MODE=1)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+(43 other ops)""")
+        self.assertExpectedInline(_listing(graphs["backward"]), """\
+_decode_kernel
+_nvfp4_quantize_kernel(MODE=1)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+_decode_kernel
+_nvfp4_quantize_kernel(MODE=1)
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+(113 other ops)""")
+
+
+@pytest.mark.parametrize("recipe", ["nvidia", "quartet_ii", "four_over_six", "naive"])
+def test_every_cuda_launch_is_traced(recipe):
+    """No opaque fallback hides inside the decomposition: only kernels, the GEMM op and torch ops remain."""
+    graphs = _trace(recipe)
+    for part in ("forward", "backward"):
+        launches, _ = graphs[part]
+        assert not any("reference" in op or "linear" in op for op in launches), launches
+        assert sum("gemm" in op for op in launches) == (1 if part == "forward" else 2), launches
+        assert any(op.startswith("_nvfp4_quantize_kernel") for op in launches), launches
+
+
+# ----------------------------------------------------------------------------- GPU
+QUANTIZED = ("naive", "nvidia", "tetrajet_v2", "quartet_ii", "four_over_six")
+
+
+@requires_gpu
+@pytest.mark.parametrize("recipe", QUANTIZED)
+def test_gpu_compiled_forward_equals_eager_bit_for_bit(recipe):
+    """Every preset's forward rounds deterministically: the kernels Inductor compiles (FP fusion on, its own
+    launcher) must give the eager op's bits."""
+    torch.manual_seed(0)
+    x = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(384, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda x, w, b: nvfp4_linear(x, w, b, recipe), backend="inductor", fullgraph=True)
+    assert torch.equal(compiled(x, w, b), nvfp4_linear(x, w, b, recipe))
+
+
+@requires_gpu
+def test_gpu_compiled_backward_equals_eager_for_a_deterministic_recipe():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(1000, 384, device="cuda", dtype=torch.bfloat16)
+
+    def grads(fn):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(xg, wg).backward(dy)
+        return xg.grad, wg.grad
+
+    compiled = torch.compile(lambda x, w: nvfp4_linear(x, w, None, "naive"), backend="inductor", fullgraph=True)
+    for got, want in zip(grads(compiled), grads(lambda x, w: nvfp4_linear(x, w, None, "naive"))):
+        assert torch.equal(got, want)
