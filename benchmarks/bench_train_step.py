@@ -109,6 +109,7 @@ def main() -> None:
     for recipe in ["bf16", *args.recipes.split(",")]:
         records.append(_measure(recipe, batch, warmup=5, steps=args.steps, mode=args.mode, kind=args.model))
         print(records[-1], flush=True)
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     base = records[0]
