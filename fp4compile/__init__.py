@@ -17,6 +17,8 @@ Public API:
 - :class:`HotChannelPatch`: CHON's residual columns for the hot input channels (preset ``chon``).
 - :class:`OsciReset`: TetraJet-v2's reset of oscillating weights, a post-step hook on the optimizer
   (:class:`OsciResetCallback` drives it from a Hugging Face ``Trainer``; needs ``transformers``).
+- :class:`NumericsMonitor`: per layer and GEMM operand slot, what quantization does (SNR, flush-to-zero and
+  saturation rates, hot channels) every ``every`` steps; ``python -m fp4compile.plot`` draws heatmaps.
 - :class:`NVFP4Linear`: ``nn.Linear`` running :func:`nvfp4_linear` (``fp4compile.nn``).
 - :class:`NVFP4Config`: torchao config, ``torchao.quantization.quantize_(model, config,
   filter_fn=config.filter_fn)`` with ``config = NVFP4Config(recipe=...)`` swaps eligible linears for
@@ -38,6 +40,7 @@ import importlib
 from .explain import explain
 from .format import NVFP4
 from .linear import nvfp4_linear
+from .monitor import NumericsMonitor
 from .osci_reset import OsciReset
 from .outlier_channels import HotChannelPatch, OutControl
 from .outlier_layers import attach_outlier_state, outlier_channels
@@ -54,6 +57,7 @@ __all__ = [
     "HotChannelPatch",
     "NVFP4",
     "NVFP4Linear",
+    "NumericsMonitor",
     "OsciReset",
     "OutControl",
     "OutlierClamping",

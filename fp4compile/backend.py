@@ -32,7 +32,7 @@ INNER_COMPILERS = ("inductor", "aot_eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-_OPTION_NAMES = ("recipe", "skip", "inner", "mode", "mix_recipes")
+_OPTION_NAMES = ("recipe", "skip", "inner", "mode", "mix_recipes", "monitor")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class BackendOptions:
         mix_recipes: allow a ``recipe`` that differs from the recipe of layers already converted to
             ``NVFP4Linear`` (by ``quantize_``); without it that is an error.
         recipe_given: whether the user named the recipe (the options held ``"recipe"``).
+        monitor: a :class:`~fp4compile.NumericsMonitor` of the model, told the ``recipe`` and ``skip`` of the
+            compilation (its probes run outside the compiled graphs; the graphs do not change).
     """
 
     recipe: Recipe
@@ -59,6 +61,7 @@ class BackendOptions:
     mode: Optional[str] = None
     mix_recipes: bool = False
     recipe_given: bool = False
+    monitor: Any = None
 
     @classmethod
     def parse(cls, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> "BackendOptions":
@@ -82,7 +85,15 @@ class BackendOptions:
         mix_recipes = options.get("mix_recipes", False)
         if not isinstance(mix_recipes, bool):
             raise TypeError(f"nvfp4 option 'mix_recipes' must be True or False, got {mix_recipes!r}")
-        return cls(recipe, skip, inner, mode, mix_recipes, recipe_given="recipe" in options)
+        monitor = options.get("monitor")
+        if monitor is not None:
+            from .monitor import NumericsMonitor
+
+            if not isinstance(monitor, NumericsMonitor):
+                raise TypeError(
+                    f"nvfp4 option 'monitor' must be a fp4compile.NumericsMonitor, got {type(monitor).__name__}"
+                )
+        return cls(recipe, skip, inner, mode, mix_recipes, recipe_given="recipe" in options, monitor=monitor)
 
 
 def converted_recipes(named_modules: Iterable[tuple[str, torch.nn.Module]]) -> set[str]:
@@ -188,6 +199,8 @@ def _source_hash() -> bytes:
 def nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Union[dict, str, None]):
     """torch.compile backend: rewrite eligible matmuls into NVFP4 linears, then compile with ``inner``."""
     options = BackendOptions.parse(kwargs.get("options"), kwargs.get("mode"))
+    if options.monitor is not None:
+        options.monitor.configure(options.recipe, options.skip)
     report = RewriteReport(rewrite_graph(gm, options, ModuleNames.from_call_stack()), [gm])
     log.info("nvfp4 backend (recipe %s):\n%s", options.recipe.name, report)
     return compile_rewritten(gm, example_inputs, options)

@@ -31,6 +31,7 @@ __all__ = [
     "make_layer",
     "named_layers",
     "quantize_weight",
+    "quantized_linears",
     "unwrap_model",
 ]
 
@@ -131,15 +132,17 @@ def is_converted(root: nn.Module) -> bool:
     return any(isinstance(m, NVFP4Linear) for m in root.modules())
 
 
-def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[TrackedLayer]:
+def quantized_linears(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[tuple[str, nn.Module, Recipe]]:
+    """``(FQN, module, recipe)`` of every linear layer of ``root`` that trains in NVFP4, each weight once: the
+    ``NVFP4Linear`` layers of a converted model (their own recipes; only ``skip`` applies), or else every eligible
+    ``nn.Linear`` that ``recipe`` and ``skip`` do not keep in high precision."""
     from .nn import NVFP4Linear
 
-    modules = list(root.named_modules())
     converted = is_converted(root)
     patterns = LayerFilter(tuple(recipe.keep_high_precision)) + skip
-    layers: list[TrackedLayer] = []
+    found: list[tuple[str, nn.Module, Recipe]] = []
     seen: set[int] = set()
-    for name, module in modules:
+    for name, module in root.named_modules():
         names = relative_names(name)
         names += tuple(n + ".weight" for n in names)
         if converted:  # NVFP4Linear layers are quantized whatever their name; only ``skip`` applies
@@ -156,9 +159,15 @@ def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[
         if not eligible_weight(weight) or id(weight) in seen:
             continue
         seen.add(id(weight))
-        fqn = normalize_fqn(name + ".weight" if name else "weight")
-        layers.append(make_layer(fqn, weight, layer_recipe))
-    return layers
+        found.append((normalize_fqn(name), module, layer_recipe))
+    return found
+
+
+def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[TrackedLayer]:
+    return [
+        make_layer(normalize_fqn(name + ".weight" if name else "weight"), module.weight, layer_recipe)
+        for name, module, layer_recipe in quantized_linears(root, recipe, skip)
+    ]
 
 
 def named_layers(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[TrackedLayer]:

@@ -1,0 +1,93 @@
+"""What one NVFP4 quantization does to one GEMM operand: the statistics of :class:`~fp4compile.NumericsMonitor`.
+
+:func:`operand_stats` quantizes a 2-D operand with a :class:`QuantSpec` (``fp4compile.quantize``: the Triton
+kernels on CUDA, ``format.py`` elsewhere) along its last dim, the GEMM's K, and measures it with tensor ops
+only (the results stay on the device until read):
+
+- ``amax``: max |operand|;
+- ``snr_db``: ``10 log10(sum x^2 / sum (x - dequantize(q))^2)``, in the operand's own domain (a rotation is
+  undone by the dequantization); +inf when the quantization is exact;
+- ``scale_zero``: of the 16-element blocks that hold a nonzero element, the fraction whose E4M3 scale is 0
+  (the whole block flushes to zero);
+- ``scale_subnormal``: the fraction of blocks whose E4M3 scale is subnormal (below 2^-6: 3 bits or fewer);
+- ``elem_saturated``: the fraction of elements quantized to +-6, the largest E2M1 magnitude;
+- ``scale_saturated``: the fraction of blocks whose scale is 448, the largest E4M3 value;
+- ``top_channels`` / ``top_share``: the ``top`` columns (K indices: input channels of X and W, output
+  channels of dY, tokens of the wgrad operands) of largest squared norm, and their share of the operand's
+  squared norm (hot-channel concentration).
+
+Blocks are the operand's as given (before any rotation); the zero padding the GEMM adds (K to the spec's
+multiple, rows of 16x16 tiles) is quantized with the operand and left out of every statistic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quantize import quantize
+from .spec import QuantSpec
+
+__all__ = ["STATS", "operand_stats"]
+
+#: The statistics of :func:`operand_stats`, in the order they are reported.
+STATS = (
+    "amax",
+    "snr_db",
+    "scale_zero",
+    "scale_subnormal",
+    "elem_saturated",
+    "scale_saturated",
+    "top_share",
+    "top_channels",
+)
+
+_E4M3_MAX_BITS = 0x7E  # 448 = 2^8 x 1.75
+_E4M3_EXPONENT = 0x78
+_E2M1_MAGNITUDE = 0x7
+_E2M1_SIX = 0x7
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _fraction(mask: torch.Tensor, of: torch.Tensor = None) -> torch.Tensor:
+    if of is None:
+        return mask.to(torch.float32).mean()
+    return (mask & of).sum().to(torch.float32) / of.sum().clamp_min(1).to(torch.float32)
+
+
+def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, torch.Tensor]:
+    """The statistics (module docstring) of ``t`` [rows, K] quantized by ``spec`` along K, as device tensors.
+
+    Draws the quantizer's random bits from torch's default generator of ``t``'s device.
+    """
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
+    rows, k = t.shape
+    padded = F.pad(t, (0, _round_up(k, spec.k_multiple) - k, 0, _round_up(rows, spec.row_multiple) - rows))
+    q = quantize(padded, spec, validate=False)
+    x = t.to(torch.float32)
+    error = (x - q.dequantize(torch.float32)[:rows, :k]).square().sum()
+    snr_db = 10 * torch.log10(x.square().sum() / error)
+
+    blocks = (k + 15) // 16
+    scale_bits = q.scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
+    block_max = F.pad(x.abs(), (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
+    codes = q.codes[:rows].to(torch.int32)
+    nibbles = torch.stack([codes & 0xF, codes >> 4], -1).flatten(1)[:, :k]
+
+    column_sq = x.square().sum(0)
+    chosen = torch.topk(column_sq, min(top, k))
+    total = column_sq.sum()
+    return {
+        "amax": x.abs().amax(),
+        "snr_db": snr_db,
+        "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
+        "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
+        "elem_saturated": _fraction((nibbles & _E2M1_MAGNITUDE) == _E2M1_SIX),
+        "scale_saturated": _fraction(scale_bits == _E4M3_MAX_BITS),
+        "top_share": torch.where(total > 0, chosen.values.sum() / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
+        "top_channels": chosen.indices,
+    }

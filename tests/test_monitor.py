@@ -1,0 +1,230 @@
+"""NumericsMonitor: statistics against the reference quantizer, the probe's operands, and that it changes nothing."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fp4compile
+from fp4compile import NumericsMonitor, QuantSpec, Recipe
+from fp4compile.backend import BackendOptions
+from fp4compile.format import E2M1_VALUES, TE_RHT_SIGNS, quantize_reference
+from fp4compile.monitor import slot_operands
+from fp4compile.nn import NVFP4Linear
+from fp4compile.operand_stats import STATS, operand_stats
+
+
+def _planted(rows=48, k=256):
+    """An operand with a hot column, blocks far below the amax (their E4M3 scales flush or go subnormal)."""
+    torch.manual_seed(0)
+    t = torch.randn(rows, k)
+    t[:, 37] *= 60.0  # the hot channel
+    t[:4, 64:80] = 1e-9  # scale 2^-30 of the amax: flushes to 0
+    t[4:8, 96:112] *= 1e-3  # a subnormal E4M3 scale
+    t[8:10, 128:144] = 0.0  # an all-zero block: not counted as flushed
+    return t
+
+
+def _expected(t: torch.Tensor, spec: QuantSpec, top: int) -> dict:
+    """The statistics computed independently in float64 from format.quantize_reference."""
+    rows, k = t.shape
+    signs = torch.tensor(TE_RHT_SIGNS) if spec.rotation == "rht16_te" else None
+    q = quantize_reference(t, spec, signs=signs)
+    x = t.double()
+    deq = q.dequantize(torch.float64)
+    scales = q.scales.double()
+    blocks = x.abs().view(rows, k // 16, 16).amax(-1)
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+    codes = torch.stack([q.codes & 0xF, q.codes >> 4], -1).flatten(1).long()
+    column = x.square().sum(0)
+    order = torch.argsort(column, descending=True)[:top]
+    return {
+        "amax": x.abs().max().item(),
+        "snr_db": 10 * math.log10(x.square().sum().item() / (x - deq).square().sum().item()),
+        "scale_zero": ((scales == 0) & (blocks > 0)).sum().item() / (blocks > 0).sum().item(),
+        "scale_subnormal": ((scales > 0) & (scales < 2**-6)).double().mean().item(),
+        "elem_saturated": (table[codes].abs() == 6).double().mean().item(),
+        "scale_saturated": (scales == 448).double().mean().item(),
+        "top_share": column[order].sum().item() / column.sum().item(),
+        "top_channels": order.tolist(),
+    }
+
+
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6", "rht16_rtn_te"])
+def test_statistics_equal_the_reference_quantizers(name):
+    t, spec = _planted(), QuantSpec.named(name)
+    got = {k: v.tolist() if v.dim() else v.item() for k, v in operand_stats(t, spec, top=4).items()}
+    want = _expected(t, spec, 4)
+    assert got["top_channels"] == want["top_channels"] and got["top_channels"][0] == 37
+    for stat in STATS[:-1]:
+        assert got[stat] == pytest.approx(want[stat], rel=1e-5, abs=1e-7), stat
+    if name in ("rtn", "rtn_4over6"):  # per-tensor scales: the planted blocks flush, or keep a subnormal scale
+        assert got["scale_zero"] == pytest.approx(4 / (48 * 256 // 16 - 2), rel=1e-6) and got["scale_subnormal"] > 0
+
+
+def test_padding_is_left_out_and_bad_operands_are_refused():
+    t = _planted(rows=40, k=200)  # K and rows padded for double-block and 16x16 scales
+    for name in ("double_block_rtn", "rtn_2d"):
+        stats = operand_stats(t, QuantSpec.named(name))
+        assert 0 < stats["elem_saturated"].item() < 1 and stats["top_channels"].max().item() < 200
+    plain = operand_stats(t[:, :192], QuantSpec.named("rtn"))
+    assert plain["snr_db"].item() > 10
+    with pytest.raises(ValueError, match="non-empty 2-D operand"):
+        operand_stats(torch.randn(16), QuantSpec.named("rtn"))
+
+
+def test_slot_operands_follow_the_recipe_sources():
+    torch.manual_seed(0)
+    x, w, dy = torch.randn(32, 64), torch.randn(48, 64), torch.randn(32, 48)
+    plain = slot_operands(Recipe.named("nvidia"), x, w, dy)
+    assert list(plain) == ["fwd.x", "fwd.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"]
+    assert torch.equal(plain["dgrad.w"], w.T) and torch.equal(plain["wgrad.x"], x.T)
+    tj = slot_operands(Recipe.named("tetrajet_v2"), x, w, None)  # W^T and X^T re-quantized from the forward's
+    spec = QuantSpec.named("double_block_rtn")
+    pad = torch.nn.functional.pad
+    assert torch.equal(tj["dgrad.w"], quantize_reference(pad(w, (0, 64)), spec).dequantize()[:, :64].T)
+    assert torch.equal(tj["wgrad.x"], quantize_reference(pad(x, (0, 64)), spec).dequantize()[:, :64].T)
+    assert "dgrad.dy" not in tj
+    wang = slot_operands(Recipe.named("fp4_dge_occ"), x, w, dy)  # only the NVFP4 slots
+    assert all(isinstance(Recipe.named("fp4_dge_occ").spec(s), QuantSpec) for s in wang)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(64, 128), nn.BatchNorm1d(128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def _train(steps, monitor_every=None, converted=True, recipe="nvidia"):
+    torch.manual_seed(0)
+    net = _Net()
+    if converted:
+        net.fc1, net.fc2 = NVFP4Linear.from_linear(net.fc1, recipe), NVFP4Linear.from_linear(net.fc2, recipe)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x = torch.randn(64, 64)
+    monitor = None if monitor_every is None else NumericsMonitor(net, every=monitor_every, recipe=recipe)
+    model = net if converted else torch.compile(net, backend="nvfp4", options={"recipe": recipe, "inner": "aot_eager"})
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if monitor is not None:
+            monitor.step(lambda m: m(x).square().mean())
+    return net, monitor
+
+
+@pytest.mark.parametrize("converted", [True, False])
+def test_training_is_bit_identical_with_the_monitor(converted):
+    base, _ = _train(4, converted=converted)
+    watched, monitor = _train(4, monitor_every=1, converted=converted)
+    for (name, a), b in zip(base.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), name  # weights, BatchNorm statistics: the probes left no trace
+    assert {r["step"] for r in monitor.rows} == {0, 1, 2, 3}
+    layers = {(r["layer"], r["slot"]) for r in monitor.rows}
+    assert len(layers) == 12 and {layer for layer, _ in layers} == {"fc1", "fc2"}
+
+
+def test_probe_measures_the_operands_the_layer_saw():
+    net, monitor = _train(0, monitor_every=1)
+    x = torch.randn(64, 64)
+    rows = monitor.step(lambda m: m(x).square().mean())
+    got = {(r["layer"], r["slot"], r["stat"]): r["value"] for r in rows}
+    seen = {}
+
+    def hook(module, args, out):
+        seen["x"] = args[0].detach()
+        out.register_hook(lambda g: seen.__setitem__("dy", g))
+
+    net.fc2.register_forward_hook(hook)
+    net(x).square().mean().backward()
+    fwd = operand_stats(seen["x"], QuantSpec.named("rtn"))  # nvidia fwd.x: deterministic
+    for stat in ("amax", "snr_db", "scale_zero", "elem_saturated", "top_share"):
+        assert got[("fc2", "fwd.x", stat)] == pytest.approx(fwd[stat].item(), rel=1e-6), stat
+    dy = seen["dy"]
+    assert got[("fc2", "dgrad.dy", "amax")] == pytest.approx(dy.abs().max().item(), rel=1e-6)
+    assert (
+        got[("fc2", "wgrad.dy", "top_channels")] == operand_stats(dy.T, QuantSpec.named("rtn"))["top_channels"].tolist()
+    )
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_off_steps_do_nothing_and_compiled_graphs_do_not_change():
+    net, monitor = _train(1, monitor_every=3, converted=False)
+    calls = []
+    with _CountOps() as ops:
+        assert monitor.step(lambda m: calls.append(m)) is None  # step 1 of every 3: no probe
+        assert monitor.step(lambda m: calls.append(m)) is None
+    assert ops.count == 0 and calls == []
+
+    torch._dynamo.reset()
+    frames = []
+
+    def counting(gm, inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(net, backend=counting)
+    x = torch.randn(64, 64)
+    compiled(x).sum().backward()
+    before = len(frames)
+    for _ in range(3):
+        compiled(x).sum().backward()
+        monitor.step(lambda m: m(x).sum())
+    assert len(frames) == before == 1  # no recompilation, no graph break
+
+
+def test_backend_option_tells_the_recipe_and_logs_are_written(tmp_path):
+    torch.manual_seed(0)
+    net = _Net()
+    monitor = NumericsMonitor(net, every=2, log=tmp_path / "numerics.jsonl")
+    csv_monitor = NumericsMonitor(net, every=2, recipe="quartet_ii", log=tmp_path / "numerics.csv")
+    with pytest.raises(ValueError, match="no recipe was given"):
+        monitor.layers()
+    options = {"recipe": "quartet_ii", "inner": "aot_eager", "monitor": monitor}
+    compiled = torch.compile(net, backend="nvfp4", options=options)
+    x = torch.randn(32, 64)
+    compiled(x).sum().backward()
+    assert monitor.recipe.name == "quartet_ii"
+    for m in (monitor, csv_monitor):
+        m.step(lambda mod: mod(x).sum())
+    lines = (tmp_path / "numerics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 6 * len(STATS)
+    first = json.loads(lines[0])
+    assert first["step"] == 0 and first["layer"] == "fc1" and first["slot"] == "fwd.x" and first["stat"] == "amax"
+    csv_lines = (tmp_path / "numerics.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,layer,slot,stat,value" and len(csv_lines) == 1 + len(lines)
+
+
+def test_bad_input_is_named():
+    net = _Net()
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        NumericsMonitor(net, every=0, recipe="nvidia")
+    with pytest.raises(ValueError, match=r"log must end in \.jsonl or \.csv"):
+        NumericsMonitor(net, recipe="nvidia", log="numerics.txt")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        NumericsMonitor(net, recipe="nvfp5")
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        NumericsMonitor("net", recipe="nvidia")
+    compiled = torch.compile(net, backend="nvfp4", options={"inner": "aot_eager"})
+    monitor = NumericsMonitor(net, recipe="nvidia")
+    with pytest.raises(ValueError, match="must call the module it is given"):
+        monitor.step(lambda m: compiled(torch.randn(8, 64)).sum() * 0)
+    with pytest.raises(TypeError, match="'monitor' must be a fp4compile.NumericsMonitor, got str"):
+        BackendOptions.parse({"monitor": "yes"})
+    assert fp4compile.NumericsMonitor is NumericsMonitor
