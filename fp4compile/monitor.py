@@ -181,10 +181,15 @@ class NumericsMonitor:
             raise ValueError("NumericsMonitor: the model has no linear layer that trains in NVFP4")
         return found
 
+    def due(self) -> bool:
+        """Whether the next :meth:`step` runs a probe."""
+        return self.steps % self.every == 0
+
     def step(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Optional[list[dict]]:
         """Count one optimizer step; on a probe step measure every layer and return the new rows (else None)."""
-        step, self.steps = self.steps, self.steps + 1
-        if step % self.every:
+        step, probe = self.steps, self.due()
+        self.steps += 1
+        if not probe:
             return None
         rows = self._probe(step, loss_fn)
         self.rows.extend(rows)

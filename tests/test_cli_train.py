@@ -135,6 +135,7 @@ def _one_line_error(capsys, argv) -> str:
         (["--d-model", "40"], "--d-model must be a multiple of 16"),
         (["--d-model", "48", "--heads", "5"], "--d-model (48) must be a multiple of --heads (5)"),
         (["--mode", "reduce-overhead", "--inner", "aot_eager"], "--mode reduce-overhead needs --inner inductor"),
+        (["--monitor", "0"], "argument --monitor: must be a positive integer, got 0"),
     ],
 )
 def test_train_bad_flags_give_a_one_line_error(capsys, flags, message):
@@ -155,7 +156,7 @@ def test_train_help_explains_every_flag(capsys):
     for flag in ("--recipes", "--steps", "--device", "--out", "--seed", "--batch", "--seq", "--d-model", "--layers",
                  "--heads", "--lr", "--warmup", "--eval-every", "--val-batches", "--inner", "--mode", "--corpus-mb",
                  "--threads", "--no-progress", "--osci-reset", "--osci-start", "--osci-period", "--osci-window",
-                 "--osci-threshold", "--osci-memory-efficient"):  # fmt: skip
+                 "--osci-threshold", "--osci-memory-efficient", "--monitor"):  # fmt: skip
         assert flag in text
     assert "aot_eager" in text and "standard library" in text
     # Measured times live in the README only: the help points there and states none of its own.
@@ -607,3 +608,19 @@ def test_a_directory_walk_skips_binary_files_and_says_how_many(tmp_path):
     corpus = load_corpus(300_000, data=[str(tmp_path / "text")])
     assert sorted(corpus.train_files + corpus.val_files) == files
     assert "(1 binary files skipped)" in corpus.describe()  # __pycache__ is not walked at all
+
+
+def test_monitor_writes_numerics_and_heatmaps_and_changes_no_loss(tmp_path, two_recipes):
+    printed, watched = _train(tmp_path, "--recipes", "bf16,naive", "--monitor", "2")
+    _, _, plain = two_recipes
+    assert watched["runs"]["naive"]["train_loss"] == plain["runs"]["naive"]["train_loss"]
+    assert watched["config"]["monitor"] == 2
+    folder = tmp_path / "numerics" / "naive"
+    assert not (tmp_path / "numerics" / "bf16").exists()  # nothing to measure in bf16
+    rows = [json.loads(line) for line in (folder / "numerics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4]
+    assert {r["layer"] for r in rows} == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc",
+                                          "blocks.0.mlp.proj"}  # fmt: skip
+    for stat in ("snr_db", "scale_zero"):
+        png = folder / f"numerics_{stat}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in printed

@@ -6,11 +6,14 @@ is one, else on the CPU, as the example itself chooses).
 
 import contextlib
 import io
+import json
 import re
+from typing import NamedTuple
 
 import torch
 from test_readme import fenced_body, readme_block
 
+import fp4compile
 from fp4compile import quantize
 from fp4compile.demo.gpt import demo_batch, demo_model
 
@@ -60,3 +63,31 @@ def test_explain_example_runs_and_prints_the_report():
     assert "nvidia" in printed
     assert re.search(r"rewritten", printed, re.I), printed
     assert "lm_head" in printed  # the recipe's high-precision layer, reported as skipped
+
+
+class _Output(NamedTuple):
+    loss: torch.Tensor
+
+
+class _LanguageModel(torch.nn.Module):
+    """The demo GPT behind a Hugging Face-style call, ``model(input_ids=..., labels=...).loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = demo_model()
+
+    def forward(self, input_ids, labels):
+        return _Output(self.gpt(input_ids, labels))
+
+
+def test_monitor_example_runs_and_logs_every_layer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _LanguageModel()
+    x = demo_batch(4, 32)
+    batches = [{"input_ids": x, "labels": x}] * 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = dict(model=model, batches=batches, optimizer=optimizer, fp4compile=fp4compile, torch=torch)
+    ns, _ = run_example("monitor-example", **names)
+    rows = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()]
+    assert ns["monitor"].steps == 3 and {r["step"] for r in rows} == {0}  # every=100: the first step only
+    assert len({(r["layer"], r["slot"]) for r in rows}) == 8 * 6  # 2 blocks x 4 linears, six slots each

@@ -229,6 +229,12 @@ def _add_train_parser(commands) -> None:
         "on GPUs --mode defaults to default (no CUDA graphs) (default 1)",
     )  # fmt: skip
     t.add_argument(
+        "--monitor", type=_positive_int, default=0, metavar="EVERY",
+        help="record fp4compile.NumericsMonitor statistics (per layer and GEMM operand: SNR, flush-to-zero and "
+        "saturation rates, hot channels) every EVERY steps of each quantized recipe; writes "
+        "OUT/numerics/<run>/numerics.jsonl and its heatmaps numerics_snr_db.png and numerics_scale_zero.png",
+    )  # fmt: skip
+    t.add_argument(
         "--osci-reset", action="store_true",
         help="register fp4compile.OsciReset (TetraJet-v2's reset of oscillating weights) on the optimizer of every "
         "quantized recipe; its schedule is scaled to --steps (TetraJet-v2: start in the learning-rate decay, period "
@@ -351,6 +357,7 @@ def _run_train(args: argparse.Namespace) -> int:
             data=tuple(args.data), seeds=args.seeds, hf_config=args.hf_config, tokenizer=args.tokenizer,
             osci_start=args.osci_start, osci_period=args.osci_period, osci_window=args.osci_window,
             osci_threshold=args.osci_threshold, osci_memory_efficient=args.osci_memory_efficient, nproc=args.nproc,
+            monitor=args.monitor,
         ).resolved()  # fmt: skip
     except ValueError as error:
         parser.error(str(error))

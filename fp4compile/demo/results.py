@@ -58,6 +58,7 @@ def _seed_summary(runs: dict[str, RecipeRun]) -> str:
               "vs bf16 (val), min .. max", "tokens/s"]  # fmt: skip
     rows = []
     for recipe, keys in by_recipe.items():
+
         def mean(values):
             return sum(values) / len(values)
 
@@ -144,8 +145,9 @@ def write_results(
 
 
 def _resume_config(config: dict) -> dict:
-    """What must match for runs to be reused: the configuration without its seed count and run statistics."""
-    return {k: v for k, v in config.items() if k not in ("seeds", "params", "wall_s")}
+    """What must match for runs to be reused: the configuration without its seed count, run statistics and the
+    numerics monitor (which leaves training bit-identical)."""
+    return {k: v for k, v in config.items() if k not in ("seeds", "params", "wall_s", "monitor", "monitor_dir")}
 
 
 def previous_runs(path: str, config: TrainConfig) -> tuple[dict, str]:

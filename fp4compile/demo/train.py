@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -37,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..monitor import NumericsMonitor
 from ..osci_reset import OsciReset
 from ..recipe import Recipe
 from ..streams import rank_and_world
@@ -201,6 +203,29 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     return GPT(config.model_config())
 
 
+def numerics_log(config: TrainConfig, recipe: str) -> Optional[str]:
+    """The numerics log of ``recipe``'s run under ``--monitor`` (``<out>/numerics/<run>/numerics.jsonl``), or None."""
+    if not config.monitor or not config.monitor_dir or not Recipe.named(recipe).quantized:
+        return None
+    return os.path.join(config.monitor_dir, run_key(recipe, config.seed, config.seeds), "numerics.jsonl")
+
+
+def _numerics_monitor(compiled, recipe: str, config: TrainConfig):
+    path = numerics_log(config, recipe)
+    if path is None:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):  # an interrupted earlier run of this key: start its log afresh
+        os.remove(path)
+    return NumericsMonitor(compiled, every=config.monitor, recipe=recipe, log=path)
+
+
+def _probe_loss(model, x, y, device: str) -> torch.Tensor:
+    """The training loss of the step's batch, as the training step computes it (the monitor's probe)."""
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        return model(x, y)
+
+
 def train_recipe(
     recipe: str,
     config: TrainConfig,
@@ -241,6 +266,7 @@ def train_recipe(
             autocast_dtype=torch.bfloat16 if device == "cuda" else None,
         )  # fmt: skip
         osci.register(optimizer)
+    monitor = _numerics_monitor(compiled, recipe, config) if rank == 0 else None
     validation = val_batches(corpus.val, config.val_batches, config.batch, config.seq)
     torch.manual_seed(config.seed)  # the random bits of stochastic rounding and rotations
     if device == "cuda":
@@ -249,7 +275,7 @@ def train_recipe(
     losses: list[torch.Tensor] = []
     val_curve: list[tuple[int, float]] = []
     untimed = min(TIMING_WARMUP, config.steps - 1)  # steps left out of tokens/s (all but one of a short run)
-    timed_s, first_step_s, diverged = 0.0, math.nan, False
+    timed_s, probe_s, first_step_s, diverged = 0.0, 0.0, math.nan, False
     log_every = 1 if device == "cpu" else 10  # .item() synchronizes a GPU
     bar = tqdm(total=config.steps, desc=f"{recipe:<12}", unit="step", disable=not progress or rank > 0, file=sys.stderr)
     try:
@@ -266,6 +292,15 @@ def train_recipe(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if monitor is not None:
+                probing = monitor.due()
+                if probing:  # the probe's time is not training time: left out of tokens/s
+                    _sync(device)
+                    probe_tic = time.perf_counter()
+                monitor.step(functools.partial(_probe_loss, x=x, y=y, device=device))
+                if probing and step + 1 > untimed:
+                    _sync(device)
+                    probe_s += time.perf_counter() - probe_tic
             losses.append(_mean_over_ranks(loss.detach().clone(), world))  # a clone: CUDA graphs reuse outputs
             done = step + 1
             if done == 1:
@@ -294,6 +329,7 @@ def train_recipe(
         bar.close()
     timed_steps = len(losses) - untimed
     tokens = timed_steps * config.batch * config.seq * world
+    timed_s -= probe_s
     tokens_per_s = tokens / timed_s if timed_s > 0 and timed_steps > 0 else math.nan
     return RecipeRun(
         recipe=recipe,
@@ -325,6 +361,19 @@ def _train_in_fresh_process(recipe: str, config: TrainConfig, corpus: Corpus, pr
         return pool.submit(train_recipe, recipe, config, corpus, progress).result()
 
 
+def _plot_numerics(path: Optional[str], log: Callable[[str], None]) -> None:
+    """The heatmaps of a run's numerics log, next to it (a run without one draws nothing)."""
+    if path is None or not os.path.exists(path):
+        return
+    from ..plot import plot_numerics
+
+    try:
+        for png in plot_numerics(path, os.path.dirname(path)):
+            log(f"wrote {png}")
+    except (OSError, ImportError, ValueError) as error:  # the log stays; only the pictures are missing
+        log(f"could not draw the heatmaps of {path}: {error}")
+
+
 def run_training(
     config: TrainConfig, out_dir: str, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, RecipeRun]:
@@ -345,6 +394,8 @@ def run_training(
 
     start = time.perf_counter()
     config = config.resolved()
+    if config.monitor:
+        config = dataclasses.replace(config, monitor_dir=os.path.join(out_dir, "numerics"))
     prepare_out_dir(out_dir)  # before any training: an unwritable --out fails now, not after the last recipe
     try:
         corpus = load_corpus(config.corpus_bytes, data=config.data)
@@ -410,6 +461,7 @@ def run_training(
                 runs[key] = train_recipe(recipe, seeded, corpus, progress=progress, log=log)
             # after every run: an interrupted run resumes from here
             write_results(results, config, corpus, runs, params, time.perf_counter() - start)
+            _plot_numerics(numerics_log(seeded, recipe), log)
     wall_s = time.perf_counter() - start
     # The results first, then the table, then the plot: a failing plot loses nothing.
     write_results(results, config, corpus, runs, params, wall_s)

@@ -98,6 +98,8 @@ class TrainConfig:
     osci_threshold: float = OSCI_THRESHOLD
     osci_memory_efficient: bool = False
     nproc: int = 1
+    monitor: int = 0  # --monitor N: fp4compile.NumericsMonitor every N steps (0: off)
+    monitor_dir: Optional[str] = None  # where run_training puts each run's numerics log and heatmaps
 
     def __post_init__(self) -> None:
         unused = [flag for flag, given in (
@@ -147,6 +149,8 @@ class TrainConfig:
     def _check(self) -> None:
         """Check a resolved config: by building what it feeds (the model's shape, the backend's options), then
         the number of processes and OsciReset's schedule against the run."""
+        if isinstance(self.monitor, bool) or not isinstance(self.monitor, int) or self.monitor < 0:
+            raise ValueError(f"--monitor must be a positive integer (steps between probes), got {self.monitor!r}")
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"--nproc must be a positive integer, got {self.nproc!r}")
         if self.device == "cuda" and self.nproc > torch.cuda.device_count():
