@@ -33,12 +33,21 @@ def on_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
+    """``max |x|`` as an ordinary op for the per-tensor specs without rotation (under ``torch.compile`` Inductor
+    can fuse it into the op that produces ``x``); None where the kernel's own amax pass is needed (after a
+    rotation) or there is none (per-block outer scales)."""
+    if spec.outer != "tensor" or spec.rotation != "none" or x.numel() == 0:
+        return None
+    return x.abs().amax().to(torch.float32)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:
     """``x`` [rows, K] quantized by ``spec`` with the given Philox ``seed`` and rotation ``signs`` (no checks)."""
     if on_triton(x):
         from .kernels.quantize import quantize_triton
 
-        return quantize_triton(x, spec, seed=seed, signs=signs)
+        return quantize_triton(x, spec, seed=seed, signs=signs, amax=_graph_amax(x, spec))
     return quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
 
 
@@ -54,7 +63,7 @@ def quantize_with_values(
         from .kernels.quantize import quantize_triton
 
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-        return quantize_triton(x, spec, seed=seed, signs=signs, values=values), values
+        return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec)), values
     if signs is None and spec.rotation == "rht16_te":
         signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32)
     q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)

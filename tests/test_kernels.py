@@ -46,6 +46,27 @@ def _assert_bit_identical(x, spec):
     torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "sr_te", "rtn_4over6", "sr", "sr_4over6"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_with_the_callers_amax_matches_reference(name, dtype):
+    """The per-tensor amax from an ordinary reduction (dispatch's graph amax) gives the amax pass's bits."""
+    spec = QuantSpec.named(name)
+    for m, k in _valid_shapes(spec):
+        x = (torch.randn(m, k, device=KERNEL_DEVICE) * 5).to(dtype)
+        x[0, 1] = 0.0
+        seed, _ = _random_streams(spec, x.device)
+        got = quantize_triton(x, spec, seed=seed, amax=x.abs().amax().float())
+        want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()))
+        torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+        torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+        torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+    x = torch.randn(16, 128, device=KERNEL_DEVICE)
+    x[3, 5] = float("nan")
+    assert torch.isnan(quantize_triton(x, spec, seed=seed, amax=x.abs().amax()).outer)  # NaN in, NaN scale out
+    with pytest.raises(ValueError, match="amax= is for per-tensor specs without rotation"):
+        quantize_triton(x, QuantSpec.named("rht16_rtn_te"), amax=x.abs().amax())
+
+
 def _valid_shapes(spec):
     rows_ok = lambda m: m % spec.row_multiple == 0  # noqa: E731
     shapes = [(m, k) for m, k in SHAPES if k % spec.k_multiple == 0]

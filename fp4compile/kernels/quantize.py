@@ -385,6 +385,7 @@ def quantize_triton(
     num_warps: int = 4,
     tiles_per_program: Optional[int] = None,
     values: Optional[torch.Tensor] = None,
+    amax: Optional[torch.Tensor] = None,
 ) -> NVFP4:
     """Quantize ``x`` [m, k] with the Triton kernels.
 
@@ -401,6 +402,9 @@ def quantize_triton(
         block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
+        amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
+            (a graph reduction that Inductor can fuse into the op producing ``x``): the kernel's amax pass is
+            skipped. Must be exactly ``x.abs().amax()`` (any NaN for input with NaN).
 
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
@@ -415,7 +419,12 @@ def quantize_triton(
         if per_tensor
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
+    if amax is not None and (not per_tensor or spec.rotation != "none"):
+        raise ValueError(f"quantize_triton: amax= is for per-tensor specs without rotation, not {spec.short_str()}")
+    if amax is not None:
+        amax_bits = amax.to(torch.float32).reshape(1).view(torch.int32)
+    else:
+        amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
     bm = block_rows or _tile_rows(spec)
     tiles = tiles_per_program or _tiles_per_program(m, k, bm)
     vmax_cap, inv_vmax = fp32_constants(spec)
@@ -459,7 +468,7 @@ def quantize_triton(
     )
     grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
     kernel = launcher(_nvfp4_quantize_kernel)
-    if m > 0 and per_tensor:
+    if m > 0 and per_tensor and amax is None:
         kernel[grid](*args, MODE=0, REVERSE=False, **constants)
     if m > 0:
         kernel[grid](*args, MODE=1, REVERSE=per_tensor, **constants)
