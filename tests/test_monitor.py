@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from testing import requires_gpu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp4compile
@@ -228,3 +229,53 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="'monitor' must be a fp4compile.NumericsMonitor, got str"):
         BackendOptions.parse({"monitor": "yes"})
     assert fp4compile.NumericsMonitor is NumericsMonitor
+
+
+def test_through_quantize_each_layer_keeps_its_recipe():
+    torchao = pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    net = _Net()
+    config = fp4compile.NVFP4Config(recipe="quartet_ii", skip=["fc2"])
+    torchao.quantization.quantize_(net, config, filter_fn=config.filter_fn)
+    monitor = NumericsMonitor(net, every=1)  # no recipe needed: the converted layers carry theirs
+    x = torch.randn(32, 64)
+    rows = monitor.step(lambda m: m(x).square().mean())
+    assert [(fqn, r.name) for fqn, _, r in monitor.layers()] == [("fc1", "quartet_ii")]
+    assert {r["layer"] for r in rows} == {"fc1"} and len({r["slot"] for r in rows}) == 6
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6"])
+def test_gpu_statistics_equal_the_cpu_ones(name):
+    t, spec = _planted(rows=4096, k=2048), QuantSpec.named(name)
+    gpu, cpu = operand_stats(t.cuda(), spec), operand_stats(t, spec)
+    for stat in STATS:
+        exact = stat not in ("snr_db", "top_share")  # sums in another order on the GPU
+        assert gpu[stat].cpu().tolist() == pytest.approx(cpu[stat].tolist(), rel=0 if exact else 1e-5), stat
+
+
+@requires_gpu
+def test_gpu_probe_under_autocast_leaves_training_unchanged():
+    def run(every):
+        torch.manual_seed(0)
+        net = _Net().cuda()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        compiled = torch.compile(net, backend="nvfp4", options={"recipe": "nvidia"})
+        monitor = None if every is None else NumericsMonitor(net, every=every, recipe="nvidia")
+        x = torch.randn(256, 64, device="cuda")
+        for _ in range(4):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if monitor is not None:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    monitor.step(lambda m: m(x).square().mean())
+        return net, monitor
+
+    base, _ = run(None)
+    watched, monitor = run(2)
+    for a, b in zip(base.state_dict().values(), watched.state_dict().values()):
+        assert torch.equal(a, b)
+    assert {r["step"] for r in monitor.rows} == {0, 2}
