@@ -10,7 +10,7 @@ along ``in_features`` as the forward pads it, cast as the forward's autocast cas
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .eligibility import LayerFilter, normalize_fqn, relative_names, why_not_nvfp4
 from .format import NVFP4
+from .outlier_channels import OutControl, OutlierState, module_state
 from .quantize import quantize
 from .recipe import Recipe
 from .spec import QuantSpec
@@ -26,10 +27,12 @@ __all__ = [
     "TrackedLayer",
     "discover_layers",
     "eligible_weight",
+    "forward_weight",
     "forward_weight_spec",
     "is_converted",
     "make_layer",
     "named_layers",
+    "outcontrol_state",
     "quantize_weight",
     "quantized_linears",
     "unwrap_model",
@@ -46,7 +49,9 @@ class TrackedLayer:
     recipe: str
     k_padded: int
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    q_prev: Optional[NVFP4] = None  # full variant: packed Q(previous weight), derivable from state["prev"]
+    # full variant: Q(previous weight), derivable from state["prev"]: packed, or FP32 for an OutControl layer
+    q_prev: Optional[Union[NVFP4, torch.Tensor]] = None
+    module: Optional[nn.Module] = None  # the linear holding OutControl's channel state (OutControl recipes only)
 
     @property
     def numel(self) -> int:
@@ -106,7 +111,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> TrackedLayer:
+def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe, module: Optional[nn.Module] = None) -> TrackedLayer:
     spec = forward_weight_spec(recipe)
     k_multiple = max(recipe.fwd_x.k_multiple, spec.k_multiple)  # the forward pads K for both operands alike
     in_features = param.shape[1]
@@ -116,7 +121,29 @@ def make_layer(fqn: str, param: torch.Tensor, recipe: Recipe) -> TrackedLayer:
         spec=spec,
         recipe=recipe.name,
         k_padded=(in_features + k_multiple - 1) // k_multiple * k_multiple,
+        module=module if isinstance(recipe.outliers, OutControl) else None,
     )
+
+
+def outcontrol_state(layer: TrackedLayer) -> Optional[OutlierState]:
+    """The OutControl state of the layer's linear (its channel order and whether it is selected), or None: not an
+    OutControl layer, or one whose forward has not run yet (the state is attached by the first forward)."""
+    state = module_state(layer.module) if layer.module is not None else None
+    return state if isinstance(state, OutlierState) else None
+
+
+def forward_weight(w: torch.Tensor, layer: TrackedLayer, autocast_dtype: Optional[torch.dtype]):
+    """``Q(w)`` as the forward computes it: :func:`quantize_weight`'s packed quantization, or for a layer with
+    OutControl's state the dequantized FP32 weight of its forward (channels in ``order``, the outlier channels
+    in their format once selected; ``outcontrol_gemms.forward_weight_dequantized``)."""
+    state = outcontrol_state(layer)
+    if state is None:
+        return quantize_weight(w, layer, autocast_dtype)
+    from .outcontrol_gemms import forward_weight_dequantized
+
+    if autocast_dtype is not None:
+        w = w.to(autocast_dtype)
+    return forward_weight_dequantized(w, state.order, state.selected, Recipe.named(layer.recipe))
 
 
 def eligible_weight(weight: Optional[torch.Tensor]) -> bool:
@@ -165,7 +192,7 @@ def quantized_linears(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> lis
 
 def discover_layers(root: nn.Module, recipe: Recipe, skip: LayerFilter) -> list[TrackedLayer]:
     return [
-        make_layer(normalize_fqn(name + ".weight" if name else "weight"), module.weight, layer_recipe)
+        make_layer(normalize_fqn(name + ".weight" if name else "weight"), module.weight, layer_recipe, module)
         for name, module, layer_recipe in quantized_linears(root, recipe, skip)
     ]
 
@@ -174,6 +201,7 @@ def named_layers(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[
     if isinstance(names, str):
         names = (names,)
     params = {normalize_fqn(n): p for n, p in root.named_parameters()}
+    modules = {normalize_fqn(n): m for n, m in root.named_modules()}
     layers: list[TrackedLayer] = []
     seen: set[int] = set()
     for name in names:
@@ -187,5 +215,6 @@ def named_layers(root: nn.Module, names: Sequence[str], recipe: Recipe) -> list[
             )
         if id(param) not in seen:
             seen.add(id(param))
-            layers.append(make_layer(normalize_fqn(name), param, recipe))
+            owner = modules.get(normalize_fqn(name).rpartition(".")[0]) if name.endswith("weight") else None
+            layers.append(make_layer(normalize_fqn(name), param, recipe, owner))
     return layers

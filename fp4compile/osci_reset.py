@@ -31,7 +31,9 @@ Every other step does no work: no quantization, no tensor operation, no allocati
 ``fp4compile.quantize(W, recipe.fwd_w)`` then ``dequantize`` to FP32, with ``W`` zero-padded along
 ``in_features`` as the forward pads it (double-block specs need multiples of 128) and, with
 ``autocast_dtype``, cast as the forward's autocast casts it. Recipes never quantize the forward
-stochastically (``Recipe`` refuses it), so ``Q`` is deterministic.
+stochastically (``Recipe`` refuses it), so ``Q`` is deterministic. For a layer with OutControl (``tetrajet_v2_full``)
+``Q`` is that layer's forward weight: its channels in the layer's descending-norm order, the outlier channels in
+MXFP8 (or bf16) once selected (``outcontrol_gemms.forward_weight_dequantized``).
 
 Memory held per tracked weight element during a window (nothing outside windows; the transient
 full-size quantization of each tracked step comes on top):
@@ -42,7 +44,8 @@ full-size quantization of each tracked step comes on top):
   quantizes once: **12.59375 B** for FP32 master weights under ``tetrajet_v2`` (12.5625 B under
   ``nvidia``; bf16 masters: 2 B less). TetraJet-v2's code holds 12 B and quantizes the previous
   weight again on every tracked step. Weights whose ``in_features`` the forward pads (double-block
-  specs need multiples of 128) hold the packed quantization of the padded weight.
+  specs need multiples of 128) hold the packed quantization of the padded weight. OutControl layers hold
+  ``Q`` of the previous weight in FP32 (4 B): **16 B** for FP32 master weights.
 - memory-efficient variant: ``ceil(sample_fraction * numel)`` sampled elements, each with an int32
   index (int64 for tensors of 2**31 elements or more), the previous weight (its dtype), the previous
   quantized value, ``D_q`` and ``D_w`` (FP32): 20 B per sampled FP32 element, **2.0 B per weight** at
@@ -59,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -71,6 +73,7 @@ from .format import NVFP4
 from .osci_layers import (
     TrackedLayer,
     discover_layers,
+    forward_weight,
     forward_weight_spec,
     named_layers,
     quantize_weight,
@@ -163,15 +166,6 @@ class OsciReset:
             raise TypeError(f"OsciReset expects an nn.Module, got {type(model).__name__}")
         resolved = Recipe.resolve(recipe)
         forward_weight_spec(resolved)  # the recipe must quantize the forward weight deterministically
-        if isinstance(resolved.outliers, OutControl):
-            warnings.warn(
-                f"recipe {resolved.name!r} has OutControl: OsciReset's Q quantizes each weight in its own channel "
-                "order; once a layer's outlier channels are selected the forward quantizes them in descending-norm "
-                "order with the outlier channels in MXFP8, which OsciReset does not model yet (its resets then use "
-                "the plain recipe's Q)",
-                stacklevel=2,
-            )
-
         self.recipe = resolved
         self.start = int(start)
         self.period = int(period)
@@ -245,7 +239,9 @@ class OsciReset:
         total = 0
         for layer in self._layers.values():
             total += sum(t.numel() * t.element_size() for t in layer.state.values())
-            if layer.q_prev is not None:
+            if isinstance(layer.q_prev, torch.Tensor):  # an OutControl layer's FP32 Q(previous weight)
+                total += layer.q_prev.numel() * layer.q_prev.element_size()
+            elif layer.q_prev is not None:
                 q = layer.q_prev
                 total += sum(t.numel() * t.element_size() for t in (q.codes, q.scales, q.outer))
         return total
@@ -262,6 +258,8 @@ class OsciReset:
                 rows = layer.param.shape[0]
                 packed = rows * layer.k_padded // 2 + rows * layer.k_padded // 16
                 packed += 4 * rows * layer.k_padded // 128 if layer.spec.outer == "block128" else 4
+                if isinstance(Recipe.named(layer.recipe).outliers, OutControl):
+                    packed = 4 * layer.numel  # Q(previous weight) held in FP32 (see the module docstring)
                 total += layer.numel * (itemsize + 8) + packed
         return total
 
@@ -323,14 +321,23 @@ class OsciReset:
                     self._reset(step)
 
     # ------------------------------------------------------------------ the three actions
-    def _quantize(self, layer: TrackedLayer) -> NVFP4:
-        """``Q``'s packed quantization of the layer's whole current weight, as the forward computes it."""
-        return quantize_weight(full_weight(layer.param), layer, self.autocast_dtype)
+    def _quantize(self, layer: TrackedLayer, weight: Optional[torch.Tensor] = None) -> Union[NVFP4, torch.Tensor]:
+        """``Q`` of the layer's whole current weight (or of ``weight``), as the forward computes it: packed, or
+        for an OutControl layer FP32 in the original channel order (``osci_layers.forward_weight``)."""
+        return forward_weight(full_weight(layer.param) if weight is None else weight, layer, self.autocast_dtype)
 
-    def _dequantized(self, layer: TrackedLayer, q: NVFP4) -> torch.Tensor:
-        """FP32 ``Q(W)`` of this rank's rows (all rows unless sharded) from the packed quantization of the whole
-        weight (padding cropped). On a GPU one Triton decode (bit-identical to ``q.dequantize``)."""
-        return local_part(dispatch.dequantize(q, layer.in_features), layer.param)
+    def _dequantized(self, layer: TrackedLayer, q: Union[NVFP4, torch.Tensor]) -> torch.Tensor:
+        """FP32 ``Q(W)`` of this rank's rows (all rows unless sharded) from ``Q`` of the whole weight (padding
+        cropped). On a GPU one Triton decode (bit-identical to ``q.dequantize``)."""
+        full = q if isinstance(q, torch.Tensor) else dispatch.dequantize(q, layer.in_features)
+        return local_part(full, layer.param)
+
+    @staticmethod
+    def _values_at(q: Union[NVFP4, torch.Tensor], index: torch.Tensor, in_features: int) -> torch.Tensor:
+        """FP32 ``Q(W)`` at flat ``index`` into the whole [out, in_features] weight."""
+        if isinstance(q, torch.Tensor):
+            return q.reshape(-1)[index]
+        return _dequantize_at(q, index, in_features)
 
     def _flat_offset(self, layer: TrackedLayer) -> int:
         """Flat index of this rank's first element in the whole weight (0 unless sharded)."""
@@ -348,7 +355,10 @@ class OsciReset:
                 }
                 layer.q_prev = q
                 continue
-            score = edge_score(layer, q, self.autocast_dtype)
+            # The sample favours weights next to a rounding edge of the FP4 grid (for an OutControl layer, of the
+            # plain forward quantizer's grid: an approximation for choosing the sample only).
+            plain = q if isinstance(q, NVFP4) else quantize_weight(full_weight(layer.param), layer, self.autocast_dtype)
+            score = edge_score(layer, plain, self.autocast_dtype)
             k = sample_size(layer.numel, self.sample_fraction)
             index = torch.topk(score.reshape(-1), k, sorted=False).indices.sort().values
             if is_sharded(layer.param):  # this rank's share of the sample, as flat indices into its rows
@@ -359,7 +369,7 @@ class OsciReset:
             layer.state = {
                 "index": index,
                 "prev": w.reshape(-1)[index],
-                "prev_q": _dequantize_at(q, index + self._flat_offset(layer), layer.in_features),
+                "prev_q": self._values_at(q, index + self._flat_offset(layer), layer.in_features),
                 "d_q": torch.zeros(k, dtype=torch.float32, device=w.device),
                 "d_w": torch.zeros(k, dtype=torch.float32, device=w.device),
             }
@@ -375,14 +385,14 @@ class OsciReset:
             if not self.memory_efficient:
                 if layer.q_prev is None:  # after load_state_dict: Q(prev) again, bit for bit what it was
                     prev = full_from_local(state["prev"], layer.param)
-                    layer.q_prev = quantize_weight(prev, layer, self.autocast_dtype)
+                    layer.q_prev = self._quantize(layer, prev)
                 deq, deq_prev = self._dequantized(layer, q), self._dequantized(layer, layer.q_prev)
                 dispatch.osci_track_update(w, state["prev"], deq, deq_prev, state["d_q"], state["d_w"])
                 layer.q_prev = q
                 continue
             index = state["index"]
             current = w.reshape(-1)[index]
-            current_q = _dequantize_at(q, index + self._flat_offset(layer), layer.in_features)
+            current_q = self._values_at(q, index + self._flat_offset(layer), layer.in_features)
             state["d_q"].add_((current_q - state["prev_q"]).abs())
             state["d_w"].add_((current.to(torch.float32) - state["prev"].to(torch.float32)).abs())
             state["prev"].copy_(current)
@@ -405,7 +415,7 @@ class OsciReset:
                 w.copy_(torch.where(mask, target, w))
             else:
                 index = state["index"][mask]
-                values = _dequantize_at(q, index + self._flat_offset(layer), layer.in_features).to(w.dtype)
+                values = self._values_at(q, index + self._flat_offset(layer), layer.in_features).to(w.dtype)
                 if w.is_contiguous():
                     w.view(-1)[index] = values
                 else:

@@ -26,13 +26,14 @@ from typing import Optional
 import torch
 
 from . import dispatch
+from .format import NVFP4
 from .gemm import nvfp4_gemm
 from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
 from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
 from .outlier_channels import outlier_count
 from .recipe import Recipe
 
-__all__ = ["linear_backward", "linear_forward", "saved_shapes"]
+__all__ = ["forward_weight_dequantized", "linear_backward", "linear_forward", "saved_shapes"]
 
 
 def saved_shapes(recipe: Recipe, tokens, in_features: int, out_features: int) -> tuple:
@@ -88,6 +89,28 @@ def _join(q_values, q_outer, outlier: tuple[torch.Tensor, torch.Tensor], k: int,
     return joined_values, joined_outer
 
 
+def forward_weight_dequantized(
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    selected: torch.Tensor,
+    recipe: Recipe,
+    w_q: Optional[NVFP4] = None,
+) -> torch.Tensor:
+    """FP32 [out, in]: W as the forward's GEMM sees it, dequantized, in the original channel order: the FP4
+    quantization of W in the order ``order`` (``w_q`` when the forward saved it), its first ``k`` channels from
+    their outlier format once ``selected``. What dgrad re-quantizes, and OsciReset's ``Q(W)``."""
+    in_features = weight.shape[1]
+    k = outlier_count(in_features, recipe.outliers)
+    if w_q is None:
+        w_q = dispatch.quantize(pad_cols(weight[:, order], round_up(in_features, 128)), recipe.fwd_w, None, None)
+    w_deq = dispatch.dequantize(w_q, in_features)
+    if k:
+        fmt = recipe.outliers.outlier_format
+        w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
+        w_deq = torch.cat([torch.where(selected, w_out, w_deq[:, :k]), w_deq[:, k:]], 1)
+    return w_deq[:, torch.argsort(order)]
+
+
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -136,11 +159,8 @@ def linear_backward(
 
     # dgrad: dX = dY W, K = out, with W the dequantized forward W in the original channel order.
     if recipe.dgrad_w_source == "forward":
-        w_deq = dispatch.dequantize(restore(w_codes, w_scales, w_outer, recipe.fwd_w), in_features)
-        if k:
-            w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
-            w_deq = torch.cat([torch.where(selected, w_out, w_deq[:, :k]), w_deq[:, k:]], 1)
-        w_deq = w_deq[:, inverse]
+        w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
+        w_deq = forward_weight_dequantized(weight, order, selected, recipe, w_q)
     else:
         w_deq = weight.to(torch.float32)
     out_p = round_up(out_features, recipe.dgrad_dy.k_multiple)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from testing import KERNEL_DEVICE, linear_step, requires_gpu
 
 import fp4compile
+from fp4compile import quantize
 from fp4compile.linear import nvfp4_linear
 from fp4compile.mxfp8 import bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
-from fp4compile.outlier_channels import OutControl, new_state, observe, outlier_count
+from fp4compile.outlier_channels import OutControl, module_state, new_state, observe, outlier_count
 from fp4compile.recipe import Recipe
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
@@ -247,6 +248,54 @@ def test_gpu_layer_equals_the_cpu_spec():
     assert torch.equal(quantize_mxfp8(x.cuda()).elements.cpu().float(), quantize_mxfp8(x).elements.float())
 
 
-def test_osci_reset_says_it_does_not_model_the_outlier_channels_yet():
-    with pytest.warns(UserWarning, match="which OsciReset does not model yet"):
-        fp4compile.OsciReset(nn.Linear(256, 256), "tetrajet_v2_full", start=0)
+def _selected_layer(recipe, x):
+    torch.manual_seed(0)
+    layer = fp4compile.NVFP4Linear(512, 256, bias=False, recipe=recipe)
+    for _ in range(recipe.outliers.start + recipe.outliers.window):  # training forwards: record, then select
+        layer(x).sum().backward()
+    return layer
+
+
+def test_osci_reset_q_is_the_outcontrol_forward_weight():
+    recipe = _recipe(start=1, window=2)
+    layer = _selected_layer(recipe, _planted())
+    state = module_state(layer)
+    assert bool(state.selected) and set(state.order[:3].tolist()) == {7, 300, 301}
+    osc = fp4compile.OsciReset(layer, recipe, start=0)
+    q = osc._quantize(osc._layers["weight"])
+    with torch.no_grad():  # the forward over the identity: its output is the forward's weight, W_q I = W_q^T
+        y = nvfp4_linear(torch.eye(512), layer.weight, None, recipe, outlier_state=state)
+    torch.testing.assert_close(q, y.T, rtol=2**-20, atol=0)  # the outer-scale products round apart, nothing else
+    plain = quantize(layer.weight.detach(), recipe.fwd_w).dequantize()
+    assert not torch.equal(q, plain)  # the outlier channels and the permuted blocks differ from the plain Q
+    outliers = state.order[: outlier_count(512, recipe.outliers)]
+    on_mxfp8_grid = (q[:, outliers].abs() * 2.0 ** -torch.floor(torch.log2(q[:, outliers].abs()))) % 2**-3 == 0
+    assert on_mxfp8_grid[q[:, outliers] != 0].all()  # E4M3 significands: 3 fraction bits
+    assert osc.bytes_per_weight() == 4 + 8 + 4  # FP32 master, D_q and D_w, and the FP32 Q(previous weight)
+
+
+def test_osci_reset_q_before_selection_is_the_plain_recipes():
+    fresh = _recipe(start=100, window=2)
+    layer = fp4compile.NVFP4Linear(512, 256, bias=False, recipe=fresh)
+    layer(_planted()).sum().backward()
+    assert not bool(module_state(layer).selected)
+    osc = fp4compile.OsciReset(layer, fresh, start=0)
+    q = osc._quantize(osc._layers["weight"])
+    assert torch.equal(q, quantize(layer.weight.detach(), fresh.fwd_w).dequantize())
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_osci_reset_trains_with_outcontrol_layers(memory_efficient):
+    recipe = _recipe(start=1, window=2)
+    x = _planted()
+    layer = _selected_layer(recipe, x)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    osc = fp4compile.OsciReset(layer, recipe, start=0, period=4, window=2, threshold=0.5,
+                               memory_efficient=memory_efficient, sample_fraction=0.5)  # fmt: skip
+    osc.register(opt)
+    for _ in range(4):
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    report = osc.last_report()
+    assert report is not None and report["reset"] > 0 and torch.isfinite(layer.weight).all()
