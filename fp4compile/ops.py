@@ -8,8 +8,9 @@
 
 (``_v3``: :data:`~fp4compile.schema.SCHEMA_VERSION`.)
 
-Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own code (``linear_gemms.py``
-...), whose Triton kernels are launched through ``wrap_triton`` while AOTAutograd traces it, so that under
+Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own code (``linear_gemms.py``,
+``outcontrol_gemms.py``, ``hcp_gemms.py``), whose Triton kernels are launched through ``wrap_triton`` while
+AOTAutograd traces it (``kernels/launch.py``), so that under
 ``torch.compile`` the op decomposes into the quantize and decode kernels (launched by Inductor's generated
 code), the opaque GEMM op (``kernels/gemm_op.py``) and ordinary ops that Inductor fuses with their
 neighbours. Elsewhere (the reference on the CPU) the body calls ``<name>_reference_v3``, an opaque
