@@ -25,16 +25,22 @@ def main() -> None:
     parser.add_argument("--out", default="out", help="directory for bench_linear.json / .md")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
     parser.add_argument("--no-baseline", action="store_true", help="skip the compiled fake-quant baseline")
+    parser.add_argument(
+        "--compiled", action="store_true", help="time every variant under torch.compile (bf16 F.linear included)"
+    )
     args = parser.parse_args()
     env = gpu_environment("bench_linear")
     rows, records = run_linear_bench(
-        args.recipes.split(","), baseline=not args.no_baseline, on_row=lambda row: print(row, flush=True)
-    )
+        args.recipes.split(","), baseline=not args.no_baseline, on_row=lambda row: print(row, flush=True),
+        compiled=args.compiled,
+    )  # fmt: skip
     print(format_table(HEADER, rows))
-    write_json(f"{args.out}/bench_linear.json", dict(env=env, tokens=TOKENS, results=records))
-    with open(f"{args.out}/bench_linear.md", "w") as f:
+    stem = "bench_linear_compiled" if args.compiled else "bench_linear"
+    write_json(f"{args.out}/{stem}.json", dict(env=env, tokens=TOKENS, compiled=args.compiled, results=records))
+    with open(f"{args.out}/{stem}.md", "w") as f:
         f.write(f"{environment_line(env)}; ")
-        f.write(f"tokens {TOKENS}, bf16\n\n{markdown_table(HEADER, rows)}\n")
+        mode = "torch.compile (default mode)" if args.compiled else "eager"
+        f.write(f"tokens {TOKENS}, bf16, {mode}\n\n{markdown_table(HEADER, rows)}\n")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def run_linear_bench(
     shapes: Sequence[tuple[int, int]] = SHAPES,
     tokens: int = TOKENS,
     on_row: Optional[Callable[[list[str]], None]] = None,
+    compiled: bool = False,
 ) -> tuple[list[list[str]], list[dict]]:
     """Time every variant at every shape on the current CUDA GPU.
 
@@ -136,6 +137,8 @@ def run_linear_bench(
         shapes: ``(in_features, out_features)`` pairs.
         tokens: rows of x.
         on_row: called with each table row as soon as it is measured (e.g. ``print``).
+        compiled: time every variant, bf16 ``F.linear`` included, under ``torch.compile`` (Inductor, default mode;
+            the NVFP4 ops then decompose into Inductor-launched kernels) instead of eagerly.
 
     Returns:
         ``(rows, records)``: table rows under :data:`HEADER`, and one dict per measurement
@@ -158,11 +161,13 @@ def run_linear_bench(
         w = (torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * d_in**-0.5).requires_grad_()
         dy = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
         shape = f"{d_in}x{d_out}"
-        bf16_ms = _fwd_bwd_ms(F.linear, x, w, dy)
-        candidates = [("bf16 F.linear", F.linear)]
+        wrap = (lambda fn: torch.compile(fn, fullgraph=True)) if compiled else (lambda fn: fn)  # noqa: E731
+        bf16 = wrap(F.linear)
+        bf16_ms = _fwd_bwd_ms(bf16, x, w, dy)
+        candidates = [("bf16 F.linear", bf16)]
         if baseline:
             candidates.append(("fake-quant compiled", fake))
-        candidates += [(r, _recipe_fn(r, d_in)) for r in recipes]
+        candidates += [(r, wrap(_recipe_fn(r, d_in))) for r in recipes]
         for label, fn in candidates:
             ms = bf16_ms if label == "bf16 F.linear" else _fwd_bwd_ms(fn, x, w, dy)
             saved = _saved_bytes_per_element(fn, x, w)

@@ -1,0 +1,70 @@
+"""What ``fp4compile.NumericsMonitor`` costs a training run: the probe's time against the step's.
+
+Run on a GPU:  python -m benchmarks.bench_monitor [--model llama|gpt2] [--recipe nvidia] [--every 100] [--out DIR]
+
+The model and step are ``bench_train_step``'s (``backend="nvfp4"``, default mode). Measured: the median step
+without the monitor, the median of the monitor's off-steps (``monitor.step`` that only counts) and of its probes,
+all timed with CUDA events around the whole call. The overhead at ``--every`` is
+``(probe + (every - 1) * off-step extra) / (every * step)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.bench_train_step import MODELS, make_step
+from benchmarks.utils import environment_line, gpu_environment, write_json
+from fp4compile import NumericsMonitor
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama", choices=sorted(MODELS))
+    parser.add_argument("--recipe", default="nvidia")
+    parser.add_argument("--every", type=int, default=100, help="steps between probes")
+    parser.add_argument("--out", default="out", help="directory for bench_monitor.json / .md")
+    args = parser.parse_args()
+    env = gpu_environment("bench_monitor")
+    seq, batch, description = MODELS[args.model]
+    model, step = make_step(args.recipe, batch, "default", args.model)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+
+    def loss_fn(module):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return module(input_ids=ids, labels=ids).loss
+
+    for _ in range(5):
+        step()
+    step_ms = _median_ms(step, 20)
+    monitor = NumericsMonitor(model, every=args.every, recipe=args.recipe)
+    monitor.step(loss_fn)  # the first probe (warm-up of the eager path)
+    probe_ms = _median_ms(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)), 3)
+    monitor.steps = 1
+    off_ms = _median_ms(lambda: monitor.step(loss_fn), 50)
+    overhead = (probe_ms + (args.every - 1) * off_ms) / (args.every * step_ms)
+    record = dict(model=args.model, recipe=args.recipe, every=args.every, step_ms=step_ms, probe_ms=probe_ms,
+                  off_step_ms=off_ms, overhead=overhead, layers=len(monitor.layers()))  # fmt: skip
+    print(record)
+    write_json(f"{args.out}/bench_monitor.json", dict(env=env, results=[record]))
+    with open(f"{args.out}/bench_monitor.md", "w") as f:
+        f.write(f"{environment_line(env)}; {description}, batch {batch} x {seq}, recipe {args.recipe}\n\n")
+        f.write("| step ms | probe ms | off-step ms | overhead at every=" + f"{args.every} |\n|---|---|---|---|\n")
+        f.write(f"| {step_ms:.1f} | {probe_ms:.1f} | {off_ms:.4f} | {100 * overhead:.2f} % |\n")
+
+
+if __name__ == "__main__":
+    main()
