@@ -64,8 +64,9 @@ def linear_forward(
 
     def gemm(qx, qw, in_p):
         k_main = -(-in_p // _BLOCK) * _BLOCK
-        deq_x = qx.values[:, :in_features].to(torch.float32) * qx.q.outer
-        deq_w = qw.values[:, :in_features].to(torch.float32) * qw.q.outer
+        # X^ and W^ from the decode (a kernel of its own on CUDA): under torch.compile a product computed next to
+        # the subtraction could be fused into an FMA, and the residual would lose the forward's exact X^.
+        deq_x, deq_w = dispatch.dequantize(qx.q, in_features), dispatch.dequantize(qw.q, in_features)
         r_x, r_w = x.to(torch.float32) - deq_x, weight.to(torch.float32) - deq_w
         scores.append(r_x.abs().mean(0) + r_w.abs().mean(0))
         va, oa = _residual_operand(r_x[:, index], recipe.fwd_x, fmt, qx.values.dtype)
