@@ -279,3 +279,16 @@ def test_gpu_probe_under_autocast_leaves_training_unchanged():
     for a, b in zip(base.state_dict().values(), watched.state_dict().values()):
         assert torch.equal(a, b)
     assert {r["step"] for r in monitor.rows} == {0, 2}
+
+
+def test_tensorboard_logger_or_a_clear_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the tensorboard package"):
+            NumericsMonitor(_Net(), recipe="nvidia", tensorboard=tmp_path / "tb")
+        return
+    net = _Net()
+    monitor = NumericsMonitor(net, recipe="nvidia", tensorboard=tmp_path / "tb")
+    monitor.step(lambda m: m(torch.randn(16, 64)).sum())
+    assert any((tmp_path / "tb").iterdir())  # an events file with the scalars
