@@ -119,7 +119,9 @@ class NumericsMonitor:
         tensorboard: a log directory for ``torch.utils.tensorboard.SummaryWriter``.
 
     Call :meth:`step` once per optimizer step, after it, with ``loss_fn(module) -> loss`` computing the step's
-    loss on the module it is given (``lambda m: m(**batch).loss``).
+    loss on the module it is given (``lambda m: m(**batch).loss``). Under DDP one rank may probe alone (the probe
+    calls the module inside the DDP wrapper); under FSDP every rank must call :meth:`step`, since the probe's
+    forward all-gathers the sharded weights.
     """
 
     def __init__(
