@@ -282,6 +282,11 @@ def _add_bench_parser(commands) -> None:
         "--recipes", type=_recipe_list, default=RECIPES, help=f"comma-separated recipes (default {','.join(RECIPES)})"
     )
     b.add_argument("--no-baseline", action="store_true", help="skip the compiled fake-quant baseline")
+    b.add_argument(
+        "--compiled", action="store_true",
+        help="time every variant under torch.compile (bf16 F.linear too; the NVFP4 ops then run as Inductor-launched "
+        "kernels) instead of eagerly",
+    )  # fmt: skip
 
 
 def _add_explain_parser(commands) -> None:
@@ -386,7 +391,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     env = environment("cuda")
     print(f"{env['device_name']}, torch {env['torch']}", flush=True)
-    rows, _ = run_linear_bench(args.recipes, baseline=not args.no_baseline)
+    rows, _ = run_linear_bench(args.recipes, baseline=not args.no_baseline, compiled=args.compiled)
     print(format_table(HEADER, rows))
     return 0
 
