@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .eligibility import FLOAT_DTYPES, why_not_nvfp4
 from .outlier_channels import HotChannelPatch, HotState, OutlierState, observe, state_type, update_hot
 from .recipe import Recipe
+from .shared_quantization import flattened
 
 __all__ = ["nvfp4_linear"]
 
@@ -97,7 +98,7 @@ def nvfp4_linear(
         return F.linear(x, weight, bias)
     from . import ops  # noqa: F401  (registers the fp4compile:: ops on first use)
 
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = flattened(x)  # one view per traced x: linears reading the same x share its quantization
     if recipe.outliers is None:
         if outlier_state is not None:
             raise ValueError(f"nvfp4_linear: recipe {recipe.name!r} has no outliers option; pass no outlier_state")

@@ -28,6 +28,7 @@ from .format import NVFP4, dge_derivative, scaled_values
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
+from .shared_quantization import shared_operand, transposed
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
 
@@ -110,9 +111,14 @@ def signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tenso
 
 
 def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
-    """Quantize ``x`` (2-D, shape already valid for ``spec``) with its GEMM values."""
-    seed = stream_seed(x.device) if spec.stochastic else None
-    return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
+    """Quantize ``x`` (2-D, shape already valid for ``spec``) with its GEMM values (once per traced ``x`` for a
+    deterministic quantization: ``shared_quantization.py``)."""
+
+    def quantize() -> Operand:
+        seed = stream_seed(x.device) if spec.stochastic else None
+        return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
+
+    return shared_operand(x, spec, signs, quantize)
 
 
 def restore(codes, scale_bits, outer, spec: QuantSpec, signs=None) -> NVFP4:
@@ -168,7 +174,7 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     else:
         t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
         wgrad_signs = signs_for(recipe.wgrad_x, x.device, None)
-        saved_x = quantize_operand(pad_cols(x.T, t_p), recipe.wgrad_x, wgrad_signs).q
+        saved_x = quantize_operand(pad_cols(transposed(x), t_p), recipe.wgrad_x, wgrad_signs).q
         if recipe.wgrad_x.random_signs:
             signs = wgrad_signs
     if _saves_weight(recipe):

@@ -52,6 +52,19 @@ _TRACE = textwrap.dedent(
                 others += 1
         return launches, others
 
+    if recipe.startswith("shared:"):  # three linears reading one activation [4, 64, d_in]
+        from fp4compile.linear import nvfp4_linear
+
+        recipe = recipe.split(":")[1]
+        with FakeTensorMode():
+            x = torch.empty(4, 64, d_in, device="cuda", dtype=torch.bfloat16)
+            ws = [torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+        def three(x, *ws):
+            return [nvfp4_linear(x, w, None, recipe) for w in ws]
+
+        print(json.dumps({"forward": summary(make_fx(dispatch_functionalize(three), tracing_mode="fake")(x, *ws))}))
+        sys.exit(0)
     with FakeTensorMode() as mode:
         x = torch.empty(tokens, d_in, device="cuda", dtype=torch.bfloat16)
         w = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
@@ -82,15 +95,20 @@ def _listing(part) -> str:
 class TestCudaDecomposition(TestCase):
     def test_nvidia(self):
         graphs = _trace("nvidia")
-        self.assertExpectedInline(_listing(graphs["forward"]), """\
+        self.assertExpectedInline(
+            _listing(graphs["forward"]),
+            """\
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v3.default
 _nvfp4_quantize_kernel(MODE=0)
-_nvfp4_quantize_kernel(MODE=1)""")
-        self.assertExpectedInline(_listing(graphs["backward"]), """\
+_nvfp4_quantize_kernel(MODE=1)""",
+        )
+        self.assertExpectedInline(
+            _listing(graphs["backward"]),
+            """\
 _decode_kernel
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
@@ -98,15 +116,21 @@ fp4compile.gemm_v3.default
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""")
+fp4compile.gemm_v3.default""",
+        )
 
     def test_tetrajet_v2(self):
         graphs = _trace("tetrajet_v2")
-        self.assertExpectedInline(_listing(graphs["forward"]), """\
+        self.assertExpectedInline(
+            _listing(graphs["forward"]),
+            """\
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""")
-        self.assertExpectedInline(_listing(graphs["backward"]), """\
+fp4compile.gemm_v3.default""",
+        )
+        self.assertExpectedInline(
+            _listing(graphs["backward"]),
+            """\
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
@@ -114,7 +138,81 @@ fp4compile.gemm_v3.default
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""")
+fp4compile.gemm_v3.default""",
+        )
+
+
+class TestSharedQuantization(TestCase):
+    def test_q_k_v_quantize_their_input_once(self):
+        """nvidia: X (RTN) and X^T (TE's fixed RHT-16, RTN) are quantized by the first linear only; the others
+        quantize their weights (and copy the saved X^T quantization: op outputs must not alias)."""
+        self.assertExpectedInline(
+            _listing(_trace("shared:nvidia")["forward"]),
+            """\
+aten.amax.default
+_nvfp4_quantize_kernel(MODE=1)
+aten.amax.default
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+_nvfp4_quantize_kernel(MODE=0)
+_nvfp4_quantize_kernel(MODE=1)
+aten.amax.default
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default
+aten.amax.default
+_nvfp4_quantize_kernel(MODE=1)
+fp4compile.gemm_v3.default""",
+        )
+
+    def test_tetrajet_v2_quantizes_x_once(self):
+        launches = _trace("shared:tetrajet_v2")["forward"][0]  # double-block RTN forward: X once, W three times
+        assert launches.count("_nvfp4_quantize_kernel(MODE=1)") == 4
+        assert launches.count("fp4compile.gemm_v3.default") == 3
+
+
+def test_only_deterministic_quantizations_of_an_unchanged_traced_tensor_are_shared():
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fp4compile.format import quantize_reference
+    from fp4compile.gemm import Operand
+    from fp4compile.shared_quantization import shared_operand
+    from fp4compile.spec import QuantSpec
+
+    rtn, sr = QuantSpec.named("rtn"), QuantSpec.named("sr")
+    calls, seen = [], {}
+
+    def quantize(x, spec):
+        calls.append(spec.rounding)
+        q = quantize_reference(x, spec, seed=1 if spec.stochastic else None)
+        return Operand(q, q.dequantize())
+
+    def traced(x):
+        seen["a"] = shared_operand(x, rtn, None, lambda: quantize(x, rtn))
+        seen["b"] = shared_operand(x, rtn, None, lambda: quantize(x, rtn))
+        shared_operand(x, sr, None, lambda: quantize(x, sr))
+        shared_operand(x, sr, None, lambda: quantize(x, sr))
+        shared_operand(x, rtn, torch.ones(16), lambda: quantize(x, rtn))  # signs given: its own draw
+        x.mul_(2)
+        seen["c"] = shared_operand(x, rtn, None, lambda: quantize(x, rtn))  # changed in place: quantized again
+        return seen["c"].q.outer
+
+    make_fx(dispatch_functionalize(traced), tracing_mode="fake")(torch.randn(32, 64))
+    assert calls == ["rtn", "sr", "sr", "rtn", "rtn"]
+    a, b = seen["a"], seen["b"]
+    assert b.values is a.values and b.q.codes is not a.q.codes  # a reuse: the packed tensors are copies
+
+    class OtherMode(TorchDispatchMode):  # a real tensor under someone else's dispatch mode: never remembered
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    x = torch.randn(32, 64)
+    with OtherMode():
+        for _ in range(2):
+            shared_operand(x, rtn, None, lambda: quantize(x, rtn))
+    assert calls == ["rtn", "rtn"] and "_fp4compile_shared" not in x.__dict__
 
 
 # (Recipes whose ops slice a functional CUDA tensor, OCC's among them, do not trace in a CPU-only torch build.)

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.library import wrap_triton
 
-__all__ = ["launcher", "tracing"]
+from ..tracing import tracing
 
-
-def tracing() -> bool:
-    """Whether a torch dispatch mode is active (AOTAutograd's functionalization, fake tensors, ``make_fx``)."""
-    return torch._C._len_torch_dispatch_stack() > 0
+__all__ = ["launcher"]
 
 
 def launcher(kernel: Any) -> Any:
