@@ -2,7 +2,7 @@
 
 Linears that read the same activation (q/k/v projections, gate/up) quantize it with the same forward
 quantizer, and, under ``nvidia``, X^T with the same wgrad quantizer. While AOTAutograd traces the
-``fp4compile::`` ops (``kernels/launch.py``: a torch dispatch mode is active) every such tensor is one traced
+``fp4compile::`` ops (``tracing.py``: a torch dispatch mode is active) every such tensor is one traced
 object passed to each op, so a deterministic quantization of it (no random seed, no random signs) can be
 remembered on that object and reused: the compiled graph then quantizes it once. The result is the same by
 construction (a deterministic quantizer gives the same bits for the same input); the tensors an op returns
