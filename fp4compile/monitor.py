@@ -32,10 +32,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .eligibility import LayerFilter, SkipRule
-from .operand_stats import STATS, operand_stats
+from .operand_stats import STATS, operand_stats, quantize_padded
 from .osci_layers import quantized_linears, unwrap_model
 from .recipe import SLOTS, Recipe
 from .spec import QuantSpec
@@ -52,17 +51,10 @@ def _cast_like_forward(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
 def _dequantized(t: torch.Tensor, spec: QuantSpec, k_multiple: int) -> torch.Tensor:
     """``t`` [rows, K] quantized along K as the forward does (K zero-padded to ``k_multiple``), dequantized."""
-    from .quantize import quantize
-
     rows, k = t.shape
-    padded = F.pad(t, (0, _round_up(k, k_multiple) - k, 0, _round_up(rows, spec.row_multiple) - rows))
-    return quantize(padded, spec, validate=False).dequantize(torch.float32)[:rows, :k]
+    return quantize_padded(t, spec, k_multiple).dequantize(torch.float32)[:rows, :k]
 
 
 def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional[torch.Tensor]) -> dict:

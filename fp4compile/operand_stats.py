@@ -22,13 +22,17 @@ multiple, rows of 16x16 tiles) is quantized with the operand and left out of eve
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from .format import NVFP4
+from .linear_gemms import round_up
 from .quantize import quantize
 from .spec import QuantSpec
 
-__all__ = ["STATS", "operand_stats"]
+__all__ = ["STATS", "operand_stats", "quantize_padded"]
 
 #: The statistics of :func:`operand_stats`, in the order they are reported.
 STATS = (
@@ -48,14 +52,19 @@ _E2M1_MAGNITUDE = 0x7
 _E2M1_SIX = 0x7
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
 def _fraction(mask: torch.Tensor, of: torch.Tensor = None) -> torch.Tensor:
     if of is None:
         return mask.to(torch.float32).mean()
     return (mask & of).sum().to(torch.float32) / of.sum().clamp_min(1).to(torch.float32)
+
+
+def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] = None) -> NVFP4:
+    """``t`` [rows, K] quantized by ``spec`` as a GEMM operand is: zero-padded along K to ``k_multiple`` (default
+    the spec's own) and along the rows to the spec's row multiple (16x16 tiles)."""
+    rows, k = t.shape
+    k_multiple = k_multiple or spec.k_multiple
+    padded = F.pad(t, (0, round_up(k, k_multiple) - k, 0, round_up(rows, spec.row_multiple) - rows))
+    return quantize(padded, spec, validate=False)
 
 
 def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, torch.Tensor]:
@@ -66,23 +75,22 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
     rows, k = t.shape
-    padded = F.pad(t, (0, _round_up(k, spec.k_multiple) - k, 0, _round_up(rows, spec.row_multiple) - rows))
-    q = quantize(padded, spec, validate=False)
+    q = quantize_padded(t, spec)
     x = t.to(torch.float32)
+    magnitude, column_sq = x.abs(), x.square().sum(0)
     error = (x - q.dequantize(torch.float32)[:rows, :k]).square().sum()
-    snr_db = 10 * torch.log10(x.square().sum() / error)
+    total = column_sq.sum()
+    snr_db = 10 * torch.log10(total / error)
 
     blocks = (k + 15) // 16
     scale_bits = q.scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
-    block_max = F.pad(x.abs(), (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
+    block_max = F.pad(magnitude, (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
     codes = q.codes[:rows].to(torch.int32)
     nibbles = torch.stack([codes & 0xF, codes >> 4], -1).flatten(1)[:, :k]
 
-    column_sq = x.square().sum(0)
     chosen = torch.topk(column_sq, min(top, k))
-    total = column_sq.sum()
     return {
-        "amax": x.abs().amax(),
+        "amax": magnitude.amax(),
         "snr_db": snr_db,
         "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
         "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
