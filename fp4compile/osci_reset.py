@@ -254,12 +254,12 @@ class OsciReset:
             if self.memory_efficient:
                 index_size = 4 if layer.numel < 2**31 else 8
                 total += sample_size(layer.numel, self.sample_fraction) * (index_size + itemsize + 12)
+            elif isinstance(Recipe.named(layer.recipe).outliers, OutControl):  # Q(previous weight) in FP32
+                total += layer.numel * (itemsize + 8 + 4)
             else:
                 rows = layer.param.shape[0]
                 packed = rows * layer.k_padded // 2 + rows * layer.k_padded // 16
                 packed += 4 * rows * layer.k_padded // 128 if layer.spec.outer == "block128" else 4
-                if isinstance(Recipe.named(layer.recipe).outliers, OutControl):
-                    packed = 4 * layer.numel  # Q(previous weight) held in FP32 (see the module docstring)
                 total += layer.numel * (itemsize + 8) + packed
         return total
 
