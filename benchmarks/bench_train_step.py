@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Union
 
 import torch
 
@@ -30,23 +31,28 @@ MODELS = {
 }
 
 
-def _model(kind: str):
+def _model(kind: str, layers: Union[int, None] = None):
     import transformers
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+        config = transformers.GPT2Config(
+            n_layer=layers or 12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024
+        )
         return transformers.GPT2LMHeadModel(config).cuda()
     config = transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 8, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).cuda()
 
 
-def make_step(recipe: str, batch: int, mode: str = "default", kind: str = "gpt2"):
-    """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4")."""
-    model = _model(kind)
+def make_step(recipe: str, batch: int, mode: str = "default", kind: str = "gpt2", layers: Union[int, None] = None):
+    """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4").
+
+    ``layers`` overrides the model's number of transformer blocks (default: the model's own).
+    """
+    model = _model(kind, layers)
     seq = MODELS[kind][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if recipe == "bf16":

@@ -19,6 +19,7 @@ from .spec import QuantSpec
 __all__ = [
     "dequantize",
     "dequantize_transposed",
+    "decomposes",
     "gemm",
     "gemm_values",
     "on_triton",
@@ -31,6 +32,17 @@ __all__ = [
 def on_triton(t: torch.Tensor) -> bool:
     """Whether work on ``t`` runs in the Triton kernels (CUDA tensors) rather than the reference."""
     return t.is_cuda
+
+
+def decomposes(t: torch.Tensor, recipe) -> bool:
+    """Whether a quantized linear op on ``t`` under ``recipe`` is traced into the compiled graph (its kernels
+    launched by Inductor, its torch ops fused) rather than kept as one opaque op that runs eagerly.
+
+    CUDA tensors decompose, except under Wang et al.'s layout (``recipe.fp8_backward``): its per-row scales
+    divide, and Inductor's CUDA division is approximate (``div.full``) and fused, so the compiled op would not
+    give the eager op's bits; kept opaque, it runs the same kernels and torch ops as in eager mode.
+    """
+    return on_triton(t) and not recipe.fp8_backward
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:

@@ -54,6 +54,7 @@ __all__ = [
     "e2m1_decode",
     "e4m3_rne",
     "e4m3_sr",
+    "bf16_rne",
     "pack_nibbles",
     "unpack_nibbles",
     "fwht",
@@ -186,6 +187,18 @@ def e4m3_sr(r: torch.Tensor, bits20: torch.Tensor) -> torch.Tensor:
     low = t.floor()
     up = bits20.to(torch.float32) < (t - low) * 1048576.0
     return (low + up.to(torch.float32)) * q
+
+
+# ----------------------------------------------------------------------------- BF16
+def bf16_rne(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to nearest-even bf16, as FP32 values: the cast ``x.to(bfloat16).float()`` computed with
+    integer operations on the FP32 bits, so that no compiler can drop the rounding (Inductor elides a
+    downcast-upcast pair it fuses) or move it. Overflow rounds to infinity and NaN stays NaN, as in the cast."""
+    bits = x.to(torch.float32).view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    rounded = (magnitude + (0x7FFF + ((magnitude >> 16) & 1))) & 0x7FFF0000
+    rounded = torch.where(magnitude > 0x7F800000, magnitude, rounded)  # NaN: unchanged
+    return torch.where(bits < 0, rounded | -0x80000000, rounded).view(torch.float32)
 
 
 # ----------------------------------------------------------------------------- sums and rotations

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from .format import bf16_rne
+
 __all__ = ["MXFP8", "bf16_gemm_operand", "mxfp8_gemm_operand", "quantize_mxfp8"]
 
 _E4M3_MAX = 448.0
@@ -81,7 +83,7 @@ def bf16_gemm_operand(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` rounded to bf16, as fp16 values [rows, K] and FP32 outer scales [rows, K/128]: per 1x128 block the
     power of two ``2**E`` that puts its largest magnitude in [2**14, 2**15). Exact for every element at least
     2**-32 of its block's largest (bf16's 8 significant bits fit fp16's 11 down to fp16's 2**-24)."""
-    b = x.to(torch.bfloat16).to(torch.float32)
+    b = bf16_rne(x)
     rows, k = b.shape
     if k % _OUTER_BLOCK:
         raise ValueError(f"the GEMM's outer scales are per 1x128 block: K={k} must be a multiple of 128")

@@ -13,8 +13,9 @@ Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own co
 AOTAutograd traces it (``kernels/launch.py``), so that under
 ``torch.compile`` the op decomposes into the quantize and decode kernels (launched by Inductor's generated
 code), the opaque GEMM op (``kernels/gemm_op.py``) and ordinary ops that Inductor fuses with their
-neighbours. Elsewhere (the reference on the CPU) the body calls ``<name>_reference_v3``, an opaque
-custom op: the reference draws its Philox seed on the host and must not be traced or recompiled.
+neighbours. Elsewhere (the reference on the CPU; Wang et al.'s layout, see ``dispatch.decomposes``) the body
+calls ``<name>_reference_v3``, an opaque custom op: the reference draws its Philox seed on the host and must not
+be traced or recompiled.
 
 The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this
 module registers the ops; ``import fp4compile`` alone does not import it.
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import hcp_gemms, outcontrol_gemms
-from .dispatch import on_triton
+from .dispatch import decomposes
 from .linear_gemms import linear_backward, linear_forward, saved_shapes
 from .recipe import Recipe
 from .schema import SCHEMA_VERSION, op_name
@@ -52,8 +53,9 @@ _SAVED_DTYPES = (
 
 def _device_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator: ``impl`` becomes the triton op ``fp4compile::<name>`` (its CUDA body) and the opaque custom op
-    ``fp4compile::<name>_reference`` (what the triton op calls for tensors off CUDA, faked by ``fake``). ``impl``
-    runs with autocast off: exact numerics, no op inside may be autocast."""
+    ``fp4compile::<name>_reference`` (what the triton op calls where it does not decompose: tensors off CUDA, and
+    the recipes ``dispatch.decomposes`` names; faked by ``fake``). ``impl`` runs with autocast off: exact
+    numerics, no op inside may be autocast."""
 
     def define(impl: Callable) -> Callable:
         @functools.wraps(impl)
@@ -66,7 +68,8 @@ def _device_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 
         @functools.wraps(impl)
         def body(*args):
-            return exact(*args) if on_triton(args[0]) else reference(*args)
+            recipe = Recipe.named(next(a for a in args if isinstance(a, str)))
+            return exact(*args) if decomposes(args[0], recipe) else reference(*args)
 
         return torch.library.triton_op(op_name(name), body, mutates_args=())
 

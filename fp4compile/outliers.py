@@ -22,6 +22,8 @@ from fractions import Fraction
 
 import torch
 
+from .format import bf16_rne
+
 __all__ = [
     "OutlierClamping",
     "clamp_outliers",
@@ -132,7 +134,7 @@ def _rounded(t: torch.Tensor, residual: str) -> torch.Tensor:
     """``t`` rounded to the residual precision, as FP32 values."""
     t = t.float()
     if residual == "bf16":
-        return t.to(torch.bfloat16).float()
+        return bf16_rne(t)
     amax = t.abs().amax()
     scale = torch.where(amax > 0, amax / _E4M3_MAX, 1.0)
     return (t / scale).to(torch.float8_e4m3fn).float() * scale

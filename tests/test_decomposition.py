@@ -18,6 +18,7 @@ from expecttest import TestCase
 from testing import requires_gpu
 
 from fp4compile.linear import nvfp4_linear
+from fp4compile.schema import op_name
 
 _TRACE = textwrap.dedent(
     """
@@ -227,6 +228,15 @@ def test_every_cuda_launch_is_traced_and_nothing_syncs(recipe):
         assert not any("reference" in op or "linear" in op for op in launches), launches
         assert sum("gemm" in op for op in launches) == (1 if part == "forward" else 2), launches
         assert any(op.startswith("_nvfp4_quantize_kernel") for op in launches), launches
+
+
+def test_wang_layout_stays_one_opaque_op_on_cuda():
+    """Wang et al.'s per-row scales divide, and Inductor's CUDA division is approximate: its op is not
+    decomposed but calls the opaque reference op, which runs the eager code (compiled == eager by construction)."""
+    graphs = _trace("fp4_dge_occ")
+    opaque = lambda name: op_name(name).replace("::", ".") + ".default"  # noqa: E731
+    assert graphs["forward"][0] == [opaque("linear_reference")]
+    assert graphs["backward"][0] == [opaque("linear_backward_reference")]
 
 
 # ----------------------------------------------------------------------------- GPU

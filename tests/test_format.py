@@ -20,6 +20,7 @@ from fp4compile.format import (
     E2M1_VALUES,
     NVFP4,
     TE_RHT_SIGNS,
+    bf16_rne,
     block_random_bits,
     dequantize,
     e2m1_decode,
@@ -739,3 +740,20 @@ def test_e2m1_round_is_the_decoded_rne_code_sign_of_zero_included():
     v = torch.cat([v, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
     got, want = e2m1_round(v), e2m1_decode(e2m1_rne(v))
     assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_bf16_rne_equals_the_cast_on_every_kind_of_float32_and_survives_inductor():
+    """Integer RNE to bf16 gives the cast's bits (normals, subnormals, ties, overflow to inf, signed zeros) and
+    Inductor, which drops a fused ``.to(bfloat16).float()`` pair, keeps it."""
+    torch.manual_seed(0)
+    patterns = torch.randint(-(2**31), 2**31, (300_000,), dtype=torch.int64).to(torch.int32).view(torch.float32)
+    ties = (torch.arange(-2000, 2000, dtype=torch.int32) * 0x10000 + 0x8000).view(torch.float32)  # halfway cases
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38, float("inf"), -float("inf")])
+    x = torch.cat([patterns, ties, special])
+    want, got = x.to(torch.bfloat16).float(), bf16_rne(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+    y = torch.randn(4096) * 1e-3
+    assert not torch.equal(torch.compile(lambda t: t.to(torch.bfloat16).float() * 3)(y), y.bfloat16().float() * 3)
+    assert torch.equal(torch.compile(lambda t: bf16_rne(t) * 3)(y), bf16_rne(y) * 3)

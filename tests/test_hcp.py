@@ -71,6 +71,22 @@ def test_forward_is_construction_a_and_the_scores_choose_the_next_hot_channels(r
     assert torch.equal(dx, dx_plain) and torch.equal(dw, dw_plain)
 
 
+@pytest.mark.parametrize("residual", ["bf16", "nvfp4"])
+def test_the_patch_graph_compiled_by_inductor_gives_the_eager_bits(residual):
+    """The torch ops around the kernels (residuals, bf16 residual columns, outer scales) are what Inductor fuses
+    on CUDA; compiled by Inductor (here for the CPU) they must keep every rounding of the eager code (a fused
+    ``.to(bfloat16).float()`` pair is dropped by Inductor: the bf16 columns round with integer ops)."""
+    from fp4compile.hcp_gemms import linear_forward
+
+    recipe, (x, w) = _recipe(residual=residual), _data()
+    index = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:16]
+    forward = lambda x, w: linear_forward(x, w, None, index, recipe)  # noqa: E731
+    eager, compiled = forward(x, w), torch.compile(forward, fullgraph=True)(x, w)
+    assert torch.equal(compiled[0], eager[0])
+    # the channel scores are mean reductions, whose summation order is Inductor's own: equal to FP32 rounding
+    torch.testing.assert_close(compiled[-1], eager[-1], rtol=1e-6, atol=0)
+
+
 def test_rescoring_happens_every_period_and_the_patch_lowers_the_error():
     recipe, (x, w) = _recipe(period=3), _data()
     other = _data(seed=3)[0]
