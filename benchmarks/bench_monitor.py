@@ -1,6 +1,7 @@
 """What ``fp4compile.NumericsMonitor`` costs a training run: the probe's time against the step's.
 
-Run on a GPU:  python -m benchmarks.bench_monitor [--model llama|gpt2] [--recipe nvidia] [--every 100] [--out DIR]
+Run on a GPU:  python -m benchmarks.bench_monitor [--model llama|gpt2] [--layers N] [--recipe nvidia] [--every 100]
+               [--out DIR]
 
 The model and step are ``bench_train_step``'s (``backend="nvfp4"``, default mode). Measured: the median step
 without the monitor, the median of the monitor's off-steps (``monitor.step`` that only counts) and of its probes,
@@ -36,11 +37,12 @@ def main() -> None:
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
     parser.add_argument("--recipe", default="nvidia")
     parser.add_argument("--every", type=int, default=100, help="steps between probes")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the model's own)")
     parser.add_argument("--out", default="out", help="directory for bench_monitor.json / .md")
     args = parser.parse_args()
     env = gpu_environment("bench_monitor")
     seq, batch, description = MODELS[args.model]
-    model, step = make_step(args.recipe, batch, "default", args.model)
+    model, step = make_step(args.recipe, batch, "default", args.model, layers=args.layers)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def loss_fn(module):
@@ -56,12 +58,13 @@ def main() -> None:
     monitor.steps = 1
     off_ms = _median_ms(lambda: monitor.step(loss_fn), 50)
     overhead = (probe_ms + (args.every - 1) * off_ms) / (args.every * step_ms)
-    record = dict(model=args.model, recipe=args.recipe, every=args.every, step_ms=step_ms, probe_ms=probe_ms,
-                  off_step_ms=off_ms, overhead=overhead, layers=len(monitor.layers()))  # fmt: skip
+    record = dict(model=args.model, blocks=args.layers, recipe=args.recipe, every=args.every, step_ms=step_ms,
+                  probe_ms=probe_ms, off_step_ms=off_ms, overhead=overhead, layers=len(monitor.layers()))  # fmt: skip
     print(record)
     write_json(f"{args.out}/bench_monitor.json", dict(env=env, results=[record]))
     with open(f"{args.out}/bench_monitor.md", "w") as f:
-        f.write(f"{environment_line(env)}; {description}, batch {batch} x {seq}, recipe {args.recipe}\n\n")
+        blocks = f", run with {args.layers} blocks" if args.layers else ""
+        f.write(f"{environment_line(env)}; {description}{blocks}, batch {batch} x {seq}, recipe {args.recipe}\n\n")
         f.write("| step ms | probe ms | off-step ms | overhead at every=" + f"{args.every} |\n|---|---|---|---|\n")
         f.write(f"| {step_ms:.1f} | {probe_ms:.1f} | {off_ms:.4f} | {100 * overhead:.2f} % |\n")
 

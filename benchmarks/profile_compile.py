@@ -3,10 +3,9 @@
 Run on a GPU:  python -m benchmarks.profile_compile [--model llama] [--layers 2] [--recipe nvidia] [--out DIR]
 
 The first optimizer step of ``bench_train_step``'s model (fewer blocks with ``--layers``) runs under
-cProfile. Reported: the wall time, the cumulative time of the phases that dominate a compile (Dynamo,
-AOTAutograd, Inductor lowering and code generation, Triton compilation, and the TTIR generation that
-``torch.library.triton_op`` tracing runs per kernel launch for its mutation analysis) with their call
-counts, and the top functions by cumulative time.
+cProfile. Reported: the wall time; how often torch analysed a Triton launch for its mutations (generating the
+kernel's Triton IR each time), compiled a Triton kernel and ran Inductor; the profiled time by the library
+that spends it; and the top functions by own time (``--out`` also keeps the raw profile).
 """
 
 from __future__ import annotations
@@ -22,32 +21,46 @@ import torch
 
 from benchmarks.bench_train_step import make_step
 
-#: (label, file suffix, function name): the phases summed in the report.
-PHASES = [
-    ("Dynamo frame conversion", "_dynamo/convert_frame.py", "_compile"),
-    ("AOTAutograd + Inductor (whole)", "_functorch/aot_autograd.py", "aot_module_simplified"),
+#: (label, file suffix, function name): functions whose calls are counted (cProfile's call counts are exact;
+#: its cumulative times are not, since Dynamo's frame evaluation hides the outer frames).
+CALLS = [
+    ("launch analyses asked for (fp4compile memo)", "fp4compile/launch_analysis.py", "analyse"),
+    ("Triton mutation analyses", "_higher_order_ops/triton_kernel_wrap.py", "identify_accessed_tensors"),
+    ("Triton mutation analyses (older torch)", "_higher_order_ops/triton_kernel_wrap.py", "identify_mutated_tensors"),
+    ("TTIR generations", "_higher_order_ops/triton_kernel_wrap.py", "generate_ttir"),
+    ("Triton compilations", "triton/compiler/compiler.py", "compile"),
     ("Inductor compile_fx_inner", "_inductor/compile_fx.py", "compile_fx_inner"),
-    ("Inductor lowering (GraphLowering.run)", "_inductor/graph.py", "run"),
-    ("Inductor scheduler + codegen", "_inductor/graph.py", "codegen"),
-    ("TTIR for mutation analysis", "_higher_order_ops/triton_kernel_wrap.py", "generate_ttir"),
-    ("  of which get_mutated_tensors", "_higher_order_ops/triton_kernel_wrap.py", "get_mutated_tensors"),
-    ("Triton make_ir", "triton/compiler/compiler.py", "make_ir"),
-    ("Triton compile (to cubin)", "triton/compiler/compiler.py", "compile"),
-    ("fp4compile FX pass", "fp4compile/backend.py", "nvfp4_backend"),
+]
+
+#: (label, path fragment): where the time is spent, by the file that spends it (cProfile's own time).
+AREAS = [
+    ("Triton (front end, compiler)", ("/triton/",)),
+    ("Inductor", ("/torch/_inductor/",)),
+    ("Dynamo", ("/torch/_dynamo/",)),
+    ("AOTAutograd", ("/torch/_functorch/",)),
+    ("FX, fake tensors, functionalization", ("/torch/fx/", "/torch/_subclasses/", "/torch/_higher_order_ops/")),
+    ("sympy", ("/sympy/",)),
+    ("fp4compile", ("/fp4compile/",)),
 ]
 
 
-def phase_table(stats: pstats.Stats) -> list[tuple[str, int, float]]:
-    """(label, calls, cumulative seconds) of each phase in ``PHASES`` found in ``stats``."""
-    rows = []
-    for label, suffix, name in PHASES:
-        calls, seconds = 0, 0.0
-        for (filename, _, function), (_, ncalls, _, cumtime, _) in stats.stats.items():
-            if function == name and filename.endswith(suffix):
-                calls += ncalls
-                seconds = max(seconds, cumtime)  # recursive entries repeat the outer time
-        rows.append((label, calls, seconds))
-    return rows
+def phase_table(stats: pstats.Stats) -> list[str]:
+    """Lines: the call counts of ``CALLS`` and the own time of each of ``AREAS`` (the rest: "other")."""
+    lines = []
+    for label, suffix, name in CALLS:
+        calls = sum(v[1] for (f, _, fn), v in stats.stats.items() if fn == name and f.endswith(suffix))
+        lines.append(f"{label:40s} {calls:8d} calls")
+    totals = {label: 0.0 for label, _ in AREAS}
+    other = 0.0
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        label = next((lb for lb, fragments in AREAS if any(p in filename for p in fragments)), None)
+        if label is None:
+            other += tottime
+        else:
+            totals[label] += tottime
+    lines += [f"{label:40s} {seconds:8.1f} s own time" for label, seconds in totals.items()]
+    lines.append(f"{'other (builtins, Python, the rest)':40s} {other:8.1f} s own time")
+    return lines
 
 
 def main() -> None:
@@ -68,14 +81,15 @@ def main() -> None:
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream)
     lines = [f"first step of {args.model} ({args.layers} blocks), {args.recipe}: {wall:.1f} s wall", ""]
-    lines += [f"{label:34s} {calls:7d} calls {seconds:8.1f} s" for label, calls, seconds in phase_table(stats)]
-    stats.sort_stats("cumulative").print_stats(args.rows)
+    lines += phase_table(stats)
+    stats.sort_stats("tottime").print_stats(args.rows)
     report = "\n".join(lines) + "\n\n" + stream.getvalue()
     print(report)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(f"{args.out}/profile_compile_{args.recipe}.txt", "w") as f:
             f.write(report)
+        stats.dump_stats(f"{args.out}/profile_compile_{args.recipe}.prof")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .eligibility import LayerFilter, warn_unmatched_patterns
+from .launch_analysis import memoized_launch_analysis
 from .nn import NVFP4Linear
 from .passes import MatmulRecord, ModuleNames, RewriteReport, nvfp4_op_recipes, rewrite_matmuls
 from .passes.report import INELIGIBLE
@@ -164,13 +165,15 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: B
     if options.inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
-        return aot_eager(gm, example_inputs)
+        with memoized_launch_analysis():
+            return aot_eager(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(options.mode)) if options.mode not in (None, "default") else {}
     patches["post_grad_custom_post_pass"] = _CodeVersionPass()
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    with memoized_launch_analysis():
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 class _CodeVersionPass(CustomGraphPass):

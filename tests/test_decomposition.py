@@ -53,10 +53,13 @@ _TRACE = textwrap.dedent(
                 others += 1
         return launches, others
 
-    if recipe.startswith("shared:"):  # three linears reading one activation [4, 64, d_in]
+    if recipe.startswith(("shared:", "memo:")):  # three linears reading one activation [4, 64, d_in]
+        import contextlib
+        from fp4compile.launch_analysis import memoized_launch_analysis
         from fp4compile.linear import nvfp4_linear
 
-        recipe = recipe.split(":")[1]
+        memoized = recipe.startswith("memo:")  # torch's launch analysis memoized, as the backend compiles
+        recipe = recipe.split(":")[-1]
         with FakeTensorMode():
             x = torch.empty(4, 64, d_in, device="cuda", dtype=torch.bfloat16)
             ws = [torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -64,7 +67,9 @@ _TRACE = textwrap.dedent(
         def three(x, *ws):
             return [nvfp4_linear(x, w, None, recipe) for w in ws]
 
-        print(json.dumps({"forward": summary(make_fx(dispatch_functionalize(three), tracing_mode="fake")(x, *ws))}))
+        with memoized_launch_analysis() if memoized else contextlib.nullcontext({}) as memo:
+            forward = summary(make_fx(dispatch_functionalize(three), tracing_mode="fake")(x, *ws))
+        print(json.dumps({"forward": forward, "analysed": len(memo)}))
         sys.exit(0)
     with FakeTensorMode() as mode:
         x = torch.empty(tokens, d_in, device="cuda", dtype=torch.bfloat16)
@@ -169,6 +174,15 @@ fp4compile.gemm_v3.default""",
         launches = _trace("shared:tetrajet_v2")["forward"][0]  # double-block RTN forward: X once, W three times
         assert launches.count("_nvfp4_quantize_kernel(MODE=1)") == 4
         assert launches.count("fp4compile.gemm_v3.default") == 3
+
+    def test_the_backend_analyses_each_distinct_launch_once(self):
+        """With torch's launch analysis memoized (as ``backend.compile_rewritten`` does) the graph is unchanged and
+        6 kernel launches of three equal linears are analysed 4 times: X's quantization, the two passes of X^T's,
+        and W's (the same launch for the three weights)."""
+        plain, memoized = _trace("shared:nvidia"), _trace("memo:shared:nvidia")
+        assert memoized["forward"] == plain["forward"] and plain["analysed"] == 0
+        kernels = [op for op in plain["forward"][0] if op.startswith("_")]
+        assert (len(kernels), memoized["analysed"]) == (6, 4)
 
 
 def test_only_deterministic_quantizations_of_an_unchanged_traced_tensor_are_shared():
