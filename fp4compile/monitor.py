@@ -83,11 +83,30 @@ def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional
     return {s: t for s, t in found.items() if t is not None}
 
 
-def _plain(value: torch.Tensor) -> Any:
-    if value.dim() > 0:
-        return value.tolist()
-    number = value.item()
-    return None if isinstance(number, float) and not math.isfinite(number) else number
+def _finite_or_none(number: float) -> Optional[float]:
+    return number if math.isfinite(number) else None
+
+
+def _to_host(measured: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """The statistics of every operand as Python values (non-finite numbers as None), read from each device in
+    one transfer (one host synchronization per device, not one per statistic)."""
+    scalars = [stat for stat in STATS if stat != "top_channels"]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, stats in enumerate(measured):
+        by_device.setdefault(stats["amax"].device, []).append(i)
+    values: list[dict[str, Any]] = [{} for _ in measured]
+    for indices in by_device.values():
+        numbers = torch.stack([measured[i][stat].to(torch.float32) for i in indices for stat in scalars]).tolist()
+        channels = [measured[i]["top_channels"] for i in indices]
+        flat = torch.cat(channels).tolist()
+        offsets = [0]
+        for c in channels:
+            offsets.append(offsets[-1] + c.numel())
+        for n, i in enumerate(indices):
+            row = numbers[n * len(scalars) : (n + 1) * len(scalars)]
+            values[i] = {stat: _finite_or_none(v) for stat, v in zip(scalars, row)}
+            values[i]["top_channels"] = flat[offsets[n] : offsets[n + 1]]
+    return values
 
 
 def _csv_value(value: Any) -> Any:
@@ -244,9 +263,10 @@ class NumericsMonitor:
             for slot, operand in slot_operands(recipe, seen["x"], seen["w"], seen.get("dy")).items():
                 stats = operand_stats(operand, recipe.spec(slot), self.top_channels)
                 measured.append((fqn, slot, stats))
+        values = _to_host([stats for _, _, stats in measured])
         return [
-            {"step": step, "layer": fqn, "slot": slot, "stat": stat, "value": _plain(stats[stat])}
-            for fqn, slot, stats in measured
+            {"step": step, "layer": fqn, "slot": slot, "stat": stat, "value": value[stat]}
+            for (fqn, slot, _), value in zip(measured, values)
             for stat in STATS
         ]
 
