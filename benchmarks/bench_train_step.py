@@ -1,9 +1,9 @@
 """One optimizer step of a GPT-2-small or Llama-style model: torch.compile bf16 (Inductor) vs backend="nvfp4".
 
 Run on a GPU:  python -m benchmarks.bench_train_step [--model gpt2|llama] [--mode reduce-overhead] [--out DIR]
-               [--recipes nvidia,quartet_ii,tetrajet_v2]
+               [--recipes nvidia,quartet_ii,tetrajet_v2] [--regional]
 
-Models (Hugging Face configs, random weights, FP32 master weights under bf16 autocast, fused AdamW):
+Models (Hugging Face configs without KV cache, random weights, FP32 master weights under bf16 autocast, fused AdamW):
 - ``gpt2``: GPT-2 small (12 layers, d 768, 12 heads, vocab 50257, 124M parameters), batch 8 x 1024 tokens;
   the LM head (tied to the embedding) stays in bf16 under every recipe.
 - ``llama``: Llama-style, d_model 2048, SwiGLU 5632, 8 layers, 16 heads, vocab 32000, batch 4 x 2048 tokens.
@@ -37,28 +37,46 @@ def _model(kind: str, layers: Union[int, None] = None):
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(
-            n_layer=layers or 12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024
+            n_layer=layers or 12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, use_cache=False
         )
         return transformers.GPT2LMHeadModel(config).cuda()
     config = transformers.LlamaConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 8, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+        use_cache=False,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).cuda()
 
 
-def make_step(recipe: str, batch: int, mode: str = "default", kind: str = "gpt2", layers: Union[int, None] = None):
+def _blocks(model) -> torch.nn.ModuleList:
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def make_step(
+    recipe: str,
+    batch: int,
+    mode: str = "default",
+    kind: str = "gpt2",
+    layers: Union[int, None] = None,
+    regional: bool = False,
+):
     """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4").
 
-    ``layers`` overrides the model's number of transformer blocks (default: the model's own).
+    ``layers`` overrides the model's number of transformer blocks (default: the model's own). ``regional``
+    compiles each transformer block instead of the whole model (one compilation serves the identical blocks;
+    embeddings, final norm, LM head and loss run eagerly).
     """
     model = _model(kind, layers)
     seq = MODELS[kind][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    if recipe == "bf16":
-        compiled = torch.compile(model, mode=mode)
+    nvfp4 = dict(backend="nvfp4", options={"recipe": recipe, "mode": mode})
+    compile_kw = dict(mode=mode) if recipe == "bf16" else nvfp4
+    if regional:
+        for block in _blocks(model):
+            block.compile(**compile_kw)
+        compiled = model
     else:
-        compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "mode": mode})
+        compiled = torch.compile(model, **compile_kw)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
@@ -72,8 +90,8 @@ def make_step(recipe: str, batch: int, mode: str = "default", kind: str = "gpt2"
     return model, step
 
 
-def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str) -> dict:
-    model, step = make_step(recipe, batch, mode, kind)
+def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool = False) -> dict:
+    model, step = make_step(recipe, batch, mode, kind, regional=regional)
     first = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -107,13 +125,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8 gpt2, 4 llama)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--mode", default="default", help="torch.compile mode for every variant (e.g. reduce-overhead)")
+    parser.add_argument("--regional", action="store_true", help="compile each transformer block, not the whole model")
     args = parser.parse_args()
     env = gpu_environment("bench_train_step")
     seq, default_batch, description = MODELS[args.model]
     batch = args.batch or default_batch
     records = []
     for recipe in ["bf16", *args.recipes.split(",")]:
-        records.append(_measure(recipe, batch, warmup=5, steps=args.steps, mode=args.mode, kind=args.model))
+        records.append(_measure(recipe, batch, 5, args.steps, args.mode, args.model, args.regional))
         print(records[-1], flush=True)
         print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         torch._dynamo.reset()
@@ -128,13 +147,13 @@ def main() -> None:
         for r in records
     ]  # fmt: skip
     print(format_table(header, rows))
-    stem = f"bench_train_step_{args.model}_{args.mode}"
+    stem = f"bench_train_step_{args.model}_{args.mode}{'_regional' if args.regional else ''}"
     write_json(f"{args.out}/{stem}.json", dict(env=env, model=args.model, seq=seq, batch=batch, mode=args.mode,
                                                results=records))  # fmt: skip
     with open(f"{args.out}/{stem}.md", "w") as f:
         f.write(f"{environment_line(env)}; ")
         f.write(f"{description} ({base['params'] / 1e6:.0f}M params), batch {batch} x {seq} tokens, ")
-        f.write(f"mode {args.mode}\n\n")
+        f.write(f"mode {args.mode}{', each block compiled (--regional)' if args.regional else ''}\n\n")
         f.write(markdown_table(header, rows) + "\n")
 
 

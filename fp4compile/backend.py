@@ -13,7 +13,7 @@ import logging
 import pathlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -22,10 +22,18 @@ from .eligibility import LayerFilter, warn_unmatched_patterns
 from .launch_analysis import memoized_launch_analysis
 from .nn import NVFP4Linear
 from .passes import MatmulRecord, ModuleNames, RewriteReport, nvfp4_op_recipes, rewrite_matmuls
+from .passes.matmul import STATE_WEIGHTS
 from .passes.report import INELIGIBLE
 from .recipe import Recipe
 
-__all__ = ["BackendOptions", "check_recipe_mix", "converted_recipes", "nvfp4_backend", "rewrite_graph"]
+__all__ = [
+    "BackendOptions",
+    "check_recipe_mix",
+    "converted_recipes",
+    "nvfp4_backend",
+    "rewrite_graph",
+    "with_state_owner_check",
+]
 
 log = logging.getLogger(__name__)
 
@@ -206,4 +214,38 @@ def nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Unio
         options.monitor.configure(options.recipe, options.skip)
     report = RewriteReport(rewrite_graph(gm, options, ModuleNames.from_call_stack()), [gm])
     log.info("nvfp4 backend (recipe %s):\n%s", options.recipe.name, report)
-    return compile_rewritten(gm, example_inputs, options)
+    return with_state_owner_check(gm, compile_rewritten(gm, example_inputs, options))
+
+
+def with_state_owner_check(gm: torch.fx.GraphModule, compiled: Callable) -> Callable:
+    """``compiled``, refusing to run with other weights than those whose outlier state ``gm`` holds.
+
+    Recipes with ``outliers`` keep each layer's state on its module, and the pass bakes it into the graph. Dynamo
+    reuses one compiled graph for identical modules (``block.compile()`` on each repeated block, "regional
+    compilation"): those would share the first block's state. Checking the weight inputs (an identity test per
+    layer and call) turns that into an error that says what to do.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    checks = [(placeholders.index(node), weight, name) for node, weight, name in gm.meta.get(STATE_WEIGHTS, [])
+              if node.op == "placeholder"]  # fmt: skip
+    if not checks:
+        return compiled
+
+    def check(args) -> None:
+        for index, weight, name in checks:
+            if args[index] is not weight:
+                raise RuntimeError(
+                    f"nvfp4 backend: this compiled graph holds the outlier-channel state of layer {name!r} and is "
+                    "being run with another module's weights: torch.compile reused it for an identical module "
+                    "(compiling each repeated block separately). Recipes with `outliers` keep per-layer state: "
+                    "compile the whole model (torch.compile(model, backend='nvfp4', ...)) instead."
+                )
+
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    @functools.wraps(compiled)
+    def run(*args):
+        check(args[0] if boxed and len(args) == 1 and isinstance(args[0], list) else args)  # either convention
+        return compiled(*args)
+
+    return run

@@ -335,3 +335,52 @@ def test_tied_weight_gradient_sums_both_uses_like_by_hand():
     compiled = torch.compile(model, backend="nvfp4", options={"recipe": "naive", "inner": "aot_eager"})
     compiled(ids).square().mean().backward()
     assert torch.equal(model.emb.weight.grad, want)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
+def _blocks_compiled_one_by_one(recipe: str):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[_Block() for _ in range(3)])
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return nvfp4_backend(gm, example_inputs, options={"recipe": recipe, "inner": "aot_eager"})
+
+    for block in blocks:
+        block.compile(backend=counting)
+    return blocks, graphs
+
+
+def test_regional_compilation_reuses_one_graph_and_quantizes_every_block():
+    """Compiling each repeated block (the cold-start remedy for deep models) compiles the block once; every copy
+    runs it with its own weights, as the whole model compiled would."""
+    blocks, graphs = _blocks_compiled_one_by_one("naive")
+    x = torch.randn(32, 64, requires_grad=True)  # as every later block's input does (else one recompile)
+    y = blocks(x)
+    assert len(graphs) == 1
+    expected = x
+    for block in blocks:
+        expected = torch.relu(nvfp4_linear(expected, block.fc.weight, block.fc.bias, "naive")) + expected
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("recipe", ["chon", "tetrajet_v2_full"])
+def test_regional_compilation_with_outlier_state_is_refused(recipe):
+    """The pass bakes each layer's outlier-channel state into its graph: a graph Dynamo reuses for another copy of
+    the block would run with the first block's state, so it refuses and says what to do."""
+    blocks, graphs = _blocks_compiled_one_by_one(recipe)
+    x = torch.randn(32, 64)
+    blocks[0](x)
+    with pytest.raises(RuntimeError, match=r"outlier-channel state of layer .*compile the whole model"):
+        blocks[1](x)
+    assert len(graphs) == 1

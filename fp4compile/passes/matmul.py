@@ -31,7 +31,7 @@ from ..recipe import Recipe
 from .names import ModuleNames, source_to_fqn
 from .report import ALREADY_NVFP4, FILTERED, INELIGIBLE, NO_WEIGHT, REWRITTEN, MatmulRecord
 
-__all__ = ["ALREADY_NVFP4_OP", "module_fqn", "nvfp4_op_recipes", "parameter_fqn", "rewrite_matmuls"]
+__all__ = ["ALREADY_NVFP4_OP", "STATE_WEIGHTS", "module_fqn", "nvfp4_op_recipes", "parameter_fqn", "rewrite_matmuls"]
 
 # (call target or method name) -> op label; a, b, bias argument positions are decoded per label.
 _FUNCTIONS = {
@@ -322,11 +322,16 @@ def rewrite_matmuls(
             state = None
             if recipe.outliers is not None:
                 state = _state_nodes(gm, node, attach_state(owner, recipe.outliers), len(records))
+                gm.meta.setdefault(STATE_WEIGHTS, []).append((weight_node, owner.weight, module[0] or weight_fqn))
             _replace(graph, node, a, b, bias, out_in, recipe.name, state)
     graph.lint()
     gm.recompile()
     return records
 
+
+#: ``gm.meta`` key: ``[(weight node, the weight, layer name)]`` of the layers whose outlier state the pass baked
+#: into ``gm`` (the backend checks at run time that the graph runs with those very weights).
+STATE_WEIGHTS = "fp4compile_state_weights"
 
 _NO_STATE_OWNER = (
     "the recipe's outliers option keeps each layer's outlier-channel state on its nn.Linear (F.linear of the "
