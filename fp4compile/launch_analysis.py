@@ -3,8 +3,8 @@
 Under ``torch.compile`` every Triton launch that an op's decomposition records through ``wrap_triton`` is
 analysed by torch to learn which tensor arguments the kernel writes: torch generates the kernel's Triton IR
 and walks it, in AOTAutograd's functionalization (more than once) and again in Inductor's lowering. For our
-kernels one analysis costs ~60 ms of Triton front-end time, and a Llama-style graph records hundreds of
-launches that differ only in their tensors: most of the first step's compile time.
+quantize kernel one analysis costs ~60 ms of Triton front-end time (measured on the CPU), and a Llama-style
+graph records hundreds of launches that differ only in their tensors: tens of seconds of the first step.
 
 The analysis is a pure function of the kernel, the values of its scalar and constexpr arguments and the
 dtypes of its tensor arguments (torch analyses a 2-element stand-in for every tensor and a fixed value for
