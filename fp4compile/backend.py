@@ -222,18 +222,18 @@ def with_state_owner_check(gm: torch.fx.GraphModule, compiled: Callable) -> Call
 
     Recipes with ``outliers`` keep each layer's state on its module, and the pass bakes it into the graph. Dynamo
     reuses one compiled graph for identical modules (``block.compile()`` on each repeated block, "regional
-    compilation"): those would share the first block's state. Checking the weight inputs (an identity test per
-    layer and call) turns that into an error that says what to do.
+    compilation"): those would share the first block's state. Checking that each such layer's weight input is
+    that layer's weight (an identity test per layer and call) turns that into an error that says what to do.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    checks = [(placeholders.index(node), weight, name) for node, weight, name in gm.meta.get(STATE_WEIGHTS, [])
+    checks = [(placeholders.index(node), layer, name) for node, layer, name in gm.meta.get(STATE_WEIGHTS, [])
               if node.op == "placeholder"]  # fmt: skip
     if not checks:
         return compiled
 
     def check(args) -> None:
-        for index, weight, name in checks:
-            if args[index] is not weight:
+        for index, layer, name in checks:
+            if args[index] is not layer.weight:  # the layer's current weight: replacing it (assign=True) is fine
                 raise RuntimeError(
                     f"nvfp4 backend: this compiled graph holds the outlier-channel state of layer {name!r} and is "
                     "being run with another module's weights: torch.compile reused it for an identical module "

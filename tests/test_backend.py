@@ -384,3 +384,18 @@ def test_regional_compilation_with_outlier_state_is_refused(recipe):
     with pytest.raises(RuntimeError, match=r"outlier-channel state of layer .*compile the whole model"):
         blocks[1](x)
     assert len(graphs) == 1
+
+
+def test_a_layer_whose_weight_is_replaced_keeps_running_with_outlier_state():
+    """The check compares each outlier layer's weight input with the layer's current weight, so a weight replaced
+    after compiling (a new Parameter with the same values) is not mistaken for another block's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block())
+    compiled = torch.compile(model, backend="nvfp4", options={"recipe": "chon", "inner": "aot_eager"})
+    x = torch.randn(32, 64)
+    with torch.no_grad():  # no re-scoring: the state stays as it is
+        before = compiled(x)
+        old = model[0].fc.weight
+        model[0].fc.weight = nn.Parameter(old.detach().clone())
+        assert torch.equal(compiled(x), before)

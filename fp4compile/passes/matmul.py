@@ -322,15 +322,15 @@ def rewrite_matmuls(
             state = None
             if recipe.outliers is not None:
                 state = _state_nodes(gm, node, attach_state(owner, recipe.outliers), len(records))
-                gm.meta.setdefault(STATE_WEIGHTS, []).append((weight_node, owner.weight, module[0] or weight_fqn))
+                gm.meta.setdefault(STATE_WEIGHTS, []).append((weight_node, owner, module[0] or weight_fqn))
             _replace(graph, node, a, b, bias, out_in, recipe.name, state)
     graph.lint()
     gm.recompile()
     return records
 
 
-#: ``gm.meta`` key: ``[(weight node, the weight, layer name)]`` of the layers whose outlier state the pass baked
-#: into ``gm`` (the backend checks at run time that the graph runs with those very weights).
+#: ``gm.meta`` key: ``[(weight node, the layer, its name)]`` of the layers whose outlier state the pass baked
+#: into ``gm`` (the backend checks at run time that the graph runs with those layers' weights).
 STATE_WEIGHTS = "fp4compile_state_weights"
 
 _NO_STATE_OWNER = (
