@@ -306,3 +306,39 @@ def test_gpu_compiled_backward_equals_eager_for_a_deterministic_recipe():
     compiled = torch.compile(lambda x, w: nvfp4_linear(x, w, None, "naive"), backend="inductor", fullgraph=True)
     for got, want in zip(grads(compiled), grads(lambda x, w: nvfp4_linear(x, w, None, "naive"))):
         assert torch.equal(got, want)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["inductor", "nvfp4"])
+def test_gpu_compiled_conv1d_layout_with_bias_equals_eager(backend):
+    """GPT-2's Conv1D: ``addmm(bias, x, W_in_out)`` under bf16 autocast, a transposed weight with a bias. Through the
+    backend's pass (``nvfp4``: memoized launch analysis) or ``nvfp4_linear`` compiled by Inductor, forward and
+    every gradient equal the eager op's for a deterministic recipe."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, device="cuda")
+    w = torch.randn(256, 768, device="cuda") / 16  # [in, out], as Conv1D holds it
+    b = torch.randn(768, device="cuda")
+    dy = torch.randn(512, 768, device="cuda", dtype=torch.bfloat16)
+
+    def eager(x, w, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return nvfp4_linear(x, w.t(), b, "naive")
+
+    def conv1d(x, w, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return torch.addmm(b, x, w)
+
+    torch._dynamo.reset()
+    if backend == "nvfp4":
+        compiled = torch.compile(conv1d, backend="nvfp4", options={"recipe": "naive"})
+    else:
+        compiled = torch.compile(eager, backend="inductor", fullgraph=True)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    for name, got, want in zip(("y", "dx", "dw", "db"), run(compiled), run(eager)):
+        assert torch.equal(got, want), name
