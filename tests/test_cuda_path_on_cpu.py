@@ -10,9 +10,9 @@ the same model compiled on the CPU reference path, including the stochastic roun
 """
 
 import itertools
-import sys
 
 import pytest
+import test_models
 import torch
 from testing import ON_GPU
 
@@ -72,9 +72,6 @@ def _cuda_path_on_cpu(monkeypatch):
 
 
 def _loss_and_grads(kind: str, recipe: str):
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import test_models
-
     torch._dynamo.reset()
     model = test_models._model(kind, layers=2, d=64, seq=32)
     ids = test_models._batch(0, 4, 32)
