@@ -13,9 +13,8 @@ from typing import Optional
 
 import torch
 
-from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference, rotation_scale
+from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference
 from .spec import QuantSpec
-from .tracing import tracing
 
 __all__ = [
     "dequantize",
@@ -35,10 +34,6 @@ def on_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-#: Bit i set: TransformerEngine's fixed RHT sign i is -1.
-_TE_NEGATIVE_SIGNS = sum(1 << i for i, sign in enumerate(TE_RHT_SIGNS) if sign < 0)
-
-
 def decomposes(t: torch.Tensor, recipe) -> bool:
     """Whether a quantized linear op on ``t`` under ``recipe`` is traced into the compiled graph (its kernels
     launched by Inductor, its torch ops fused) rather than kept as one opaque op that runs eagerly.
@@ -50,39 +45,13 @@ def decomposes(t: torch.Tensor, recipe) -> bool:
     return on_triton(t) and not recipe.fp8_backward
 
 
-def _graph_amax(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The per-tensor amax of a per-tensor spec as ordinary ops, which Inductor can fuse into the op that produces
-    ``x`` (instead of the kernel's own amax pass, one more launch and read of ``x``); None where there is none
-    (per-block outer scales).
-
-    Without rotation: ``max |x|``. With one (TE's "post-RHT amax"): :func:`rotated_amax`, the spec's butterflies
-    (additions, subtractions and products by +-1, then one product by the normalization: nothing a compiler can
-    contract or reorder into other bits), only while the op is traced (run eagerly these are a dozen launches
-    where the kernel's pass is one).
-    """
-    if spec.outer != "tensor" or x.numel() == 0:
+def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
+    """``max |x|`` as an ordinary op for the per-tensor specs without rotation (under ``torch.compile`` Inductor
+    can fuse it into the op that produces ``x``); None where the kernel's own amax pass is needed (after a
+    rotation) or there is none (per-block outer scales)."""
+    if spec.outer != "tensor" or spec.rotation != "none" or x.numel() == 0:
         return None
-    if spec.rotation == "none":
-        return x.abs().amax().to(torch.float32)
-    if not tracing():
-        return None
-    if signs is None:  # TE's fixed signs (the kernel holds them as a constant): from their bits, no host data
-        bits = (_TE_NEGATIVE_SIGNS >> torch.arange(16, dtype=torch.int32, device=x.device)) & 1
-        signs = 1.0 - 2.0 * bits.to(torch.float32)
-    return rotated_amax(x, signs)
-
-
-def rotated_amax(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """``max |format.rotate(x, signs)|`` (FP32 []): the same products and butterfly sums in the same order, so the
-    same magnitudes bit for bit; only the sign of a zero may differ, which no magnitude sees. Each butterfly
-    stage is written with reductions over a pair instead of slices, which trace the same on every build."""
-    n = signs.shape[0]
-    plus_minus = (1.0 - 2.0 * torch.arange(2, dtype=torch.float32, device=x.device)).reshape(2, 1)  # [[1], [-1]]
-    y = x.to(torch.float32).reshape(-1, n) * signs.to(torch.float32)  # [chunks, n]: each chunk rotates alone
-    for stage in range(n.bit_length() - 1):
-        t = y.reshape(-1, 2, n >> (stage + 1))
-        y = torch.cat((t.sum(-2, keepdim=True), (t * plus_minus).sum(-2, keepdim=True)), dim=-2).reshape(-1, n)
-    return (y * rotation_scale(n)).abs().amax()
+    return x.abs().amax().to(torch.float32)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:
@@ -90,7 +59,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], sig
     if on_triton(x):
         from .kernels.quantize import quantize_triton
 
-        return quantize_triton(x, spec, seed=seed, signs=signs, amax=_graph_amax(x, spec, signs))
+        return quantize_triton(x, spec, seed=seed, signs=signs, amax=_graph_amax(x, spec))
     return quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
 
 
@@ -106,7 +75,7 @@ def quantize_with_values(
         from .kernels.quantize import quantize_triton
 
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-        return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec, signs)), values
+        return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec)), values
     if signs is None and spec.rotation == "rht16_te":
         signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32)
     q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)

@@ -402,10 +402,9 @@ def quantize_triton(
         block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
-        amax: for a per-tensor spec, its amax as an FP32 [] tensor computed by the caller (a graph reduction
-            that Inductor can fuse into the op producing ``x``): the kernel's amax pass is skipped. Must be
-            exactly ``x.abs().amax()``, or with a rotation ``format.rotate(x, signs).abs().amax()`` (TE's fixed
-            signs for ``rht16_te``); any NaN for input with NaN.
+        amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
+            (a graph reduction that Inductor can fuse into the op producing ``x``): the kernel's amax pass is
+            skipped. Must be exactly ``x.abs().amax()`` (any NaN for input with NaN).
 
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
@@ -420,8 +419,8 @@ def quantize_triton(
         if per_tensor
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
-    if amax is not None and not per_tensor:
-        raise ValueError(f"quantize_triton: amax= is for per-tensor specs, not {spec.short_str()}")
+    if amax is not None and (not per_tensor or spec.rotation != "none"):
+        raise ValueError(f"quantize_triton: amax= is for per-tensor specs without rotation, not {spec.short_str()}")
     if amax is not None:
         amax_bits = amax.to(torch.float32).reshape(1).view(torch.int32)
     else:
