@@ -83,10 +83,6 @@ def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional
     return {s: t for s, t in found.items() if t is not None}
 
 
-def _finite_or_none(number: float) -> Optional[float]:
-    return number if math.isfinite(number) else None
-
-
 def _to_host(measured: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
     """The statistics of every operand as Python values (non-finite numbers as None), read from each device in
     one transfer (one host synchronization per device, not one per statistic)."""
@@ -104,7 +100,7 @@ def _to_host(measured: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
             offsets.append(offsets[-1] + c.numel())
         for n, i in enumerate(indices):
             row = numbers[n * len(scalars) : (n + 1) * len(scalars)]
-            values[i] = {stat: _finite_or_none(v) for stat, v in zip(scalars, row)}
+            values[i] = {stat: (v if math.isfinite(v) else None) for stat, v in zip(scalars, row)}
             values[i]["top_channels"] = flat[offsets[n] : offsets[n + 1]]
     return values
 
