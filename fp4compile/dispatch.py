@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference
+from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference, stored_fp32
 from .spec import QuantSpec
 
 __all__ = [
@@ -51,7 +51,7 @@ def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
     rotation) or there is none (per-block outer scales)."""
     if spec.outer != "tensor" or spec.rotation != "none" or x.numel() == 0:
         return None
-    return x.abs().amax().to(torch.float32)
+    return stored_fp32(x).abs().amax()
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:

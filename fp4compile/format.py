@@ -55,6 +55,8 @@ __all__ = [
     "e4m3_rne",
     "e4m3_sr",
     "bf16_rne",
+    "stored_fp32",
+    "cast_exactly",
     "pack_nibbles",
     "unpack_nibbles",
     "fwht",
@@ -199,6 +201,34 @@ def bf16_rne(x: torch.Tensor) -> torch.Tensor:
     rounded = (magnitude + (0x7FFF + ((magnitude >> 16) & 1))) & 0x7FFF0000
     rounded = torch.where(magnitude > 0x7F800000, magnitude, rounded)  # NaN: unchanged
     return torch.where(bits < 0, rounded | -0x80000000, rounded).view(torch.float32)
+
+
+def stored_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The FP32 values of ``t``'s elements exactly as stored in its dtype: for bf16 and fp16 computed from their
+    bits. ``t.float()`` would do in eager mode, but a compiler that fuses ``t``'s producer with the reader may feed
+    the reader the value before its rounding to ``t``'s dtype (Inductor elides a fused downcast-upcast pair); a
+    bitcast cannot be elided, so every torch op of the quantized linear that reads a low-precision operand reads
+    it through this (the kernels read it from memory). Other dtypes: ``t.to(float32)``."""
+    if t.dtype == torch.bfloat16:
+        return ((t.view(torch.int16).to(torch.int32) & 0xFFFF) << 16).view(torch.float32)
+    if t.dtype != torch.float16:
+        return t.to(torch.float32)
+    bits = t.view(torch.int16).to(torch.int32) & 0xFFFF
+    negative = bits >= 0x8000
+    exponent, mantissa = (bits >> 10) & 0x1F, bits & 0x3FF
+    biased = torch.where(exponent == 0x1F, 0xFF, exponent + 112)  # Inf and NaN keep an all-ones exponent
+    magnitude = ((biased << 23) | (mantissa << 13)).view(torch.float32)
+    magnitude = torch.where(exponent == 0, mantissa.to(torch.float32) * 2.0**-24, magnitude)  # subnormals, zero
+    return torch.where(negative, -magnitude, magnitude)
+
+
+def cast_exactly(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` whose rounding no compiler can drop: for bf16 and fp16 the rounded values are read back
+    through :func:`stored_fp32`, so that an upcast that Inductor fuses after the cast (autocast's backward casting
+    a gradient to its FP32 parameter) sees the rounded values, as in eager mode."""
+    if dtype not in (torch.bfloat16, torch.float16) or t.dtype == dtype:
+        return t.to(dtype)
+    return stored_fp32(t.to(dtype)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- sums and rotations

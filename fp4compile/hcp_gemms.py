@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .format import stored_fp32
 from .linear_gemms import forward_with_gemm
 from .mxfp8 import bf16_gemm_operand
 from .recipe import Recipe
@@ -67,7 +68,7 @@ def linear_forward(
         # X^ and W^ from the decode (a kernel of its own on CUDA): under torch.compile a product computed next to
         # the subtraction could be fused into an FMA, and the residual would lose the forward's exact X^.
         deq_x, deq_w = dispatch.dequantize(qx.q, in_features), dispatch.dequantize(qw.q, in_features)
-        r_x, r_w = x.to(torch.float32) - deq_x, weight.to(torch.float32) - deq_w
+        r_x, r_w = stored_fp32(x) - deq_x, stored_fp32(weight) - deq_w
         scores.append(r_x.abs().mean(0) + r_w.abs().mean(0))
         va, oa = _residual_operand(r_x[:, index], recipe.fwd_x, fmt, qx.values.dtype)
         vb, ob = _residual_operand(r_w[:, index], recipe.fwd_w, fmt, qw.values.dtype)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, wang_linear
-from .format import NVFP4, dge_derivative, scaled_values
+from .format import NVFP4, cast_exactly, dge_derivative, scaled_values, stored_fp32
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
@@ -164,7 +164,7 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     elif occ is not None and occ.compensates:
         y = nvfp4_gemm(qx, qw, None, out_dtype=torch.float32)
         y = y + compensation(dense_residual(x.shape, *residual, occ), weight, occ.residual)
-        y = (y if bias is None else y + bias.float()).to(x.dtype)
+        y = cast_exactly(y if bias is None else y + stored_fp32(bias), x.dtype)
     else:
         y = nvfp4_gemm(qx, qw, bias, out_dtype=x.dtype)
 
@@ -255,9 +255,9 @@ def linear_backward(
         if recipe.dge:
             w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w) if _saves_weight(recipe) else None
             dw = dw * _dge_multiplier(weight, recipe, w_q)
-        dw = dw.to(weight.dtype)
+        dw = cast_exactly(dw, weight.dtype)
     else:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=weight.dtype)
 
-    db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else dy.new_empty(0)
+    db = cast_exactly(stored_fp32(dy).sum(0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .format import bf16_rne
+from .format import bf16_rne, stored_fp32
 
 __all__ = ["MXFP8", "bf16_gemm_operand", "mxfp8_gemm_operand", "quantize_mxfp8"]
 
@@ -53,7 +53,7 @@ def quantize_mxfp8(x: torch.Tensor) -> MXFP8:
     rows, k = x.shape
     if k % _BLOCK:
         raise ValueError(f"MXFP8 blocks are 1x32: K={k} must be a multiple of 32")
-    blocks = x.to(torch.float32).reshape(rows, k // _BLOCK, _BLOCK)
+    blocks = stored_fp32(x).reshape(rows, k // _BLOCK, _BLOCK)
     amax = blocks.abs().amax(dim=2)
     exponent = torch.where(amax > 0, _ceil_log2(amax / _E4M3_MAX), _MIN_EXP).clamp(_MIN_EXP, 127)
     scaled = blocks * torch.exp2(-exponent.to(torch.float32)).unsqueeze(-1)

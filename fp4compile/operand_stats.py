@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .format import NVFP4
+from .format import NVFP4, stored_fp32
 from .linear_gemms import round_up
 from .quantize import quantize
 from .spec import QuantSpec
@@ -76,7 +76,7 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
         raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
     rows, k = t.shape
     q = quantize_padded(t, spec)
-    x = t.to(torch.float32)
+    x = stored_fp32(t)
     magnitude, column_sq = x.abs(), x.square().sum(0)
     error = (x - q.dequantize(torch.float32)[:rows, :k]).square().sum()
     total = column_sq.sum()

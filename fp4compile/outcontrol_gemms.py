@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .format import NVFP4
+from .format import NVFP4, cast_exactly, stored_fp32
 from .gemm import nvfp4_gemm
 from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
 from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
@@ -162,7 +162,7 @@ def linear_backward(
         w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
         w_deq = forward_weight_dequantized(weight, order, selected, recipe, w_q)
     else:
-        w_deq = weight.to(torch.float32)
+        w_deq = stored_fp32(weight)
     out_p = round_up(out_features, recipe.dgrad_dy.k_multiple)
     q_wt = quantize_operand(pad_cols(w_deq.T.contiguous(), out_p), recipe.dgrad_w, dgrad_signs)
     q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
@@ -177,10 +177,10 @@ def linear_backward(
     dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
     if k:
         x_out_t = pad_cols(_outlier_dequantized(outlier_values, outlier_exponents, fmt).T.contiguous(), t_p)
-        va, oa = _outlier_operand(pad_cols(dy.T.to(torch.float32), t_p), fmt)
+        va, oa = _outlier_operand(pad_cols(stored_fp32(dy).T, t_p), fmt)
         vb, ob = _outlier_operand(x_out_t, fmt)
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
         dw = torch.cat([torch.where(selected, dw_out, dw[:, :k]), dw[:, k:]], 1)
-    dw = dw[:, :in_features][:, inverse].to(weight.dtype)
-    db = dy.sum(0, dtype=torch.float32).to(weight.dtype) if has_bias else dy.new_empty(0)
+    dw = cast_exactly(dw[:, :in_features][:, inverse], weight.dtype)
+    db = cast_exactly(stored_fp32(dy).sum(0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db

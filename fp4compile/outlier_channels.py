@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from .format import stored_fp32
+
 __all__ = [
     "HotChannelPatch",
     "HotState",
@@ -212,7 +214,7 @@ def observe(x: torch.Tensor, state: OutlierState, control: OutControl) -> None:
     ``torch.distributed`` the norms are summed over the ranks first, so every rank selects the same channels."""
     count = state.count
     recording = (count >= control.start) & (count < control.start + control.window)
-    norms = sum_over_ranks(torch.linalg.vector_norm(x.detach().to(torch.float32), dim=0))
+    norms = sum_over_ranks(torch.linalg.vector_norm(stored_fp32(x.detach()), dim=0))
     state.norms.add_(torch.where(recording, norms, torch.zeros_like(norms)))
     completes = (count + 1 == control.start + control.window) & ~state.selected
     ranked = torch.argsort(state.norms, descending=True, stable=True)

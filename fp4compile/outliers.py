@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from .format import bf16_rne
+from .format import bf16_rne, stored_fp32
 
 __all__ = [
     "OutlierClamping",
@@ -132,7 +132,7 @@ def dense_residual(shape: torch.Size, index: torch.Tensor, value: torch.Tensor, 
 
 def _rounded(t: torch.Tensor, residual: str) -> torch.Tensor:
     """``t`` rounded to the residual precision, as FP32 values."""
-    t = t.float()
+    t = stored_fp32(t)
     if residual == "bf16":
         return bf16_rne(t)
     amax = t.abs().amax()
@@ -147,4 +147,4 @@ def compensation(r: torch.Tensor, weight: torch.Tensor, residual: str) -> torch.
 
 def residual_weight_grad(dy: torch.Tensor, r: torch.Tensor, residual: str) -> torch.Tensor:
     """The weight gradient of the compensation, ``dY^T @ R`` in FP32 (R rounded as in the forward)."""
-    return dy.float().T @ _rounded(r, residual)
+    return stored_fp32(dy).T @ _rounded(r, residual)

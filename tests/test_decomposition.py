@@ -253,6 +253,20 @@ def test_wang_layout_stays_one_opaque_op_on_cuda():
     assert graphs["backward"][0] == [opaque("linear_backward_reference")]
 
 
+def test_graph_amax_reads_the_rounded_autocast_operand_under_inductor():
+    """The per-tensor amax handed to the quantize kernel is a graph reduction that Inductor fuses with the autocast
+    cast producing X; it must be the amax of the bf16 values the kernel reads, not of the FP32 values before their
+    rounding (Inductor's CPU backend, like its CUDA one, elides a fused downcast-upcast)."""
+    from fp4compile import dispatch
+    from fp4compile.recipe import Recipe
+
+    spec = Recipe.named("nvidia").fwd_x
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64) * 3
+    amax = lambda x: dispatch._graph_amax(x.to(torch.bfloat16), spec)  # noqa: E731
+    assert torch.equal(torch.compile(amax, fullgraph=True)(x), x.to(torch.bfloat16).abs().amax().float())
+
+
 # ----------------------------------------------------------------------------- GPU
 QUANTIZED = ("naive", "nvidia", "tetrajet_v2", "quartet_ii", "four_over_six")
 
@@ -308,37 +322,51 @@ def test_gpu_compiled_backward_equals_eager_for_a_deterministic_recipe():
         assert torch.equal(got, want)
 
 
+class _Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x, W)`` with the weight held as [in, out]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight)
+
+
 @requires_gpu
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["inductor", "nvfp4"])
-def test_gpu_compiled_conv1d_layout_with_bias_equals_eager(backend):
-    """GPT-2's Conv1D: ``addmm(bias, x, W_in_out)`` under bf16 autocast, a transposed weight with a bias. Through the
-    backend's pass (``nvfp4``: memoized launch analysis) or ``nvfp4_linear`` compiled by Inductor, forward and
-    every gradient equal the eager op's for a deterministic recipe."""
+def test_gpu_compiled_conv1d_layout_with_bias_equals_eager(backend, autocast):
+    """GPT-2's Conv1D under autocast, FP32 input and parameters (a transposed weight with a bias): through the
+    backend's pass (``nvfp4``) or ``nvfp4_linear`` compiled by Inductor, the forward and every gradient equal the
+    eager op's bits for a deterministic recipe. The autocast casts are fused with the torch ops that read their
+    outputs (the graph amax, the bias gradient), which must still see the rounded values (``format.stored_fp32``)."""
     torch.manual_seed(0)
     x = torch.randn(512, 256, device="cuda")
     w = torch.randn(256, 768, device="cuda") / 16  # [in, out], as Conv1D holds it
     b = torch.randn(768, device="cuda")
-    dy = torch.randn(512, 768, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(512, 768, device="cuda", dtype=autocast)
+    layer = _Conv1D(w, b)
 
-    def eager(x, w, b):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return nvfp4_linear(x, w.t(), b, "naive")
-
-    def conv1d(x, w, b):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return torch.addmm(b, x, w)
+    def linear(x, w, b):
+        return nvfp4_linear(x, w.t(), b, "naive")
 
     torch._dynamo.reset()
     if backend == "nvfp4":
-        compiled = torch.compile(conv1d, backend="nvfp4", options={"recipe": "naive"})
+        compiled_layer = torch.compile(layer, backend="nvfp4", options={"recipe": "naive"})
+        compiled = lambda x, w, b: compiled_layer(x)  # noqa: E731
+        leaves_of = lambda x: (x, layer.weight, layer.bias)  # noqa: E731
     else:
-        compiled = torch.compile(eager, backend="inductor", fullgraph=True)
+        compiled = torch.compile(linear, backend="inductor", fullgraph=True)
+        leaves_of = lambda x: (x, w.clone().requires_grad_(), b.clone().requires_grad_())  # noqa: E731
 
     def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        y = fn(*leaves)
+        layer.zero_grad(set_to_none=True)
+        leaves = leaves_of(x.clone().requires_grad_())
+        with torch.autocast("cuda", dtype=autocast):
+            y = fn(*leaves)
         y.backward(dy)
-        return [y.detach()] + [t.grad for t in leaves]
+        return [y.detach()] + [t.grad.clone() for t in leaves]
 
-    for name, got, want in zip(("y", "dx", "dw", "db"), run(compiled), run(eager)):
+    for name, got, want in zip(("y", "dx", "dw", "db"), run(compiled), run(linear)):
         assert torch.equal(got, want), name

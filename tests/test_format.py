@@ -22,6 +22,7 @@ from fp4compile.format import (
     TE_RHT_SIGNS,
     bf16_rne,
     block_random_bits,
+    cast_exactly,
     dequantize,
     e2m1_decode,
     e2m1_rne,
@@ -34,6 +35,7 @@ from fp4compile.format import (
     pairwise_sum,
     quantize_reference,
     rotate,
+    stored_fp32,
     unpack_nibbles,
     unrotate,
 )
@@ -757,3 +759,37 @@ def test_bf16_rne_equals_the_cast_on_every_kind_of_float32_and_survives_inductor
     y = torch.randn(4096) * 1e-3
     assert not torch.equal(torch.compile(lambda t: t.to(torch.bfloat16).float() * 3)(y), y.bfloat16().float() * 3)
     assert torch.equal(torch.compile(lambda t: bf16_rne(t) * 3)(y), bf16_rne(y) * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_fp32_reads_every_bit_pattern_and_the_rounding_survives_a_fused_cast(dtype):
+    """The FP32 value of every bf16 / fp16 bit pattern (signed zeros, subnormals, Inf, NaN) as ``.float()`` gives it,
+    for transposed views too; and a torch op that Inductor fuses with the downcast producing the tensor (the graph
+    amax of a quantized linear's autocast input) reads the rounded values, which ``.float()`` does not ensure."""
+    t = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    got, want = stored_fp32(t), t.float()
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+    square = t.view(256, 256).t()
+    assert torch.equal(stored_fp32(square).nan_to_num(), square.float().nan_to_num())
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64) * 3
+    amax = lambda x: stored_fp32(x.to(dtype)).abs().amax()  # noqa: E731
+    assert torch.equal(torch.compile(amax, fullgraph=True)(x), amax(x))
+    elided = lambda x: x.to(dtype).float().abs().amax()  # noqa: E731
+    assert not torch.equal(torch.compile(elided, fullgraph=True)(x), elided(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_exactly_keeps_its_rounding_under_a_fused_upcast(dtype):
+    """A quantized linear's torch-op output cast to the autocast dtype, then upcast to an FP32 parameter's gradient
+    by autocast's backward: Inductor drops the fused pair for ``.to``, not for :func:`cast_exactly`."""
+    torch.manual_seed(0)
+    x = torch.randn(4096) * 3
+    exact = lambda x: cast_exactly(x * 1.5, dtype).float() + 1  # noqa: E731
+    assert torch.equal(torch.compile(exact, fullgraph=True)(x), exact(x))
+    assert torch.equal(cast_exactly(x, dtype), x.to(dtype)) and cast_exactly(x, torch.float32) is x
+    plain = lambda x: (x * 1.5).to(dtype).float() + 1  # noqa: E731
+    assert not torch.equal(torch.compile(plain, fullgraph=True)(x), plain(x))

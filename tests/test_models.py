@@ -85,12 +85,16 @@ def test_training_on_cpu_lowers_the_loss_like_unquantized(kind):
     assert abs(nvfp4 - unquantized) / unquantized < 0.05, (nvfp4, unquantized)
 
 
-GPU_RUN = dict(device="cuda", batch=16, seq=128, layers=4, d=256, lr=1e-3)
+GPU_RUN = dict(device="cuda", batch=16, seq=128, layers=4, d=256)
+# GPT-2 at lr 1e-3 is unstable on this corpus: its final loss swung from 1.47 to 2.37 with the seed in bf16 alike
+# (H200, 3 seeds per recipe, 2026-12-01), which made the comparison below a coin toss; at 3e-4 the three seeds ended
+# at 1.646-1.706 in bf16 and 1.676-1.734 in nvidia (+1.0 to +1.8 %). benchmarks/RESULTS.md has the table.
+GPU_LR = {"gpt2": 3e-4, "llama": 1e-3}
 
 
 @functools.lru_cache(maxsize=None)
 def _gpu_bf16_run(kind):
-    return _train(kind, "bf16", 200, "inductor", **GPU_RUN)
+    return _train(kind, "bf16", 200, "inductor", lr=GPU_LR[kind], **GPU_RUN)
 
 
 @requires_gpu
@@ -99,7 +103,7 @@ def _gpu_bf16_run(kind):
 )
 def test_training_on_gpu_lowers_the_loss_like_bf16(kind, recipe):
     start, bf16 = _gpu_bf16_run(kind)
-    start_q, nvfp4 = _train(kind, recipe, 200, "inductor", **GPU_RUN)
+    start_q, nvfp4 = _train(kind, recipe, 200, "inductor", lr=GPU_LR[kind], **GPU_RUN)
     print(f"{kind} {recipe}: start {start_q:.3f}, final {nvfp4:.3f}, bf16 final {bf16:.3f}")
     assert nvfp4 < 0.75 * start_q
     # NVFP4 costs at most 5 % of loss. It may end lower: on this small corpus (seen ~30 times in 200 steps) the
