@@ -43,6 +43,7 @@ import torch
 
 from .philox import philox4x32
 from .spec import QuantSpec
+from .tracing import tracing
 
 __all__ = [
     "E2M1_VALUES",
@@ -56,6 +57,7 @@ __all__ = [
     "e4m3_sr",
     "bf16_rne",
     "stored_fp32",
+    "fp32_from_bits",
     "cast_exactly",
     "pack_nibbles",
     "unpack_nibbles",
@@ -203,16 +205,31 @@ def bf16_rne(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, rounded | -0x80000000, rounded).view(torch.float32)
 
 
+def _traced() -> bool:
+    """Whether torch ops are being recorded for a compiler (Dynamo tracing Python, or a dispatch-mode trace)."""
+    return torch.compiler.is_compiling() or tracing()
+
+
 def stored_fp32(t: torch.Tensor) -> torch.Tensor:
-    """The FP32 values of ``t``'s elements exactly as stored in its dtype: for bf16 and fp16 computed from their
-    bits. ``t.float()`` would do in eager mode, but a compiler that fuses ``t``'s producer with the reader may feed
-    the reader the value before its rounding to ``t``'s dtype (Inductor elides a fused downcast-upcast pair); a
-    bitcast cannot be elided, so every torch op of the quantized linear that reads a low-precision operand reads
-    it through this (the kernels read it from memory). Other dtypes: ``t.to(float32)``."""
+    """The FP32 values of ``t``'s elements exactly as stored in its dtype.
+
+    Eagerly this is ``t.to(float32)``. While traced (``torch.compile``), bf16 and fp16 are read from their bits
+    (:func:`fp32_from_bits`): a compiler that fuses ``t``'s producer with the reader may otherwise feed the reader
+    the value before its rounding to ``t``'s dtype (Inductor elides a fused downcast-upcast pair), and a bitcast
+    cannot be elided. Every torch op of the quantized linear that reads a low-precision operand reads it through
+    this (the kernels read it from memory)."""
+    if t.dtype in (torch.bfloat16, torch.float16) and _traced():
+        return fp32_from_bits(t)
+    return t.to(torch.float32)
+
+
+def fp32_from_bits(t: torch.Tensor) -> torch.Tensor:
+    """The FP32 values of a bf16 or fp16 tensor computed from its bits with integer ops and bitcasts (exact for
+    every bit pattern: signed zeros, subnormals, Inf, NaN)."""
     if t.dtype == torch.bfloat16:
         return ((t.view(torch.int16).to(torch.int32) & 0xFFFF) << 16).view(torch.float32)
     if t.dtype != torch.float16:
-        return t.to(torch.float32)
+        raise ValueError(f"fp32_from_bits: expected a bfloat16 or float16 tensor, got {t.dtype}")
     bits = t.view(torch.int16).to(torch.int32) & 0xFFFF
     negative = bits >= 0x8000
     exponent, mantissa = (bits >> 10) & 0x1F, bits & 0x3FF
@@ -223,12 +240,12 @@ def stored_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def cast_exactly(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` whose rounding no compiler can drop: for bf16 and fp16 the rounded values are read back
-    through :func:`stored_fp32`, so that an upcast that Inductor fuses after the cast (autocast's backward casting
-    a gradient to its FP32 parameter) sees the rounded values, as in eager mode."""
-    if dtype not in (torch.bfloat16, torch.float16) or t.dtype == dtype:
+    """``t.to(dtype)`` whose rounding no compiler can drop: while traced, the bf16 or fp16 result is read back
+    through :func:`fp32_from_bits` and cast again (exactly), so that an upcast Inductor fuses after the cast
+    (autocast's backward casting a gradient to its FP32 parameter) sees the rounded values, as in eager mode."""
+    if dtype not in (torch.bfloat16, torch.float16) or t.dtype == dtype or not _traced():
         return t.to(dtype)
-    return stored_fp32(t.to(dtype)).to(dtype)
+    return fp32_from_bits(t.to(dtype)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- sums and rotations

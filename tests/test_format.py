@@ -30,6 +30,7 @@ from fp4compile.format import (
     e4m3_rne,
     e4m3_sr,
     element_random_bits,
+    fp32_from_bits,
     fwht,
     pack_nibbles,
     pairwise_sum,
@@ -763,16 +764,19 @@ def test_bf16_rne_equals_the_cast_on_every_kind_of_float32_and_survives_inductor
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stored_fp32_reads_every_bit_pattern_and_the_rounding_survives_a_fused_cast(dtype):
-    """The FP32 value of every bf16 / fp16 bit pattern (signed zeros, subnormals, Inf, NaN) as ``.float()`` gives it,
-    for transposed views too; and a torch op that Inductor fuses with the downcast producing the tensor (the graph
-    amax of a quantized linear's autocast input) reads the rounded values, which ``.float()`` does not ensure."""
+    """The FP32 value of every bf16 / fp16 bit pattern (signed zeros, subnormals, Inf, NaN) read from its bits, as
+    ``.float()`` gives it, for transposed views too; and a torch op that Inductor fuses with the downcast producing
+    the tensor (the graph amax of a quantized linear's autocast input) reads the rounded values through
+    ``stored_fp32``, which ``.float()`` does not ensure."""
     t = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    got, want = stored_fp32(t), t.float()
+    got, want = fp32_from_bits(t), t.float()
     assert torch.equal(got.isnan(), want.isnan())
     finite = ~want.isnan()
     assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
     square = t.view(256, 256).t()
-    assert torch.equal(stored_fp32(square).nan_to_num(), square.float().nan_to_num())
+    assert torch.equal(fp32_from_bits(square).nan_to_num(), square.float().nan_to_num())
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        fp32_from_bits(torch.ones(2))
 
     torch.manual_seed(0)
     x = torch.randn(4096, 64) * 3
