@@ -59,6 +59,7 @@ __all__ = [
     "stored_fp32",
     "fp32_from_bits",
     "cast_exactly",
+    "stored_sum",
     "pack_nibbles",
     "unpack_nibbles",
     "fwht",
@@ -237,6 +238,14 @@ def fp32_from_bits(t: torch.Tensor) -> torch.Tensor:
     magnitude = ((biased << 23) | (mantissa << 13)).view(torch.float32)
     magnitude = torch.where(exponent == 0, mantissa.to(torch.float32) * 2.0**-24, magnitude)  # subnormals, zero
     return torch.where(negative, -magnitude, magnitude)
+
+
+def stored_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The FP32 sum over ``dim`` of ``t``'s stored values (a bias gradient): eagerly ``t.sum(dim, dtype=float32)``,
+    which makes no FP32 copy of ``t``; while traced, the sum of :func:`stored_fp32`."""
+    if _traced():
+        return stored_fp32(t).sum(dim)
+    return t.sum(dim, dtype=torch.float32)
 
 
 def cast_exactly(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

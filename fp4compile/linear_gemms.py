@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, wang_linear
-from .format import NVFP4, cast_exactly, dge_derivative, scaled_values, stored_fp32
+from .format import NVFP4, cast_exactly, dge_derivative, scaled_values, stored_fp32, stored_sum
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
@@ -259,5 +259,5 @@ def linear_backward(
     else:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=weight.dtype)
 
-    db = cast_exactly(stored_fp32(dy).sum(0), weight.dtype) if has_bias else dy.new_empty(0)
+    db = cast_exactly(stored_sum(dy, 0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .format import NVFP4, cast_exactly, stored_fp32
+from .format import NVFP4, cast_exactly, stored_fp32, stored_sum
 from .gemm import nvfp4_gemm
 from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
 from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
@@ -182,5 +182,5 @@ def linear_backward(
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
         dw = torch.cat([torch.where(selected, dw_out, dw[:, :k]), dw[:, k:]], 1)
     dw = cast_exactly(dw[:, :in_features][:, inverse], weight.dtype)
-    db = cast_exactly(stored_fp32(dy).sum(0), weight.dtype) if has_bias else dy.new_empty(0)
+    db = cast_exactly(stored_sum(dy, 0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db

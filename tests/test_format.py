@@ -37,6 +37,7 @@ from fp4compile.format import (
     quantize_reference,
     rotate,
     stored_fp32,
+    stored_sum,
     unpack_nibbles,
     unrotate,
 )
@@ -797,3 +798,15 @@ def test_cast_exactly_keeps_its_rounding_under_a_fused_upcast(dtype):
     assert torch.equal(cast_exactly(x, dtype), x.to(dtype)) and cast_exactly(x, torch.float32) is x
     plain = lambda x: (x * 1.5).to(dtype).float() + 1  # noqa: E731
     assert not torch.equal(torch.compile(plain, fullgraph=True)(x), plain(x))
+
+
+def test_stored_sum_reads_bits_only_while_traced():
+    """Eagerly the bias gradient is one reduction with FP32 accumulation (no FP32 copy of dY); traced, it sums the
+    values read from dY's bits, which a fused producer cannot replace by its unrounded values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    t = (torch.randn(512, 96) * 3).bfloat16()
+    assert torch.equal(stored_sum(t, 0), t.sum(0, dtype=torch.float32))
+    graph = make_fx(lambda t: stored_sum(t, 0))(t)
+    assert any(n.target is torch.ops.aten.view.dtype for n in graph.graph.nodes)
+    assert torch.equal(graph(t), fp32_from_bits(t).sum(0))
