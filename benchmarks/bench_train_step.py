@@ -31,7 +31,8 @@ MODELS = {
 }
 
 
-def _model(kind: str, layers: Union[int, None] = None):
+def make_model(kind: str, layers: Union[int, None] = None, device: str = "cuda"):
+    """The benchmark's model (``MODELS``), seeded, on ``device``; ``layers`` overrides its number of blocks."""
     import transformers
 
     torch.manual_seed(0)
@@ -39,13 +40,13 @@ def _model(kind: str, layers: Union[int, None] = None):
         config = transformers.GPT2Config(
             n_layer=layers or 12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, use_cache=False
         )
-        return transformers.GPT2LMHeadModel(config).cuda()
+        return transformers.GPT2LMHeadModel(config).to(device)
     config = transformers.LlamaConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 8, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
         use_cache=False,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).cuda()
+    return transformers.LlamaForCausalLM(config).to(device)
 
 
 def _blocks(model) -> torch.nn.ModuleList:
@@ -66,7 +67,7 @@ def make_step(
     compiles each transformer block instead of the whole model (one compilation serves the identical blocks;
     embeddings, final norm, LM head and loss run eagerly).
     """
-    model = _model(kind, layers)
+    model = make_model(kind, layers)
     seq = MODELS[kind][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     nvfp4 = dict(backend="nvfp4", options={"recipe": recipe, "mode": mode})
