@@ -6,10 +6,10 @@ Under ``torch.compile`` on a GPU every kernel launch of the quantized linear's d
 ``wrap_triton``, and torch analyses each one (it generates the kernel's Triton IR) to learn which tensors it
 writes. This runs AOTAutograd's part of that compilation for ``bench_train_step``'s Llama-style model on the CPU:
 a stand-in Triton driver names an sm90 CUDA target (IR generation needs no GPU), CPU tensors take the CUDA code
-path, and the GEMM is an opaque reference op. The compiled graph is not run (the stand-in driver cannot launch),
-and Inductor's lowering, which analyses the launches again, is not included. Reported: AOTAutograd's time, the
-analyses the backend asked for, those torch performed, and their time; ``--no-memo`` disables the backend's
-memo (``fp4compile/launch_analysis.py``).
+path, and the GEMM op runs its CPU kernel (the reference). The compiled graph is not run (the stand-in driver
+cannot launch), and Inductor's lowering, which analyses the launches again, is not included. Reported:
+AOTAutograd's time, the analyses the backend asked for, those torch performed, and their time; ``--no-memo``
+disables the backend's memo (``fp4compile/launch_analysis.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import Optional
 
 import torch
 
@@ -44,25 +43,6 @@ class _CudaTargetDriver:
         return torch.cuda
 
 
-@torch.library.custom_op("fp4compile_bench::gemm", mutates_args=())
-def _reference_gemm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    outer_a: torch.Tensor,
-    outer_b: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    from fp4compile import dispatch
-
-    return dispatch.gemm(a, b, outer_a, outer_b, bias, out_dtype)
-
-
-@_reference_gemm.register_fake
-def _(a, b, outer_a, outer_b, bias, out_dtype):
-    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
-
-
 @contextlib.contextmanager
 def _cuda_path_on_cpu(counts: dict, memo: bool):
     """CPU tensors take the CUDA code path; torch's analyses are counted and timed; the memo on or off."""
@@ -70,7 +50,6 @@ def _cuda_path_on_cpu(counts: dict, memo: bool):
     import triton
 
     import fp4compile.backend as backend
-    import fp4compile.kernels.gemm_op as gemm_op
     import fp4compile.launch_analysis as launch_analysis
     from fp4compile import dispatch
 
@@ -98,7 +77,6 @@ def _cuda_path_on_cpu(counts: dict, memo: bool):
         (wrap, name, timed),
         (launch_analysis, "_memoized", counted),
         (dispatch, "on_triton", lambda t: True),
-        (gemm_op, "gemm_op", _reference_gemm),
     ]
     if not memo:
         patches.append((backend, "memoized_launch_analysis", lambda: contextlib.nullcontext({})))

@@ -4,13 +4,13 @@ Under ``torch.compile`` on a GPU the ``fp4compile::`` ops decompose (``ops.py``)
 CUDA bodies, with the shared quantization of one activation, the per-tensor amax as a graph reduction and the
 kernel launches as graph nodes. This file runs that same trace on the CPU: ``dispatch.on_triton`` says yes for
 CPU tensors, each kernel launch recorded while tracing becomes an opaque mutating op that runs the kernel in
-Triton's interpreter, and the GEMM is the reference's torch ops. A whole Hugging Face model compiled this way
-(``inner="aot_eager"``: everything but Inductor's code generation) must give the loss and every gradient of
-the same model compiled on the CPU reference path, including the stochastic rounding (same seeds).
+Triton's interpreter, and the GEMM op ``fp4compile::gemm`` runs its CPU kernel, the reference GEMM. A whole
+Hugging Face model compiled this way (``inner="aot_eager"``: everything but Inductor's code generation) must
+give the loss and every gradient of the same model compiled on the CPU reference path, including the stochastic
+rounding (same seeds).
 """
 
 import itertools
-from typing import Optional
 
 import pytest
 import test_models
@@ -56,35 +56,13 @@ class _RecordedLauncher:
         return launch
 
 
-@torch.library.custom_op("fp4compile_test::gemm", mutates_args=())
-def _reference_gemm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    outer_a: torch.Tensor,
-    outer_b: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """The GEMM op for the CPU: opaque, as ``fp4compile::gemm`` is on CUDA (its output rounded to ``out_dtype``
-    in memory, which a compiler cannot fuse away)."""
-    out = dispatch._reference_gemm(a, b, outer_a, outer_b)
-    return (out + bias.float() if bias is not None else out).to(out_dtype)
-
-
-@_reference_gemm.register_fake
-def _(a, b, outer_a, outer_b, bias, out_dtype):
-    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
-
-
 def _cuda_path_on_cpu(monkeypatch):
     import fp4compile.kernels.decode as decode
-    import fp4compile.kernels.gemm_op as gemm_op
     import fp4compile.kernels.quantize as quantize
 
     monkeypatch.setattr(dispatch, "on_triton", lambda t: True)
     monkeypatch.setattr(quantize, "launcher", _RecordedLauncher)
     monkeypatch.setattr(decode, "launcher", _RecordedLauncher)
-    monkeypatch.setattr(gemm_op, "gemm_op", _reference_gemm)
 
 
 def _loss_and_grads(kind: str, recipe: str):

@@ -370,3 +370,17 @@ def test_gpu_compiled_conv1d_layout_with_bias_equals_eager(backend, autocast):
 
     for name, got, want in zip(("y", "dx", "dw", "db"), run(compiled), run(linear)):
         assert torch.equal(got, want), name
+
+
+def test_the_gemm_op_runs_the_reference_on_cpu_tensors():
+    """``fp4compile::gemm`` on CPU tensors is the reference GEMM (one rounding after FP32 accumulation and bias),
+    per tensor and per 1x128 block outer scales: the CPU stands in for the GPU with the op itself."""
+    from fp4compile import dispatch
+    from fp4compile.kernels.gemm_op import gemm_op
+
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(64, 256).half(), torch.randn(48, 256).half(), torch.randn(48)
+    for outer_a, outer_b in [(torch.tensor(0.5), torch.tensor(3.0)), (torch.rand(64, 2), torch.rand(48, 2))]:
+        for bias_or_none in (bias, None):
+            got = gemm_op(a, b, outer_a, outer_b, bias_or_none, torch.bfloat16)
+            assert torch.equal(got, dispatch.gemm(a, b, outer_a, outer_b, bias_or_none, torch.bfloat16))

@@ -1,4 +1,4 @@
-"""``fp4compile::gemm``: the Triton NVFP4 GEMM as an opaque custom op.
+"""``fp4compile::gemm``: the Triton NVFP4 GEMM as an opaque custom op (on CPU tensors: the reference GEMM).
 
 The quantized linear's triton ops (``ops.py``) are traced into the compiled graph kernel by kernel; the
 GEMM stays one op in that graph (as ``aten.mm`` would), because its persistent TMA kernel autotunes
@@ -30,3 +30,13 @@ def gemm_op(
 @gemm_op.register_fake
 def _gemm_fake(a, b, outer_a, outer_b, bias, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@gemm_op.register_kernel("cpu")
+def _gemm_cpu(a, b, outer_a, outer_b, bias, out_dtype):
+    """The reference GEMM for CPU tensors (the CPU stands in for the GPU in tests and the CPU benchmark of the
+    compiled CUDA code path): the same one rounding to ``out_dtype`` after FP32 accumulation and bias."""
+    from ..dispatch import _reference_gemm
+
+    out = _reference_gemm(a, b, outer_a, outer_b)
+    return (out if bias is None else out + bias.float()).to(out_dtype)
