@@ -60,18 +60,27 @@ def make_step(
     kind: str = "gpt2",
     layers: Union[int, None] = None,
     regional: bool = False,
+    inductor: Union[dict, None] = None,
 ):
     """(model, step): one optimizer step of the compiled model (Inductor for bf16, else backend="nvfp4").
 
     ``layers`` overrides the model's number of transformer blocks (default: the model's own). ``regional``
     compiles each transformer block instead of the whole model (one compilation serves the identical blocks;
-    embeddings, final norm, LM head and loss run eagerly).
+    embeddings, final norm, LM head and loss run eagerly). ``inductor``: Inductor config patches for every
+    variant (bf16 through ``torch.compile(options=...)``, NVFP4 through the backend's ``inductor`` option).
     """
     model = make_model(kind, layers)
     seq = MODELS[kind][0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    nvfp4 = dict(backend="nvfp4", options={"recipe": recipe, "mode": mode})
-    compile_kw = dict(mode=mode) if recipe == "bf16" else nvfp4
+    nvfp4 = dict(backend="nvfp4", options={"recipe": recipe, "mode": mode, "inductor": dict(inductor or {})})
+    if recipe != "bf16":
+        compile_kw = nvfp4
+    elif inductor:  # torch.compile takes mode= or options=, not both
+        from torch._inductor import list_mode_options
+
+        compile_kw = dict(options={**list_mode_options(mode), **inductor})
+    else:
+        compile_kw = dict(mode=mode)
     if regional:
         for block in _blocks(model):
             block.compile(**compile_kw)
@@ -91,8 +100,10 @@ def make_step(
     return model, step
 
 
-def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool = False) -> dict:
-    model, step = make_step(recipe, batch, mode, kind, regional=regional)
+def _measure(
+    recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool = False, inductor=None
+) -> dict:
+    model, step = make_step(recipe, batch, mode, kind, regional=regional, inductor=inductor)
     first = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -118,6 +129,19 @@ def _measure(recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: 
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(), params=params)  # fmt: skip
 
 
+def _patch(text: str) -> tuple:
+    """``NAME=VALUE`` (a Python literal) as a pair."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor takes NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--inductor {text!r}: the value must be a Python literal (True, 4, 'x')") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out", help="directory for bench_train_step.json / .md")
@@ -127,13 +151,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--mode", default="default", help="torch.compile mode for every variant (e.g. reduce-overhead)")
     parser.add_argument("--regional", action="store_true", help="compile each transformer block, not the whole model")
+    parser.add_argument(
+        "--inductor", action="append", default=[], metavar="NAME=VALUE",
+        help="an Inductor config patch for every variant (Python literal value), e.g. cpp_wrapper=True; repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
+    inductor = dict(_patch(p) for p in args.inductor)
     env = gpu_environment("bench_train_step")
     seq, default_batch, description = MODELS[args.model]
     batch = args.batch or default_batch
     records = []
     for recipe in ["bf16", *args.recipes.split(",")]:
-        records.append(_measure(recipe, batch, 5, args.steps, args.mode, args.model, args.regional))
+        records.append(_measure(recipe, batch, 5, args.steps, args.mode, args.model, args.regional, inductor))
         print(records[-1], flush=True)
         print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         torch._dynamo.reset()
@@ -148,13 +177,15 @@ def main() -> None:
         for r in records
     ]  # fmt: skip
     print(format_table(header, rows))
-    stem = f"bench_train_step_{args.model}_{args.mode}{'_regional' if args.regional else ''}"
+    patched = "".join(f"_{name}" for name in sorted(inductor))
+    stem = f"bench_train_step_{args.model}_{args.mode}{'_regional' if args.regional else ''}{patched}"
     write_json(f"{args.out}/{stem}.json", dict(env=env, model=args.model, seq=seq, batch=batch, mode=args.mode,
                                                results=records))  # fmt: skip
     with open(f"{args.out}/{stem}.md", "w") as f:
         f.write(f"{environment_line(env)}; ")
         f.write(f"{description} ({base['params'] / 1e6:.0f}M params), batch {batch} x {seq} tokens, ")
-        f.write(f"mode {args.mode}{', each block compiled (--regional)' if args.regional else ''}\n\n")
+        f.write(f"mode {args.mode}{', each block compiled (--regional)' if args.regional else ''}")
+        f.write("".join(f", Inductor {name}={value!r}" for name, value in sorted(inductor.items())) + "\n\n")
         f.write(markdown_table(header, rows) + "\n")
 
 

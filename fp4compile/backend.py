@@ -41,7 +41,7 @@ INNER_COMPILERS = ("inductor", "aot_eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-_OPTION_NAMES = ("recipe", "skip", "inner", "mode", "mix_recipes", "monitor")
+_OPTION_NAMES = ("recipe", "skip", "inner", "mode", "inductor", "mix_recipes", "monitor")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class BackendOptions:
             through AOTAutograd without Inductor (for debugging).
         mode: an Inductor mode (``"max-autotune"``, ``"reduce-overhead"``, ...). ``torch.compile``
             does not accept ``mode=`` together with ``options=``, so it can be given here.
+        inductor: Inductor config patches for this compilation only (``{"cpp_wrapper": True}``): what
+            ``torch.compile(options=...)`` would pass to Inductor, which the backend's own options replace. Names
+            are ``torch._inductor.config``'s (dotted for nested ones); they apply after the mode's.
         mix_recipes: allow a ``recipe`` that differs from the recipe of layers already converted to
             ``NVFP4Linear`` (by ``quantize_``); without it that is an error.
         recipe_given: whether the user named the recipe (the options held ``"recipe"``).
@@ -68,6 +71,7 @@ class BackendOptions:
     skip: LayerFilter = LayerFilter()
     inner: str = "inductor"
     mode: Optional[str] = None
+    inductor: tuple = ()
     mix_recipes: bool = False
     recipe_given: bool = False
     monitor: Any = None
@@ -91,6 +95,7 @@ class BackendOptions:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
         if mode not in (None, "default") and inner != "inductor":
             raise ValueError(f"mode={mode!r} needs inner='inductor' (got inner={inner!r})")
+        inductor = _inductor_patches(options.get("inductor"), inner)
         mix_recipes = options.get("mix_recipes", False)
         if not isinstance(mix_recipes, bool):
             raise TypeError(f"nvfp4 option 'mix_recipes' must be True or False, got {mix_recipes!r}")
@@ -102,7 +107,32 @@ class BackendOptions:
                 raise TypeError(
                     f"nvfp4 option 'monitor' must be a fp4compile.NumericsMonitor, got {type(monitor).__name__}"
                 )
-        return cls(recipe, skip, inner, mode, mix_recipes, recipe_given="recipe" in options, monitor=monitor)
+        return cls(
+            recipe, skip, inner, mode, inductor, mix_recipes, recipe_given="recipe" in options, monitor=monitor
+        )
+
+
+def _inductor_patches(patches: Any, inner: str) -> tuple:
+    """The ``inductor`` option checked: a dict of known ``torch._inductor.config`` names, as sorted pairs."""
+    if patches is None:
+        return ()
+    if not isinstance(patches, dict):
+        kind = type(patches).__name__
+        raise TypeError(f"nvfp4 option 'inductor' must be a dict of Inductor config patches, got {kind}")
+    if patches and inner != "inductor":
+        raise ValueError(f"nvfp4 option 'inductor' needs inner='inductor' (got inner={inner!r})")
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    unknown = sorted(name for name in patches if name not in known)
+    if unknown:
+        raise ValueError(
+            f"unknown Inductor config name(s) {unknown} in nvfp4 option 'inductor' "
+            f"(names of torch._inductor.config, dotted for nested ones: 'triton.cudagraphs')"
+        )
+    if "post_grad_custom_post_pass" in patches:
+        raise ValueError("nvfp4 option 'inductor' cannot set post_grad_custom_post_pass: the backend uses it")
+    return tuple(sorted(patches.items()))
 
 
 def converted_recipes(named_modules: Iterable[tuple[str, torch.nn.Module]]) -> set[str]:
@@ -179,6 +209,7 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: B
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(options.mode)) if options.mode not in (None, "default") else {}
+    patches.update(options.inductor)
     patches["post_grad_custom_post_pass"] = _CodeVersionPass()
     with memoized_launch_analysis():
         return compile_fx(gm, example_inputs, config_patches=patches)

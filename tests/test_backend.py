@@ -307,6 +307,38 @@ def test_options_are_validated_with_the_valid_values_listed():
         compiled(torch.randn(4, 32))
 
 
+def test_inductor_option_patches_this_compilation_only():
+    """``options={"inductor": {...}}`` reaches Inductor for the backend's compilation (torch.compile's own
+    ``options=`` are the backend's), after the mode's patches, and leaves the global config as it was."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def record(graph):
+        seen.append(sum(1 for n in graph.nodes if n.op == "call_function"))
+
+    before = inductor_config.post_grad_custom_pre_pass
+    torch._dynamo.reset()
+    options = {"recipe": "naive", "inductor": {"post_grad_custom_pre_pass": record}}
+    compiled = torch.compile(MLP(), backend="nvfp4", options=options)
+    compiled(torch.randn(4, 32))
+    assert seen and seen[0] > 0  # Inductor ran the pass on the rewritten graph
+    assert inductor_config.post_grad_custom_pre_pass is before
+    options = BackendOptions.parse({"inductor": {"cpp_wrapper": True, "triton.cudagraphs": False}})
+    assert options.inductor == (("cpp_wrapper", True), ("triton.cudagraphs", False))
+
+
+def test_inductor_option_is_validated():
+    with pytest.raises(ValueError, match=r"unknown Inductor config name\(s\) \['cpp_wraper'\]"):
+        BackendOptions.parse({"inductor": {"cpp_wraper": True}})
+    with pytest.raises(TypeError, match=r"must be a dict of Inductor config patches, got list"):
+        BackendOptions.parse({"inductor": ["cpp_wrapper"]})
+    with pytest.raises(ValueError, match=r"needs inner='inductor'"):
+        BackendOptions.parse({"inner": "aot_eager", "inductor": {"cpp_wrapper": True}})
+    with pytest.raises(ValueError, match=r"cannot set post_grad_custom_post_pass"):
+        BackendOptions.parse({"inductor": {"post_grad_custom_post_pass": None}})
+
+
 def test_backend_is_found_through_the_entry_point_without_importing_fp4compile():
     code = (
         "import sys, torch\n"
