@@ -125,6 +125,36 @@ class _DeepMLP(torch.nn.Module):
 
 
 @requires_gpu
+@pytest.mark.parametrize("recipe", ["nvidia", "quartet_ii", "tetrajet_v2_full", "chon"])
+def test_gpu_training_step_never_syncs_the_host(recipe):
+    """A compiled training step (default mode, after warm-up and GEMM autotuning) runs under
+    ``torch.cuda.set_sync_debug_mode("error")``: no op of the quantized linears, their outlier-channel state
+    updates or the stochastic-rounding seeds reads a device value on the host."""
+    torch.manual_seed(0)
+    model = _DeepMLP().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe})
+    x = torch.randn(512, 256, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            compiled(x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@requires_gpu
 @pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
 def test_gpu_modes_stochastic_rounding_is_fresh_per_step_and_reproducible(mode):
     torch.manual_seed(0)
