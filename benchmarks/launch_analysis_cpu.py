@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.bench_train_step import make_model
 
-__all__ = ["main"]
+__all__ = ["cuda_target_driver", "main"]
 
 
 class _CudaTargetDriver:
@@ -44,10 +44,23 @@ class _CudaTargetDriver:
 
 
 @contextlib.contextmanager
+def cuda_target_driver():
+    """Triton's active driver replaced by one that names an sm90 CUDA target (restored on exit)."""
+    import triton
+
+    driver = triton.runtime.driver
+    previous = driver._active  # None on a CPU machine, where reset_active() would fail
+    driver.set_active(_CudaTargetDriver())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+@contextlib.contextmanager
 def _cuda_path_on_cpu(counts: dict, memo: bool):
     """CPU tensors take the CUDA code path; torch's analyses are counted and timed; the memo on or off."""
     import torch._higher_order_ops.triton_kernel_wrap as wrap
-    import triton
 
     import fp4compile.backend as backend
     import fp4compile.launch_analysis as launch_analysis
@@ -81,15 +94,12 @@ def _cuda_path_on_cpu(counts: dict, memo: bool):
     if not memo:
         patches.append((backend, "memoized_launch_analysis", lambda: contextlib.nullcontext({})))
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
-    driver = triton.runtime.driver
-    previous_driver = driver._active  # None on a CPU machine, where reset_active() would fail
     try:
         for owner, attr, value in patches:
             setattr(owner, attr, value)
-        driver.set_active(_CudaTargetDriver())
-        yield
+        with cuda_target_driver():
+            yield
     finally:
-        driver._active = previous_driver
         for owner, attr, value in saved:
             setattr(owner, attr, value)
 
