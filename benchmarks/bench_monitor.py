@@ -6,7 +6,10 @@ Run on a GPU:  python -m benchmarks.bench_monitor [--model llama|gpt2] [--layers
 The model and step are ``bench_train_step``'s (``backend="nvfp4"``, default mode). Measured: the median step
 without the monitor, the median of the monitor's off-steps (``monitor.step`` that only counts) and of its probes,
 all timed with CUDA events around the whole call. The overhead at ``--every`` is
-``(probe + (every - 1) * off-step extra) / (every * step)``.
+``(probe + (every - 1) * off-step extra) / (every * step)``. Where a probe's time goes: its forward + backward
+pass alone (the eager model, gradients of the quantized weights, as the probe runs it) against the whole probe
+(the rest is the statistics and their one transfer to the host), and the CUDA kernels one probe launches
+(``torch.profiler``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ def _median_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _kernels_launched(fn) -> int:
+    """CUDA kernels that one call of ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
@@ -55,18 +68,24 @@ def main() -> None:
     monitor = NumericsMonitor(model, every=args.every, recipe=args.recipe)
     monitor.step(loss_fn)  # the first probe (warm-up of the eager path)
     probe_ms = _median_ms(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)), 3)
+    weights = [m.weight for _, m, _ in monitor.layers()]
+    pass_ms = _median_ms(lambda: torch.autograd.grad(loss_fn(model), weights), 3)
+    kernels = _kernels_launched(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)))
     monitor.steps = 1
     off_ms = _median_ms(lambda: monitor.step(loss_fn), 50)
     overhead = (probe_ms + (args.every - 1) * off_ms) / (args.every * step_ms)
     record = dict(model=args.model, blocks=args.layers, recipe=args.recipe, every=args.every, step_ms=step_ms,
-                  probe_ms=probe_ms, off_step_ms=off_ms, overhead=overhead, layers=len(monitor.layers()))  # fmt: skip
+                  probe_ms=probe_ms, probe_pass_ms=pass_ms, probe_kernels=kernels, off_step_ms=off_ms,
+                  overhead=overhead, layers=len(monitor.layers()))  # fmt: skip
     print(record)
     write_json(f"{args.out}/bench_monitor.json", dict(env=env, results=[record]))
     with open(f"{args.out}/bench_monitor.md", "w") as f:
         blocks = f", run with {args.layers} blocks" if args.layers else ""
         f.write(f"{environment_line(env)}; {description}{blocks}, batch {batch} x {seq}, recipe {args.recipe}\n\n")
-        f.write("| step ms | probe ms | off-step ms | overhead at every=" + f"{args.every} |\n|---|---|---|---|\n")
-        f.write(f"| {step_ms:.1f} | {probe_ms:.1f} | {off_ms:.4f} | {100 * overhead:.2f} % |\n")
+        f.write("| step ms | probe ms | of it fwd + bwd ms | kernels per probe | off-step ms | overhead at every=")
+        f.write(f"{args.every} |\n|---|---|---|---|---|---|\n")
+        cells = [f"{step_ms:.1f}", f"{probe_ms:.1f}", f"{pass_ms:.1f}", str(kernels), f"{off_ms:.4f}"]
+        f.write("| " + " | ".join(cells) + f" | {100 * overhead:.2f} % |\n")
 
 
 if __name__ == "__main__":
