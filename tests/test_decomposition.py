@@ -256,7 +256,9 @@ def test_wang_layout_stays_one_opaque_op_on_cuda():
 def test_graph_amax_reads_the_rounded_autocast_operand_under_inductor():
     """The per-tensor amax handed to the quantize kernel is a graph reduction that Inductor fuses with the autocast
     cast producing X; it must be the amax of the bf16 values the kernel reads, not of the FP32 values before their
-    rounding (Inductor's CPU backend, like its CUDA one, elides a fused downcast-upcast)."""
+    rounding (Inductor's CPU backend, like its CUDA one, elides a fused downcast-upcast: an amax that upcast X
+    before reducing would fail here). On the GPU the forward of GPT-2's Conv1D under autocast differed from eager
+    until the amax read X's bits (``test_gpu_compiled_conv1d_layout_with_bias_equals_eager``)."""
     from fp4compile import dispatch
     from fp4compile.recipe import Recipe
 
