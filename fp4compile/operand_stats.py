@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
 from .format import NVFP4, stored_fp32
 from .linear_gemms import round_up
 from .quantize import quantize
@@ -78,7 +79,9 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     q = quantize_padded(t, spec)
     x = stored_fp32(t)
     magnitude, column_sq = x.abs(), x.square().sum(0)
-    error = (x - q.dequantize(torch.float32)[:rows, :k]).square().sum()
+    # Without a rotation one decode (a kernel on CUDA) gives the FP32 values; a rotation is undone by the spec.
+    dequantized = dispatch.dequantize(q, k)[:rows] if spec.rotation == "none" else q.dequantize(torch.float32)
+    error = (x - dequantized[:rows, :k]).square().sum()
     total = column_sq.sum()
     snr_db = 10 * torch.log10(total / error)
 

@@ -36,3 +36,14 @@ def test_decode_transposed_dequantization_crops_and_pads(name):
     assert got.shape == (cols, padded)
     torch.testing.assert_close(got[:, :rows], q.dequantize(torch.float32)[:rows, :cols].T, rtol=0, atol=0)
     assert torch.count_nonzero(got[:, rows:]) == 0
+
+
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6"])
+def test_decode_dequantization_with_outer_scales_crops(name):
+    """The FP32 dequantization (``dispatch.dequantize``: HCP's residual, OutControl's dgrad weight, the monitor's
+    SNR) equals the spec's, cropped to ``cols`` columns."""
+    q = quantize(_input()[: ROWS - ROWS % 16], name, validate=False)
+    cols = K - 48
+    got = decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
+    assert got.shape == (q.shape[0], cols)
+    torch.testing.assert_close(got, q.dequantize(torch.float32)[:, :cols], rtol=0, atol=0)
