@@ -88,8 +88,10 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     blocks = (k + 15) // 16
     scale_bits = q.scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
     block_max = F.pad(magnitude, (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
-    codes = q.codes[:rows].to(torch.int32)
-    nibbles = torch.stack([codes & 0xF, codes >> 4], -1).flatten(1)[:, :k]
+    codes = q.codes[:rows]  # element 2j in the low nibble of byte j, element 2j + 1 in the high one
+    saturated = ((codes[:, : (k + 1) // 2] & _E2M1_MAGNITUDE) == _E2M1_SIX).sum() + (
+        ((codes[:, : k // 2] >> 4) & _E2M1_MAGNITUDE) == _E2M1_SIX
+    ).sum()
 
     chosen = torch.topk(column_sq, min(top, k))
     return {
@@ -97,7 +99,7 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
         "snr_db": snr_db,
         "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
         "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
-        "elem_saturated": _fraction((nibbles & _E2M1_MAGNITUDE) == _E2M1_SIX),
+        "elem_saturated": saturated.to(torch.float32) / (rows * k),
         "scale_saturated": _fraction(scale_bits == _E4M3_MAX_BITS),
         "top_share": torch.where(total > 0, chosen.values.sum() / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
         "top_channels": chosen.indices,

@@ -16,7 +16,7 @@ from fp4compile.backend import BackendOptions
 from fp4compile.format import E2M1_VALUES, TE_RHT_SIGNS, quantize_reference
 from fp4compile.monitor import slot_operands
 from fp4compile.nn import NVFP4Linear
-from fp4compile.operand_stats import STATS, operand_stats
+from fp4compile.operand_stats import STATS, operand_stats, quantize_padded
 
 
 def _planted(rows=48, k=256):
@@ -74,6 +74,12 @@ def test_padding_is_left_out_and_bad_operands_are_refused():
         assert 0 < stats["elem_saturated"].item() < 1 and stats["top_channels"].max().item() < 200
     plain = operand_stats(t[:, :192], QuantSpec.named("rtn"))
     assert plain["snr_db"].item() > 10
+    odd = t[:, :199] * 40  # an odd K (wgrad operands: K = tokens): the last byte's high nibble is padding
+    codes = quantize_padded(odd, QuantSpec.named("rtn")).codes[:40]
+    nibbles = torch.stack([codes & 0xF, codes >> 4], -1).flatten(1)[:, :199]
+    saturated = ((nibbles & 0x7) == 0x7).double().mean().item()
+    assert saturated > 0
+    assert operand_stats(odd, QuantSpec.named("rtn"))["elem_saturated"].item() == pytest.approx(saturated, rel=1e-6)
     with pytest.raises(ValueError, match="non-empty 2-D operand"):
         operand_stats(torch.randn(16), QuantSpec.named("rtn"))
 
