@@ -80,7 +80,7 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     x = stored_fp32(t)
     magnitude, column_sq = x.abs(), x.square().sum(0)
     # Without a rotation one decode (a kernel on CUDA) gives the FP32 values; a rotation is undone by the spec.
-    dequantized = dispatch.dequantize(q, k)[:rows] if spec.rotation == "none" else q.dequantize(torch.float32)
+    dequantized = dispatch.dequantize(q, k) if spec.rotation == "none" else q.dequantize(torch.float32)
     error = (x - dequantized[:rows, :k]).square().sum()
     total = column_sq.sum()
     snr_db = 10 * torch.log10(total / error)
