@@ -9,7 +9,8 @@ runtime.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +21,7 @@ __all__ = [
     "dequantize",
     "dequantize_transposed",
     "decomposes",
+    "fused",
     "gemm",
     "gemm_values",
     "on_triton",
@@ -43,6 +45,25 @@ def decomposes(t: torch.Tensor, recipe) -> bool:
     give the eager op's bits; kept opaque, it runs the same kernels and torch ops as in eager mode.
     """
     return on_triton(t) and not recipe.fp8_backward
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn`` (torch ops only, first argument a tensor) run as Inductor compiles it (dynamic shapes, one graph) when
+    its first argument is a CUDA tensor, eagerly elsewhere. For measurement code whose dozens of small kernels would
+    each cost a launch on a GPU: Inductor fuses them into a few. Compiled on first use; the results equal the eager
+    ones up to the order of floating-point sums."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(t: torch.Tensor, *args, **kwargs):
+        nonlocal compiled
+        if not on_triton(t):
+            return fn(t, *args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(t, *args, **kwargs)
+
+    return run
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:

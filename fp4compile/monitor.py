@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .eligibility import LayerFilter, SkipRule
-from .operand_stats import STATS, operand_stats, quantize_padded
+from .operand_stats import STATS, dequantized, operand_stats, quantize_padded
 from .osci_layers import quantized_linears, unwrap_model
 from .recipe import SLOTS, Recipe
 from .spec import QuantSpec
@@ -54,7 +54,7 @@ def _cast_like_forward(t: torch.Tensor) -> torch.Tensor:
 def _dequantized(t: torch.Tensor, spec: QuantSpec, k_multiple: int) -> torch.Tensor:
     """``t`` [rows, K] quantized along K as the forward does (K zero-padded to ``k_multiple``), dequantized."""
     rows, k = t.shape
-    return quantize_padded(t, spec, k_multiple).dequantize(torch.float32)[:rows, :k]
+    return dequantized(quantize_padded(t, spec, k_multiple), rows, k)
 
 
 def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional[torch.Tensor]) -> dict:

@@ -33,7 +33,7 @@ from .linear_gemms import round_up
 from .quantize import quantize
 from .spec import QuantSpec
 
-__all__ = ["STATS", "operand_stats", "quantize_padded"]
+__all__ = ["STATS", "dequantized", "operand_stats", "quantize_padded"]
 
 #: The statistics of :func:`operand_stats`, in the order they are reported.
 STATS = (
@@ -64,31 +64,38 @@ def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] 
     the spec's own) and along the rows to the spec's row multiple (16x16 tiles)."""
     rows, k = t.shape
     k_multiple = k_multiple or spec.k_multiple
-    padded = F.pad(t, (0, round_up(k, k_multiple) - k, 0, round_up(rows, spec.row_multiple) - rows))
+    pad_k, pad_rows = round_up(k, k_multiple) - k, round_up(rows, spec.row_multiple) - rows
+    padded = F.pad(t, (0, pad_k, 0, pad_rows)) if pad_k or pad_rows else t
     return quantize(padded, spec, validate=False)
 
 
-def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, torch.Tensor]:
-    """The statistics (module docstring) of ``t`` [rows, K] quantized by ``spec`` along K, as device tensors.
+@dispatch.fused
+def _rotation_undone(codes, scales, outer, signs, spec: QuantSpec) -> torch.Tensor:
+    return NVFP4(codes, scales, outer, spec, signs).dequantize(torch.float32)
 
-    Draws the quantizer's random bits from torch's default generator of ``t``'s device.
-    """
-    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
+
+def dequantized(q: NVFP4, rows: int, cols: int) -> torch.Tensor:
+    """FP32 ``q`` dequantized (a rotation undone) and cropped to [rows, cols]: one decode kernel on CUDA for specs
+    without rotation, the spec's torch ops (fused by Inductor on CUDA) with one."""
+    if q.spec.rotation == "none":
+        return dispatch.dequantize(q, cols)[:rows]
+    return _rotation_undone(q.codes, q.scales, q.outer, q.signs, q.spec)[:rows, :cols]
+
+
+@dispatch.fused
+def _statistics(t: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, deq: torch.Tensor, top: int) -> dict:
+    """The statistics of ``t`` [rows, K] from its quantization's ``codes`` and ``scales`` (padded) and its FP32
+    dequantization ``deq`` [rows, K]."""
     rows, k = t.shape
-    q = quantize_padded(t, spec)
     x = stored_fp32(t)
     magnitude, column_sq = x.abs(), x.square().sum(0)
-    # Without a rotation one decode (a kernel on CUDA) gives the FP32 values; a rotation is undone by the spec.
-    dequantized = dispatch.dequantize(q, k) if spec.rotation == "none" else q.dequantize(torch.float32)
-    error = (x - dequantized[:rows, :k]).square().sum()
+    error = (x - deq).square().sum()
     total = column_sq.sum()
-    snr_db = 10 * torch.log10(total / error)
 
     blocks = (k + 15) // 16
-    scale_bits = q.scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
+    scale_bits = scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
     block_max = F.pad(magnitude, (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
-    codes = q.codes[:rows]  # element 2j in the low nibble of byte j, element 2j + 1 in the high one
+    codes = codes[:rows]  # element 2j in the low nibble of byte j, element 2j + 1 in the high one
     saturated = ((codes[:, : (k + 1) // 2] & _E2M1_MAGNITUDE) == _E2M1_SIX).sum() + (
         ((codes[:, : k // 2] >> 4) & _E2M1_MAGNITUDE) == _E2M1_SIX
     ).sum()
@@ -96,7 +103,7 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     chosen = torch.topk(column_sq, min(top, k))
     return {
         "amax": magnitude.amax(),
-        "snr_db": snr_db,
+        "snr_db": 10 * torch.log10(total / error),
         "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
         "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
         "elem_saturated": saturated.to(torch.float32) / (rows * k),
@@ -104,3 +111,16 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
         "top_share": torch.where(total > 0, chosen.values.sum() / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
         "top_channels": chosen.indices,
     }
+
+
+def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, torch.Tensor]:
+    """The statistics (module docstring) of ``t`` [rows, K] quantized by ``spec`` along K, as device tensors.
+
+    Draws the quantizer's random bits from torch's default generator of ``t``'s device. On CUDA the measurement
+    after the quantization runs as Inductor fuses it (``dispatch.fused``: compiled on first use).
+    """
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
+    rows, k = t.shape
+    q = quantize_padded(t, spec)
+    return _statistics(t, q.codes, q.scales, dequantized(q, rows, k), top)

@@ -67,6 +67,32 @@ def test_statistics_equal_the_reference_quantizers(name):
         assert got["scale_zero"] == pytest.approx(4 / (48 * 256 // 16 - 2), rel=1e-6) and got["scale_subnormal"] > 0
 
 
+def test_fused_statistics_equal_the_eager_ones(monkeypatch):
+    """On CUDA the measurement runs as Inductor compiles it (``dispatch.fused``); here Inductor compiles it for the
+    CPU: the counts are equal, the sums equal up to their order, and a second shape reuses the graph (dynamic).
+    ``test_gpu_statistics_equal_the_cpu_ones`` checks the CUDA side, rotations included."""
+    from fp4compile import dispatch
+    from fp4compile import operand_stats as stats_module
+
+    cases = []
+    for rows, k, spec in [(48, 256, "rtn"), (40, 200, "rtn"), (64, 512, "rtn")]:
+        t = (_planted(rows, k) if k == 256 else torch.randn(rows, k)).to(torch.bfloat16)
+        q = quantize_padded(t, QuantSpec.named(spec))
+        cases.append((t, q, stats_module.dequantized(q, rows, k)))
+    eager = [stats_module._statistics(t, q.codes, q.scales, deq, 8) for t, q, deq in cases]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(dispatch, "on_triton", lambda t: True)  # take the CUDA side of dispatch.fused
+    fused = [stats_module._statistics(t, q.codes, q.scales, deq, 8) for t, q, deq in cases]
+    monkeypatch.undo()
+    # K a multiple of 16 or not (block padding or none) are two graphs; no graph per shape (dynamic shapes)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    for want, got in zip(eager, fused):
+        for stat in STATS:
+            exact = stat not in ("snr_db", "top_share")
+            assert got[stat].tolist() == pytest.approx(want[stat].tolist(), rel=0 if exact else 1e-6), stat
+
+
 def test_padding_is_left_out_and_bad_operands_are_refused():
     t = _planted(rows=40, k=200)  # K and rows padded for double-block and 16x16 scales
     for name in ("double_block_rtn", "rtn_2d"):
@@ -276,8 +302,10 @@ def test_through_quantize_each_layer_keeps_its_recipe():
 
 
 @requires_gpu
-@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6"])
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6", "rht16_rtn_te"])
 def test_gpu_statistics_equal_the_cpu_ones(name):
+    """The GPU's statistics (Triton quantization, the measurement fused by Inductor) against the CPU's (the
+    reference, eager torch ops)."""
     t, spec = _planted(rows=4096, k=2048), QuantSpec.named(name)
     gpu, cpu = operand_stats(t.cuda(), spec), operand_stats(t, spec)
     for stat in STATS:
