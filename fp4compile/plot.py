@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from .recipe import SLOTS
 
-__all__ = ["read_rows", "stat_matrix", "heatmap", "plot_numerics", "main"]
+__all__ = ["FRACTIONS", "color_limits", "heatmap", "main", "plot_numerics", "read_rows", "stat_matrix"]
 
 _KEYS = ("step", "layer", "slot", "stat", "value")
 
@@ -94,6 +94,23 @@ def stat_matrix(rows: Sequence[dict], stat: str, slot: str):
     return layers, steps, matrix
 
 
+#: Statistics that are fractions: their colour scale starts at 0, so that a panel of zeros reads as "none".
+FRACTIONS = ("scale_zero", "scale_subnormal", "elem_saturated", "scale_saturated", "top_share")
+
+
+def color_limits(stat: str, matrix) -> Optional[tuple[float, float]]:
+    """The colour limits of one panel, or None for matplotlib's (the data's range): fractions from 0 to their
+    largest value (to 1 where every value is 0), and 0 to 1 for a panel without a value."""
+    import numpy as np
+
+    if np.isnan(matrix).all():
+        return 0.0, 1.0
+    if stat in FRACTIONS:
+        top = float(np.nanmax(matrix))
+        return 0.0, top if top > 0 else 1.0
+    return None
+
+
 def heatmap(rows: Sequence[dict], stat: str, path: str, title: Optional[str] = None) -> str:
     """Write one PNG at ``path`` with a heatmap of ``stat`` (layers x steps) per slot that has it; returns ``path``."""
     import numpy as np
@@ -117,8 +134,9 @@ def heatmap(rows: Sequence[dict], stat: str, path: str, title: Optional[str] = N
         layers, steps, matrix = stat_matrix(rows, stat, slot)
         axes = figure.add_subplot(nrows, ncols, i + 1)
         image = axes.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", cmap=cmap)
-        if np.isnan(matrix).all():
-            image.set_clim(0.0, 1.0)
+        limits = color_limits(stat, matrix)
+        if limits is not None:
+            image.set_clim(*limits)
         figure.colorbar(image, ax=axes, label=stat)
         ticks = range(0, len(steps), max(1, math.ceil(len(steps) / 8)))
         axes.set_xticks(list(ticks), [str(steps[j]) for j in ticks])

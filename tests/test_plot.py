@@ -142,3 +142,17 @@ def test_cli_errors(log, tmp_path):
     assert unknown.returncode == 2
     assert "bogus" in unknown.stderr and "snr_db, scale_zero" in unknown.stderr
     assert not (tmp_path / "u").exists()
+
+
+def test_fractions_are_coloured_from_zero():
+    """A flush-to-zero panel of zeros must read as "none", not as the middle of an arbitrary scale."""
+    import numpy as np
+
+    from fp4compile.plot import color_limits
+
+    zeros = np.zeros((3, 4))
+    some = np.array([[0.0, 0.002], [np.nan, 0.004]])
+    assert color_limits("scale_zero", zeros) == (0.0, 1.0)
+    assert color_limits("scale_zero", some) == (0.0, 0.004)
+    assert color_limits("snr_db", np.array([[18.0, 19.0]])) is None  # the data's own range
+    assert color_limits("snr_db", np.full((2, 2), np.nan)) == (0.0, 1.0)
