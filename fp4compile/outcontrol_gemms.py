@@ -79,14 +79,16 @@ def _outlier_dequantized(values: torch.Tensor, exponents: torch.Tensor, fmt: str
 
 
 def _join(q_values, q_outer, outlier: tuple[torch.Tensor, torch.Tensor], k: int, selected: torch.Tensor):
-    """The GEMM operand: the FP4 one, its first ``k`` columns replaced by the outlier operand once selected."""
+    """The GEMM operand: the FP4 one, its first ``k`` columns replaced by the outlier operand once selected. The
+    values ``q_values`` (the GEMM's own fresh buffer) are overwritten in place in those columns only; the outer
+    scales, which the backward saves, are joined into a new tensor."""
     if k == 0:
         return q_values, q_outer
     values, outer = outlier
     kb = k // 128
-    joined_values = torch.cat([torch.where(selected, values.to(q_values.dtype), q_values[:, :k]), q_values[:, k:]], 1)
+    q_values[:, :k] = torch.where(selected, values.to(q_values.dtype), q_values[:, :k])
     joined_outer = torch.cat([torch.where(selected, outer, q_outer[:, :kb]), q_outer[:, kb:]], 1)
-    return joined_values, joined_outer
+    return q_values, joined_outer
 
 
 def forward_weight_dequantized(
@@ -95,20 +97,23 @@ def forward_weight_dequantized(
     selected: torch.Tensor,
     recipe: Recipe,
     w_q: Optional[NVFP4] = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """FP32 [out, in]: W as the forward's GEMM sees it, dequantized, in the original channel order: the FP4
     quantization of W in the order ``order`` (``w_q`` when the forward saved it), its first ``k`` channels from
-    their outlier format once ``selected``. What dgrad re-quantizes, and OsciReset's ``Q(W)``."""
+    their outlier format once ``selected``. What dgrad re-quantizes (``transposed``: as a contiguous [in, out],
+    gathered so in one copy), and OsciReset's ``Q(W)``."""
     in_features = weight.shape[1]
     k = outlier_count(in_features, recipe.outliers)
     if w_q is None:
         w_q = dispatch.quantize(pad_cols(weight[:, order], round_up(in_features, 128)), recipe.fwd_w, None, None)
-    w_deq = dispatch.dequantize(w_q, in_features)
+    w_deq = dispatch.dequantize(w_q, in_features)  # a fresh buffer: its outlier columns are overwritten in place
     if k:
         fmt = recipe.outliers.outlier_format
         w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
-        w_deq = torch.cat([torch.where(selected, w_out, w_deq[:, :k]), w_deq[:, k:]], 1)
-    return w_deq[:, torch.argsort(order)]
+        w_deq[:, :k] = torch.where(selected, w_out, w_deq[:, :k])
+    inverse = torch.argsort(order)
+    return w_deq.T[inverse] if transposed else w_deq[:, inverse]
 
 
 def linear_forward(
@@ -160,11 +165,11 @@ def linear_backward(
     # dgrad: dX = dY W, K = out, with W the dequantized forward W in the original channel order.
     if recipe.dgrad_w_source == "forward":
         w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
-        w_deq = forward_weight_dequantized(weight, order, selected, recipe, w_q)
+        w_t = forward_weight_dequantized(weight, order, selected, recipe, w_q, transposed=True)
     else:
-        w_deq = stored_fp32(weight)
+        w_t = stored_fp32(weight).T.contiguous()
     out_p = round_up(out_features, recipe.dgrad_dy.k_multiple)
-    q_wt = quantize_operand(pad_cols(w_deq.T.contiguous(), out_p), recipe.dgrad_w, dgrad_signs)
+    q_wt = quantize_operand(pad_cols(w_t, out_p), recipe.dgrad_w, dgrad_signs)
     q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
     dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
@@ -180,7 +185,7 @@ def linear_backward(
         va, oa = _outlier_operand(pad_cols(stored_fp32(dy).T, t_p), fmt)
         vb, ob = _outlier_operand(x_out_t, fmt)
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
-        dw = torch.cat([torch.where(selected, dw_out, dw[:, :k]), dw[:, k:]], 1)
+        dw[:, :k] = torch.where(selected, dw_out, dw[:, :k])  # dw: the FP4 GEMM's fresh output
     dw = cast_exactly(dw[:, :in_features][:, inverse], weight.dtype)
     db = cast_exactly(stored_sum(dy, 0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db

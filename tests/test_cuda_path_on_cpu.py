@@ -90,3 +90,48 @@ def test_the_compiled_cuda_decomposition_equals_the_reference(monkeypatch, kind,
     assert grads.keys() == grads_cuda_path.keys()
     for name, grad in grads.items():
         assert torch.equal(grads_cuda_path[name], grad), name
+
+
+def _mlp_loss_and_grads(recipe):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    x = torch.randn(64, 256)
+    x[:, 7] *= 30.0  # an outlier channel for OutControl to select
+    compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "inner": "aot_eager"})
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compiled(x).float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("path", ["outcontrol", "hot_channel_patch"])
+def test_the_compiled_cuda_decomposition_of_the_outlier_paths_equals_the_reference(monkeypatch, path):
+    """OutControl selecting in its first forward (the MXFP8 columns joined into the GEMM operands, the outlier
+    columns of dW) and the Hot-Channel Patch's residual columns, traced as on a GPU.
+
+    OutControl runs on ``tetrajet_v2`` with round-to-nearest, unrotated backward quantizers: with its stochastic,
+    randomly rotated ones the compiled graph draws some of the backward's random bits in the forward (AOTAutograd's
+    partitioner moves the re-quantization of the saved X^T, which needs only forward values, into the forward and
+    saves its result), so its bits differ from the eager op's, equal in distribution."""
+    import dataclasses
+
+    from fp4compile import HotChannelPatch, OutControl, Recipe
+
+    if path == "outcontrol":
+        base = Recipe.named("tetrajet_v2_full")
+        deterministic = {s: dataclasses.replace(getattr(base, s), rounding="rtn", rotation="none")
+                         for s in ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")}  # fmt: skip
+        outliers = OutControl(ratio=0.1, start=0, window=1)
+        recipe = dataclasses.replace(base, name="outcontrol_now_rtn", outliers=outliers, **deterministic)
+    else:
+        recipe = dataclasses.replace(Recipe.named("chon"), name="hcp_16", outliers=HotChannelPatch(k=16))
+    loss, grads = _mlp_loss_and_grads(recipe)
+    launches = len(_LAUNCHES)
+    _cuda_path_on_cpu(monkeypatch)
+    loss_cuda_path, grads_cuda_path = _mlp_loss_and_grads(recipe)
+    assert len(_LAUNCHES) > launches
+    assert torch.equal(loss_cuda_path, loss)
+    for name, grad in grads.items():
+        assert torch.equal(grads_cuda_path[name], grad), name
