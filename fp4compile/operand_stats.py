@@ -53,10 +53,19 @@ _E2M1_MAGNITUDE = 0x7
 _E2M1_SIX = 0x7
 
 
+def _ratio(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``count / total`` of two FP32 values, correctly rounded also where Inductor compiles it for CUDA (whose FP32
+    division is approximate): their quotient in FP64, rounded once to FP32, is the FP32 quotient (FP64's 53 bits are
+    more than twice FP32's 24 plus 2, so the double rounding is harmless)."""
+    return (count.to(torch.float64) / total.to(torch.float64)).to(torch.float32)
+
+
 def _fraction(mask: torch.Tensor, of: torch.Tensor = None) -> torch.Tensor:
+    """The fraction of ``mask``'s elements that are set (among those set in ``of``), FP32."""
     if of is None:
-        return mask.to(torch.float32).mean()
-    return (mask & of).sum().to(torch.float32) / of.sum().clamp_min(1).to(torch.float32)
+        total = torch.full((), mask.numel(), dtype=torch.float32, device=mask.device)
+        return _ratio(mask.sum().to(torch.float32), total)
+    return _ratio((mask & of).sum().to(torch.float32), of.sum().clamp_min(1).to(torch.float32))
 
 
 def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] = None) -> NVFP4:
@@ -101,12 +110,13 @@ def _statistics(t: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, deq:
     ).sum()
 
     chosen = torch.topk(column_sq, min(top, k))
+    elements = torch.full((), rows * k, dtype=torch.float32, device=t.device)
     return {
         "amax": magnitude.amax(),
         "snr_db": 10 * torch.log10(total / error),
         "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
         "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
-        "elem_saturated": saturated.to(torch.float32) / (rows * k),
+        "elem_saturated": _ratio(saturated.to(torch.float32), elements),
         "scale_saturated": _fraction(scale_bits == _E4M3_MAX_BITS),
         "top_share": torch.where(total > 0, chosen.values.sum() / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
         "top_channels": chosen.indices,
