@@ -4,9 +4,13 @@ Every decoder linear is rewritten; a short training run with ``backend="nvfp4"``
 as much as the unquantized run, within a few percent.
 """
 
+import argparse
+import difflib
 import functools
 import inspect
 import json
+import string
+import textwrap
 
 import pytest
 import torch
@@ -18,6 +22,12 @@ transformers = pytest.importorskip("transformers", reason="the real-model tests 
 
 # Byte-level text: the source of a standard-library module, so the loss has something to learn.
 _TEXT = torch.tensor(list(inspect.getsource(json.decoder).encode()), dtype=torch.long)
+# The GPU runs (200 steps of 16 x 128 tokens) read ~20x more: on json.decoder alone (12.5 KB, seen ~33 times) the
+# models memorize it, and that is where NVFP4 ended 15-29 % above bf16's training loss (on the H200 and on the CPU
+# reference alike, 2026-12-01): a measure of memorization, not of training. On this corpus (~1.7 epochs) the CPU
+# reference of the Llama run ends within 0.1 % of bf16 (benchmarks/RESULTS.md, "Fourth session").
+_LARGE_SOURCE = "".join(inspect.getsource(m) for m in (argparse, json.decoder, json.encoder, textwrap, string, difflib))
+_LARGE_TEXT = torch.tensor(list(_LARGE_SOURCE.encode()), dtype=torch.long)
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +37,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _batch(step: int, batch: int, seq: int, device="cpu") -> torch.Tensor:
+def _batch(step: int, batch: int, seq: int, device="cpu", text: torch.Tensor = _TEXT) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
-    starts = torch.randint(0, len(_TEXT) - seq - 1, (batch,), generator=g)
-    return torch.stack([_TEXT[s : s + seq] for s in starts]).to(device)
+    starts = torch.randint(0, len(text) - seq - 1, (batch,), generator=g)
+    return torch.stack([text[s : s + seq] for s in starts]).to(device)
 
 
 def _model(kind: str, layers=2, d=64, seq=64):
@@ -60,13 +70,13 @@ def test_every_decoder_linear_is_rewritten(kind):
     assert [(r.module, r.reason) for r in weight_skips] == [("lm_head", "skip pattern 'lm_head'")]
 
 
-def _train(kind, recipe, steps, inner, device="cpu", batch=8, seq=64, lr=3e-3, **model_kw):
+def _train(kind, recipe, steps, inner, device="cpu", batch=8, seq=64, lr=3e-3, text=_TEXT, **model_kw):
     model = _model(kind, seq=seq, **model_kw).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     compiled = torch.compile(model, backend="nvfp4", options={"recipe": recipe, "inner": inner})
     losses = []
     for step in range(steps):
-        ids = _batch(step, batch, seq, device)
+        ids = _batch(step, batch, seq, device, text)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -85,10 +95,10 @@ def test_training_on_cpu_lowers_the_loss_like_unquantized(kind):
     assert abs(nvfp4 - unquantized) / unquantized < 0.05, (nvfp4, unquantized)
 
 
-GPU_RUN = dict(device="cuda", batch=16, seq=128, layers=4, d=256)
-# GPT-2 at lr 1e-3 is unstable on this corpus: its final loss swung from 1.47 to 2.37 with the seed in bf16 alike
-# (H200, 3 seeds per recipe, 2026-12-01), which made the comparison below a coin toss; at 3e-4 the three seeds ended
-# at 1.646-1.706 in bf16 and 1.676-1.734 in nvidia (+1.0 to +1.8 %). benchmarks/RESULTS.md has the table.
+GPU_RUN = dict(device="cuda", batch=16, seq=128, layers=4, d=256, text=_LARGE_TEXT)
+# GPT-2 at lr 1e-3 was unstable on json.decoder alone: its final loss swung from 1.47 to 2.37 with the seed in bf16
+# alike (H200, 3 seeds per recipe, 2026-12-01), which made the comparison below a coin toss; at 3e-4 the three seeds
+# ended at 1.646-1.706 in bf16 and 1.676-1.734 in nvidia (+1.0 to +1.8 %). benchmarks/RESULTS.md has the tables.
 GPU_LR = {"gpt2": 3e-4, "llama": 1e-3}
 
 
@@ -106,8 +116,7 @@ def test_training_on_gpu_lowers_the_loss_like_bf16(kind, recipe):
     start_q, nvfp4 = _train(kind, recipe, 200, "inductor", lr=GPU_LR[kind], **GPU_RUN)
     print(f"{kind} {recipe}: start {start_q:.3f}, final {nvfp4:.3f}, bf16 final {bf16:.3f}")
     assert nvfp4 < 0.75 * start_q
-    # NVFP4 costs at most 5 % of loss. It may end lower: on this small corpus (seen ~30 times in 200 steps) the
-    # H100 runs ended 1.5-8 % below bf16 (2026-11-23), which this test does not count as a failure.
+    # NVFP4 costs at most 5 % of loss; ending lower is not counted as a failure.
     assert nvfp4 < 1.05 * bf16, (nvfp4, bf16)
 
 
