@@ -184,12 +184,16 @@ def _outlier_setup_context(ctx, inputs, output):
     ctx.recipe = recipe
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:])
-    # Copies: the layer's state tensors are updated in place after the forward (outlier_channels.observe).
-    ctx.save_for_backward(weight, order.clone(), selected.clone(), *output[1:])
+    # Copies, since the layer's state tensors are updated in place by later forwards (outlier_channels.observe).
+    # Converted copies: Inductor drops a clone whose source it does not see change (the update comes after the
+    # graph), and then writes the state's new value into the module buffer and saves that very buffer, a saved
+    # tensor that aliases a graph input; a conversion always makes a tensor of its own.
+    ctx.save_for_backward(weight, order.to(torch.int32), selected.to(torch.uint8), *output[1:])
 
 
 def _outlier_backward(ctx, dy, *unused_grads):
     weight, order, selected, *saved = ctx.saved_tensors
+    order, selected = order.to(torch.int64), selected.to(torch.bool)
     dx, dw, db = outlier_linear_backward(dy.contiguous(), weight, order, selected, *saved, ctx.recipe, ctx.has_bias)
     return dx, dw, (db if ctx.has_bias else None), None, None, None
 
