@@ -221,8 +221,10 @@ def inductor_config_patches(gm: torch.fx.GraphModule, options: BackendOptions) -
     user's ``inductor`` option sets ``graph_partition``): with it, the warm-up run of OutControl's backward with
     MXFP8 outlier columns fails the pool check of CUDA-graph trees ("storage data ptrs are not allocated in pool"),
     which the same training passes without partitioning (H200, torch 2.11: benchmarks/RESULTS.md, "CUDA graphs and
-    the outlier paths"); why is not yet understood. The cost: a graph with an op that CUDA graphs cannot capture
-    then runs without them as a whole (Inductor warns) instead of in captured pieces.
+    the outlier paths"). A likely cause, the backward's saved copies of the outlier state aliasing the module's
+    buffers, is since avoided (``ops._outlier_setup_context``); until a GPU run shows that, partitioning stays off.
+    The cost: a graph with an op that CUDA graphs cannot capture then runs without them as a whole (Inductor warns)
+    instead of in captured pieces.
     """
     from torch._inductor import list_mode_options
 
