@@ -4,8 +4,9 @@ Run on a GPU:  python -m benchmarks.bench_gemm [--out DIR]
 
 For each Llama shape (tokens 8192) the three GEMMs of a linear layer (forward, dgrad,
 wgrad) run on exact fp16 ``code * scale`` operands with per-tensor outer scales (nvidia,
-quartet_ii) and per-1x128-block outer scales (tetrajet_v2), through the pointer-load
-kernel and the persistent TMA kernel. Each variant's output is checked against the
+quartet_ii), per-1x128-block outer scales (tetrajet_v2), and per-block scales that repeat a
+per-tensor one over all of K with ``uniform_k=K`` (the Hot-Channel Patch's main columns), through
+the pointer-load kernel and the persistent TMA kernel. Each variant's output is checked against the
 pointer kernel (max relative difference; both accumulate in FP32, only the order differs).
 """
 
@@ -44,13 +45,18 @@ def main() -> None:
             ref_a, ref_b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(
                 n, k, device="cuda", dtype=torch.bfloat16)
             mm = flops / median_ms(lambda _: torch.mm(ref_a, ref_b.T)) / 1e9
-            for outer, spec in [("tensor", "rtn"), ("block128", "double_block_rtn")]:
+            for outer, spec in [("tensor", "rtn"), ("block128", "double_block_rtn"), ("uniform", "rtn")]:
                 va, vb, oa, ob = _operands(m, n, k, spec)
                 base = gemm_triton(va, vb, oa, ob, method="pointer").float()
+                uniform_k = k if outer == "uniform" else 0
+                if uniform_k:
+                    oa, ob = oa.reshape(1, 1).expand(m, k // 128).contiguous(), ob.reshape(1, 1).expand(n, k // 128)
+                    ob = ob.contiguous()
                 for method in ("pointer", "tma"):
-                    out = gemm_triton(va, vb, oa, ob, method=method).float()
+                    out = gemm_triton(va, vb, oa, ob, method=method, uniform_k=uniform_k).float()
                     diff = ((out - base).abs().max() / base.abs().max()).item()
-                    tf = flops / median_ms(lambda _: gemm_triton(va, vb, oa, ob, method=method)) / 1e9
+                    run = lambda _: gemm_triton(va, vb, oa, ob, method=method, uniform_k=uniform_k)  # noqa: E731
+                    tf = flops / median_ms(run) / 1e9
                     records.append(dict(shape=f"{d_in}x{d_out}", role=role, outer=outer, method=method,
                                         tflops=tf, mm_tflops=mm, rel_diff_vs_pointer=diff))
                     rows.append([f"{d_in}x{d_out}", role, outer, method, f"{tf:.0f}", f"{mm:.0f}", f"{tf / mm:.2f}",

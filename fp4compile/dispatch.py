@@ -152,13 +152,15 @@ def gemm(
     outer_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
+    uniform_k: int = 0,
 ) -> torch.Tensor:
     """``(va @ vb^T) * outer`` (+ bias) as ``out_dtype``, FP32 accumulation; outer scales per tensor or per 1x128
-    K-block (``[rows, K/128]``)."""
+    K-block (``[rows, K/128]``). ``uniform_k``: leading K columns whose per-block scales repeat each row's first
+    (the CUDA kernel then scales them once; see ``kernels.gemm.gemm_triton``)."""
     if on_triton(va):
         from .kernels.gemm_op import gemm_op
 
-        return gemm_op(va, vb, outer_a, outer_b, bias, out_dtype)
+        return gemm_op(va, vb, outer_a, outer_b, bias, out_dtype, uniform_k)
     out = _reference_gemm(va, vb, outer_a, outer_b)
     if bias is not None:
         out = out + bias.float()

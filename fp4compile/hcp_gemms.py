@@ -80,7 +80,7 @@ def linear_forward(
         outer_a = torch.cat([_per_block(qx.q.outer, tokens, k_main), oa, _per_block(qx.q.outer, tokens, k_hot)], 1)
         outer_b = torch.cat([_per_block(qw.q.outer, out_features, k_main), _per_block(qw.q.outer, out_features, k_hot),
                              ob], 1)  # fmt: skip
-        return dispatch.gemm(a, b, outer_a, outer_b, bias, x.dtype)
+        return dispatch.gemm(a, b, outer_a, outer_b, bias, x.dtype, uniform_k=k_main)  # X^, W^: per-tensor scales
 
     outputs = forward_with_gemm(x, weight, bias, recipe, gemm)
     return (*outputs, scores[0])

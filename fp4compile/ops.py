@@ -1,12 +1,12 @@
 """torch.library ops of the quantized linear layer (namespace ``fp4compile``), with fake kernels and autograd.
 
-- ``fp4compile::linear_v3(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
+- ``fp4compile::linear_v4(x, weight, bias, recipe) -> (y, *saved)``: the forward; ``saved`` are the
   quantized tensors the backward needs (see ``linear_gemms.py``), returned as outputs so that
   AOTAutograd saves exactly them (never a high-precision copy of x).
-- ``fp4compile::linear_backward_v3(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
+- ``fp4compile::linear_backward_v4(dy, weight, *saved, recipe, has_bias) -> (dx, dweight, dbias)``.
 - ``outlier_linear`` / ``outlier_linear_backward`` (OutControl) and ``hot_linear`` (the Hot-Channel Patch).
 
-(``_v3``: :data:`~fp4compile.schema.SCHEMA_VERSION`.)
+(``_v4``: :data:`~fp4compile.schema.SCHEMA_VERSION`.)
 
 Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own code (``linear_gemms.py``,
 ``outcontrol_gemms.py``, ``hcp_gemms.py``), whose Triton kernels are launched through ``wrap_triton`` while
@@ -14,7 +14,7 @@ AOTAutograd traces it (``kernels/launch.py``), so that under
 ``torch.compile`` the op decomposes into the quantize and decode kernels (launched by Inductor's generated
 code), the opaque GEMM op (``kernels/gemm_op.py``) and ordinary ops that Inductor fuses with their
 neighbours. Elsewhere (the reference on the CPU; Wang et al.'s layout, see ``dispatch.decomposes``) the body
-calls ``<name>_reference_v3``, an opaque custom op: the reference draws its Philox seed on the host and must not
+calls ``<name>_reference_v4``, an opaque custom op: the reference draws its Philox seed on the host and must not
 be traced or recompiled.
 
 The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this

@@ -18,7 +18,7 @@ from expecttest import TestCase
 from testing import requires_gpu
 
 from fp4compile.linear import nvfp4_linear
-from fp4compile.schema import op_name
+from fp4compile.schema import SCHEMA_VERSION, op_name
 
 _TRACE = textwrap.dedent(
     """
@@ -108,7 +108,7 @@ aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default
+fp4compile.gemm_v4.default
 _nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)""",
         )
@@ -118,11 +118,11 @@ _nvfp4_quantize_kernel(MODE=1)""",
 _decode_kernel
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default
+fp4compile.gemm_v4.default
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""",
+fp4compile.gemm_v4.default""",
         )
 
     def test_tetrajet_v2(self):
@@ -132,7 +132,7 @@ fp4compile.gemm_v3.default""",
             """\
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""",
+fp4compile.gemm_v4.default""",
         )
         self.assertExpectedInline(
             _listing(graphs["backward"]),
@@ -140,11 +140,11 @@ fp4compile.gemm_v3.default""",
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default
+fp4compile.gemm_v4.default
 _decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""",
+fp4compile.gemm_v4.default""",
         )
 
 
@@ -159,21 +159,21 @@ aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default
+fp4compile.gemm_v4.default
 _nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default
+fp4compile.gemm_v4.default
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
-fp4compile.gemm_v3.default""",
+fp4compile.gemm_v4.default""",
         )
 
     def test_tetrajet_v2_quantizes_x_once(self):
         launches = _trace("shared:tetrajet_v2")["forward"][0]  # double-block RTN forward: X once, W three times
         assert launches.count("_nvfp4_quantize_kernel(MODE=1)") == 4
-        assert launches.count("fp4compile.gemm_v3.default") == 3
+        assert launches.count(f"fp4compile.gemm_v{SCHEMA_VERSION}.default") == 3
 
     def test_the_backend_analyses_each_distinct_launch_once(self):
         """With torch's launch analysis memoized (as ``backend.compile_rewritten`` does) the graph is unchanged and

@@ -67,6 +67,38 @@ def test_gemm_adds_bias_and_rounds_once_to_the_output_dtype():
             torch.testing.assert_close(got, want.to(dtype), rtol=2 ** -(7 if dtype == torch.bfloat16 else 10), atol=0)
 
 
+def _uniform_operands(rows_a, rows_b, k_main, k_tail, device):
+    """Operands as the Hot-Channel Patch builds them: per-tensor FP4 columns (their scale repeated per 1x128 block)
+    followed by columns with per-block scales of their own, and the float64 result of the per-block definition."""
+    torch.manual_seed(0)
+    values, outers = [], []
+    for rows in (rows_a, rows_b):
+        q = quantize_reference(torch.randn(rows, k_main), QuantSpec.named("rtn"))
+        tail = quantize_reference(torch.randn(rows, k_tail) * 40, QuantSpec.named("double_block_rtn"))
+        values.append(torch.cat([gemm_operand(q), gemm_operand(tail)], 1).half().to(device))
+        outers.append(torch.cat([q.outer.reshape(1, 1).expand(rows, k_main // 128), tail.outer], 1).contiguous())
+    va, vb = values[0].double().cpu(), values[1].double().cpu()
+    oa, ob = outers[0].double(), outers[1].double()
+    want = sum((va[:, c : c + 128] @ vb[:, c : c + 128].T) * (oa[:, c // 128, None] * ob[None, :, c // 128])
+               for c in range(0, k_main + k_tail, 128))  # fmt: skip
+    return values[0], values[1], outers[0].to(device), outers[1].to(device), want
+
+
+@pytest.mark.parametrize("k_tail", [256, 0])
+def test_gemm_with_uniform_leading_blocks_scales_them_once(k_tail):
+    """``uniform_k``: the leading per-block scales repeat a per-tensor one, so the kernel sums those K steps unscaled
+    and scales the sum once (at the first tail step, or after the loop when there is no tail)."""
+    va, vb, oa, ob, want = _uniform_operands(48, 80, 256, k_tail, KERNEL_DEVICE)
+    for uniform_k in (0, 256):
+        got = gemm_triton(va, vb, oa, ob, out_dtype=torch.float32, autotune=False, uniform_k=uniform_k)
+        assert sqnr_db(got, want) > 120, uniform_k
+    unscaled_tail = gemm_triton(va, vb, oa, ob.clone().fill_(1.0), out_dtype=torch.float32, autotune=False,
+                                uniform_k=256)  # fmt: skip
+    assert sqnr_db(unscaled_tail, want) < 40  # the threshold sees a scale that was left out
+    with pytest.raises(ValueError, match="uniform_k=100 needs per-block outer scales and a multiple of 128"):
+        gemm_triton(va, vb, oa, ob, autotune=False, uniform_k=100)
+
+
 def test_gemm_rejects_mismatched_operands():
     a, b = _operand(torch.randn(16, 128), "rtn"), _operand(torch.randn(16, 256), "rtn")
     with pytest.raises(ValueError, match="disagree on K: 128 vs 256"):
@@ -268,6 +300,14 @@ def test_gpu_matches_cpu(recipe):
     yg.float().square().mean().backward()
     ref = F.linear(xg.detach().float(), wg.detach().float())
     assert sqnr_db(yg, ref) > 15 and torch.isfinite(xg.grad).all() and torch.isfinite(wg.grad).all()
+
+
+@requires_gpu
+@pytest.mark.parametrize("method", ["pointer", "tma"])
+def test_gpu_gemm_with_uniform_leading_blocks_matches_emulation(method):
+    va, vb, oa, ob, want = _uniform_operands(4096 + 8, 2048 + 16, 4096, 256, "cuda")
+    got = gemm_triton(va, vb, oa, ob, out_dtype=torch.float32, method=method, uniform_k=4096)
+    assert sqnr_db(got, want) > 110
 
 
 @requires_gpu

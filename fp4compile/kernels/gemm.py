@@ -35,16 +35,43 @@ def _tile_coords(tile, grid_m, in_group, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, kb, K):
+    """``outer_a[m, kb] * outer_b[n, kb]`` for the tile's rows and columns."""
+    oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
+    ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
+    return oa[:, None] * ob[None, :]
+
+
+@triton.jit
 def _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER: tl.constexpr):
     """``acc + a @ b`` for the K step at ``k0`` (a [BM, BK], b [BK, N]). With per-1x128-block outer scales the
     step's partial product is first scaled by ``outer_a[m, kb] * outer_b[n, kb]``, kb = k0 // 128 (BK divides 128)."""
     if BLOCK_OUTER:
-        kb = k0 // 128
-        oa = tl.load(outer_a_ptr + rm.to(tl.int64) * (K // 128) + kb, mask=m_ok, other=0.0)
-        ob = tl.load(outer_b_ptr + rn.to(tl.int64) * (K // 128) + kb, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b) * (oa[:, None] * ob[None, :])
+        acc += tl.dot(a, b) * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0 // 128, K)
     else:
         acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _uniform_k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, K_UNIFORM):
+    """:func:`_k_step` with per-block outer scales of which the first ``K_UNIFORM`` columns (a multiple of 128)
+    repeat each row's first block's scales: those steps accumulate unscaled, as per-tensor ones would, and their
+    sum is scaled once, at the first step past them (or after the loop, see :func:`_uniform_done`)."""
+    if k0 < K_UNIFORM:
+        acc = tl.dot(a, b, acc)
+    else:
+        if k0 == K_UNIFORM:
+            acc = acc * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, 0, K)
+        acc += tl.dot(a, b) * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0 // 128, K)
+    return acc
+
+
+@triton.jit
+def _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM):
+    """After the K loop of :func:`_uniform_k_step`: the uniform sum's scaling where no step came past it."""
+    if K_UNIFORM >= K:
+        acc = acc * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, 0, K)
     return acc
 
 
@@ -111,8 +138,10 @@ def _gemm_body(
     stride_bk,
     stride_cm,
     stride_cn,
+    K_UNIFORM,
     BLOCK_OUTER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    UNIFORM: tl.constexpr,
     EVEN_K: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -139,16 +168,21 @@ def _gemm_body(
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & (rk[None, :] < K - k0), other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :] & (rk[:, None] < K - k0), other=0.0)
-        acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER)
+        if UNIFORM:
+            acc = _uniform_k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, K_UNIFORM)
+        else:
+            acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER)
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
+    if UNIFORM:
+        acc = _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
     _epilogue(
         acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn, BLOCK_OUTER, HAS_BIAS
     )
 
 
 _gemm_tuned = triton.autotune(
-    configs=_autotune_configs(_POINTER_SHAPES), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "EVEN_K"]
+    configs=_autotune_configs(_POINTER_SHAPES), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "UNIFORM", "EVEN_K"]
 )(triton.jit(_gemm_body.fn))
 _gemm_fixed = _gemm_body  # one small shape, launched by gemm_triton(autotune=False) (the interpreter)
 
@@ -180,8 +214,10 @@ def _gemm_tma_body(
     K,
     stride_cm,
     stride_cn,
+    K_UNIFORM,
     BLOCK_OUTER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    UNIFORM: tl.constexpr,
     NUM_SMS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -203,13 +239,19 @@ def _gemm_tma_body(
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BM, ki * BK])
             b = b_desc.load([pid_n * BN, ki * BK])
-            acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
+            if UNIFORM:
+                acc = _uniform_k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, K_UNIFORM)
+            else:
+                acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
+        if UNIFORM:
+            acc = _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
         _epilogue(acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn,
                   BLOCK_OUTER, HAS_BIAS)  # fmt: skip
 
 
 _gemm_tma = triton.autotune(
-    configs=_autotune_configs(_TMA_SHAPES, _set_block_shapes), key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS"]
+    configs=_autotune_configs(_TMA_SHAPES, _set_block_shapes),
+    key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "UNIFORM"],
 )(_gemm_tma_body)
 
 
@@ -231,6 +273,7 @@ def gemm_triton(
     out_dtype: torch.dtype = torch.bfloat16,
     autotune: bool = True,
     method: str = "auto",
+    uniform_k: int = 0,
 ) -> torch.Tensor:
     """``(a @ b^T) * outer`` (+ bias) with FP32 accumulation.
 
@@ -242,15 +285,22 @@ def gemm_triton(
         autotune: pick the tile shape by timing (GPU); ``False`` uses one fixed shape (interpreter).
         method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows), ``"pointer"``
             (pointer loads, any strides), or ``"auto"`` (TMA where the operands allow it).
+        uniform_k: with per-block outer scales, how many leading K columns (a multiple of 128) have each row's
+            first block's scales in every block (a per-tensor scale repeated, as the Hot-Channel Patch's main
+            columns): they accumulate unscaled and are scaled once, as per-tensor scales are, instead of every
+            K step (the same value, rounded in another order).
     """
     if method not in ("auto", "tma", "pointer"):
         raise ValueError(f"method must be 'auto', 'tma' or 'pointer', got {method!r}")
     m, k = a.shape
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
+    if uniform_k and (not block_outer or uniform_k % 128 or not 0 < uniform_k <= k):
+        raise ValueError(f"uniform_k={uniform_k} needs per-block outer scales and a multiple of 128 in (0, K={k}]")
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     args = (a, b, c, outer_a, outer_b, bias if bias is not None else outer_a, m, n, k)
-    args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), uniform_k)
+    flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, UNIFORM=uniform_k > 0)
     tma_ok = autotune and _tma_ready(a) and _tma_ready(b)
     if method == "tma" and not tma_ok:
         raise ValueError("method='tma' needs autotune and operands with unit-stride, 16-byte aligned rows")
@@ -259,10 +309,10 @@ def gemm_triton(
         a_desc = TensorDescriptor.from_tensor(a, [1, 16])  # block shapes are set per config by the pre-hook
         b_desc = TensorDescriptor.from_tensor(b, [1, 16])
         grid = lambda meta: (min(sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-        tma_args = (a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1))
-        _gemm_tma[grid](*tma_args, BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, NUM_SMS=sms)
+        tma_args = (a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1), uniform_k)
+        _gemm_tma[grid](*tma_args, **flags, NUM_SMS=sms)
         return c
-    flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    flags["EVEN_K"] = k % 128 == 0
     if autotune:
         grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
         _gemm_tuned[grid](*args, **flags)

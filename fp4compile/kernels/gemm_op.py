@@ -21,21 +21,28 @@ __all__ = ["gemm_op"]
 
 @torch.library.custom_op(op_name("gemm"), mutates_args=(), device_types="cuda")
 def gemm_op(
-    a: Tensor, b: Tensor, outer_a: Tensor, outer_b: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    a: Tensor,
+    b: Tensor,
+    outer_a: Tensor,
+    outer_b: Tensor,
+    bias: Optional[Tensor],
+    out_dtype: torch.dtype,
+    uniform_k: int = 0,
 ) -> Tensor:
     """``(a @ b^T) * outer`` (+ bias) as ``out_dtype`` (see :func:`~fp4compile.kernels.gemm.gemm_triton`)."""
-    return gemm_triton(a, b, outer_a, outer_b, bias, out_dtype)
+    return gemm_triton(a, b, outer_a, outer_b, bias, out_dtype, uniform_k=uniform_k)
 
 
 @gemm_op.register_fake
-def _gemm_fake(a, b, outer_a, outer_b, bias, out_dtype):
+def _gemm_fake(a, b, outer_a, outer_b, bias, out_dtype, uniform_k=0):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
 @gemm_op.register_kernel("cpu")
-def _gemm_cpu(a, b, outer_a, outer_b, bias, out_dtype):
+def _gemm_cpu(a, b, outer_a, outer_b, bias, out_dtype, uniform_k=0):
     """The reference GEMM for CPU tensors (the CPU stands in for the GPU in tests and the CPU benchmark of the
-    compiled CUDA code path): the same one rounding to ``out_dtype`` after FP32 accumulation and bias."""
+    compiled CUDA code path): the same one rounding to ``out_dtype`` after FP32 accumulation and bias; ``uniform_k``
+    changes only the GPU kernel's order of rounding."""
     from ..dispatch import _reference_gemm
 
     out = _reference_gemm(a, b, outer_a, outer_b)
