@@ -51,7 +51,8 @@ def fused(fn: Callable) -> Callable:
     """``fn`` (torch ops only, first argument a tensor) run as Inductor compiles it (dynamic shapes, one graph) when
     its first argument is a CUDA tensor, eagerly elsewhere. For measurement code whose dozens of small kernels would
     each cost a launch on a GPU: Inductor fuses them into a few. Compiled on first use; the results equal the eager
-    ones up to the order of floating-point sums."""
+    ones up to the order of floating-point sums and, on CUDA, Inductor's approximate FP32 division (``fn`` divides in
+    FP64 where a quotient must be exact)."""
     compiled = None
 
     @functools.wraps(fn)
