@@ -98,11 +98,12 @@ def forward_weight_dequantized(
     recipe: Recipe,
     w_q: Optional[NVFP4] = None,
     transposed: bool = False,
+    inverse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """FP32 [out, in]: W as the forward's GEMM sees it, dequantized, in the original channel order: the FP4
     quantization of W in the order ``order`` (``w_q`` when the forward saved it), its first ``k`` channels from
     their outlier format once ``selected``. What dgrad re-quantizes (``transposed``: as a contiguous [in, out],
-    gathered so in one copy), and OsciReset's ``Q(W)``."""
+    gathered so in one copy), and OsciReset's ``Q(W)``. ``inverse``: ``argsort(order)`` where the caller has it."""
     in_features = weight.shape[1]
     k = outlier_count(in_features, recipe.outliers)
     if w_q is None:
@@ -112,7 +113,7 @@ def forward_weight_dequantized(
         fmt = recipe.outliers.outlier_format
         w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
         w_deq[:, :k] = torch.where(selected, w_out, w_deq[:, :k])
-    inverse = torch.argsort(order)
+    inverse = torch.argsort(order) if inverse is None else inverse
     return w_deq.T[inverse] if transposed else w_deq[:, inverse]
 
 
@@ -165,7 +166,7 @@ def linear_backward(
     # dgrad: dX = dY W, K = out, with W the dequantized forward W in the original channel order.
     if recipe.dgrad_w_source == "forward":
         w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
-        w_t = forward_weight_dequantized(weight, order, selected, recipe, w_q, transposed=True)
+        w_t = forward_weight_dequantized(weight, order, selected, recipe, w_q, transposed=True, inverse=inverse)
     else:
         w_t = stored_fp32(weight).T.contiguous()
     out_p = round_up(out_features, recipe.dgrad_dy.k_multiple)
