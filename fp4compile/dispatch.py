@@ -135,15 +135,27 @@ def dequantize_transposed(q: NVFP4, rows: int, cols: int, padded_rows: int) -> t
     return t if t.shape[1] == padded_rows else torch.nn.functional.pad(t, (0, padded_rows - t.shape[1]))
 
 
-def _reference_gemm(va: torch.Tensor, vb: torch.Tensor, oa: torch.Tensor, ob: torch.Tensor) -> torch.Tensor:
+def _reference_gemm(
+    va: torch.Tensor,
+    vb: torch.Tensor,
+    oa: torch.Tensor,
+    ob: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The GEMM in torch ops: FP32 products per 1x128 K-block scaled and summed (or scaled once per tensor), bias
+    added, one rounding to ``out_dtype``."""
     va, vb = va.float(), vb.float()
     if oa.dim() == 0:
-        return (va @ vb.T) * (oa * ob)
-    out = torch.zeros(va.shape[0], vb.shape[0], dtype=torch.float32, device=va.device)
-    for kb in range(oa.shape[1]):
-        cols = slice(128 * kb, 128 * kb + 128)
-        out += (va[:, cols] @ vb[:, cols].T) * (oa[:, kb, None] * ob[None, :, kb])
-    return out
+        out = (va @ vb.T) * (oa * ob)
+    else:
+        out = torch.zeros(va.shape[0], vb.shape[0], dtype=torch.float32, device=va.device)
+        for kb in range(oa.shape[1]):
+            cols = slice(128 * kb, 128 * kb + 128)
+            out += (va[:, cols] @ vb[:, cols].T) * (oa[:, kb, None] * ob[None, :, kb])
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
 
 
 def gemm(
@@ -162,10 +174,7 @@ def gemm(
         from .kernels.gemm_op import gemm_op
 
         return gemm_op(va, vb, outer_a, outer_b, bias, out_dtype, uniform_k)
-    out = _reference_gemm(va, vb, outer_a, outer_b)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+    return _reference_gemm(va, vb, outer_a, outer_b, bias, out_dtype)
 
 
 def osci_track_update(

@@ -45,5 +45,4 @@ def _gemm_cpu(a, b, outer_a, outer_b, bias, out_dtype, uniform_k=0):
     changes only the GPU kernel's order of rounding."""
     from ..dispatch import _reference_gemm
 
-    out = _reference_gemm(a, b, outer_a, outer_b)
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+    return _reference_gemm(a, b, outer_a, outer_b, bias, out_dtype)
