@@ -9,7 +9,7 @@ all timed with CUDA events around the whole call. The overhead at ``--every`` is
 ``(probe + (every - 1) * off-step extra) / (every * step)``. Where a probe's time goes: its forward + backward
 pass alone (the eager model, gradients of the quantized weights, as the probe runs it) against the whole probe
 (the rest is the statistics and their one transfer to the host), and the CUDA kernels one probe launches
-(``torch.profiler``). The first probe, timed on its own, also compiles the fused statistics (``dispatch.fused``).
+(``torch.profiler``). The first probe, timed on its own, also compiles the kernels it is the first to launch.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     monitor = NumericsMonitor(model, every=args.every, recipe=args.recipe)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    monitor.step(loss_fn)  # the first probe: warm-up of the eager path, compilation of the fused statistics
+    monitor.step(loss_fn)  # the first probe: warm-up of the eager path and of the measuring kernel
     torch.cuda.synchronize()
     first_probe_s = time.perf_counter() - started
     probe_ms = _median_ms(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)), 3)

@@ -9,22 +9,22 @@ runtime.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference, stored_fp32
+from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
 
 __all__ = [
     "dequantize",
     "dequantize_transposed",
     "decomposes",
-    "fused",
     "gemm",
     "gemm_values",
     "on_triton",
+    "operand_sums",
     "osci_track_update",
     "quantize",
     "quantize_with_values",
@@ -47,24 +47,16 @@ def decomposes(t: torch.Tensor, recipe) -> bool:
     return on_triton(t) and not recipe.fp8_backward
 
 
-def fused(fn: Callable) -> Callable:
-    """``fn`` (torch ops only, first argument a tensor) run as Inductor compiles it (dynamic shapes, one graph) when
-    its first argument is a CUDA tensor, eagerly elsewhere. For measurement code whose dozens of small kernels would
-    each cost a launch on a GPU: Inductor fuses them into a few. Compiled on first use; the results equal the eager
-    ones up to the order of floating-point sums and, on CUDA, Inductor's approximate FP32 division (``fn`` divides in
-    FP64 where a quotient must be exact)."""
-    compiled = None
+def operand_sums(
+    t: torch.Tensor, deq: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The monitor's raw measurement of one quantized operand (``operand_sums.operand_sums_reference``): one
+    Triton launch on CUDA, the reference's torch ops elsewhere."""
+    if on_triton(t):
+        from .kernels.stats import operand_sums_triton
 
-    @functools.wraps(fn)
-    def run(t: torch.Tensor, *args, **kwargs):
-        nonlocal compiled
-        if not on_triton(t):
-            return fn(t, *args, **kwargs)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(t, *args, **kwargs)
-
-    return run
+        return operand_sums_triton(t, deq, codes, scales)
+    return operand_sums_reference(t, deq, codes, scales)
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .eligibility import LayerFilter, SkipRule
-from .operand_stats import STATS, dequantized, operand_stats, quantize_padded
+from .operand_stats import STATS, RawStats, dequantized, derive, measure, quantize_padded
 from .osci_layers import quantized_linears, unwrap_model
 from .recipe import SLOTS, Recipe
 from .spec import QuantSpec
@@ -83,24 +83,28 @@ def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional
     return {s: t for s, t in found.items() if t is not None}
 
 
-def _to_host(measured: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
-    """The statistics of every operand as Python values (non-finite numbers as None), read from each device in
-    one transfer (one host synchronization per device, not one per statistic)."""
+def _to_host(measured: list[RawStats]) -> list[dict[str, Any]]:
+    """The statistics of every measured operand as Python values (non-finite numbers as None): derived on each
+    device for all its operands at once, and read in one transfer per device for the numbers and one for the
+    channel indices (a host synchronization each on a GPU, not one per statistic)."""
     scalars = [stat for stat in STATS if stat != "top_channels"]
     by_device: dict[torch.device, list[int]] = {}
-    for i, stats in enumerate(measured):
-        by_device.setdefault(stats["amax"].device, []).append(i)
+    for i, raw in enumerate(measured):
+        by_device.setdefault(raw.sums.device, []).append(i)
     values: list[dict[str, Any]] = [{} for _ in measured]
-    for indices in by_device.values():
-        numbers = torch.stack([measured[i][stat].to(torch.float32) for i in indices for stat in scalars]).tolist()
-        channels = [measured[i]["top_channels"] for i in indices]
+    for device, indices in by_device.items():
+        sizes = torch.tensor([measured[i].sizes for i in indices], dtype=torch.int64, device=device)
+        stats = derive(
+            torch.stack([measured[i].sums for i in indices]), torch.stack([measured[i].counts for i in indices]), sizes
+        )
+        numbers = torch.stack([stats[stat] for stat in scalars], 1).tolist()
+        channels = [measured[i].top_channels for i in indices]
         flat = torch.cat(channels).tolist()
         offsets = [0]
         for c in channels:
             offsets.append(offsets[-1] + c.numel())
         for n, i in enumerate(indices):
-            row = numbers[n * len(scalars) : (n + 1) * len(scalars)]
-            values[i] = {stat: (v if math.isfinite(v) else None) for stat, v in zip(scalars, row)}
+            values[i] = {stat: (v if math.isfinite(v) else None) for stat, v in zip(scalars, numbers[n])}
             values[i]["top_channels"] = flat[offsets[n] : offsets[n + 1]]
     return values
 
@@ -257,9 +261,8 @@ class NumericsMonitor:
             if seen is None:
                 continue
             for slot, operand in slot_operands(recipe, seen["x"], seen["w"], seen.get("dy")).items():
-                stats = operand_stats(operand, recipe.spec(slot), self.top_channels)
-                measured.append((fqn, slot, stats))
-        values = _to_host([stats for _, _, stats in measured])
+                measured.append((fqn, slot, measure(operand, recipe.spec(slot), self.top_channels)))
+        values = _to_host([raw for _, _, raw in measured])
         return [
             {"step": step, "layer": fqn, "slot": slot, "stat": stat, "value": value[stat]}
             for (fqn, slot, _), value in zip(measured, values)

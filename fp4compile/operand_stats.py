@@ -22,18 +22,18 @@ multiple, rows of 16x16 tiles) is quantized with the operand and left out of eve
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .format import NVFP4, stored_fp32
+from .format import NVFP4
 from .linear_gemms import round_up
 from .quantize import quantize
 from .spec import QuantSpec
 
-__all__ = ["STATS", "dequantized", "operand_stats", "quantize_padded"]
+__all__ = ["STATS", "RawStats", "derive", "dequantized", "measure", "operand_stats", "quantize_padded"]
 
 #: The statistics of :func:`operand_stats`, in the order they are reported.
 STATS = (
@@ -47,25 +47,20 @@ STATS = (
     "top_channels",
 )
 
-_E4M3_MAX_BITS = 0x7E  # 448 = 2^8 x 1.75
-_E4M3_EXPONENT = 0x78
-_E2M1_MAGNITUDE = 0x7
-_E2M1_SIX = 0x7
+
+class RawStats(NamedTuple):
+    """One operand measured (:func:`measure`), before :func:`derive` turns it into statistics."""
+
+    sums: torch.Tensor  #: FP32 [4]: sum x^2, sum (x - dequantized)^2, max |x|, sum x^2 of the top columns
+    counts: torch.Tensor  #: int64 [5]: see ``operand_sums.operand_sums_reference``
+    top_channels: torch.Tensor  #: int64 [min(top, K)], largest squared norm first
+    sizes: tuple[int, int]  #: (elements, 16-element blocks) of the operand
 
 
 def _ratio(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``count / total`` of two FP32 values, correctly rounded also where Inductor compiles it for CUDA (whose FP32
-    division is approximate): their quotient in FP64, rounded once to FP32, is the FP32 quotient (FP64's 53 bits are
-    more than twice FP32's 24 plus 2, so the double rounding is harmless)."""
+    """``count / total`` of two FP32 values, correctly rounded on every device: their quotient in FP64, rounded
+    once to FP32, is the FP32 quotient (FP64's 53 bits are more than 2 x 24 + 2)."""
     return (count.to(torch.float64) / total.to(torch.float64)).to(torch.float32)
-
-
-def _fraction(mask: torch.Tensor, of: torch.Tensor = None) -> torch.Tensor:
-    """The fraction of ``mask``'s elements that are set (among those set in ``of``), FP32."""
-    if of is None:
-        total = torch.full((), mask.numel(), dtype=torch.float32, device=mask.device)
-        return _ratio(mask.sum().to(torch.float32), total)
-    return _ratio((mask & of).sum().to(torch.float32), of.sum().clamp_min(1).to(torch.float32))
 
 
 def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] = None) -> NVFP4:
@@ -78,48 +73,42 @@ def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] 
     return quantize(padded, spec, validate=False)
 
 
-@dispatch.fused
-def _rotation_undone(codes, scales, outer, signs, spec: QuantSpec) -> torch.Tensor:
-    return NVFP4(codes, scales, outer, spec, signs).dequantize(torch.float32)
-
-
 def dequantized(q: NVFP4, rows: int, cols: int) -> torch.Tensor:
     """FP32 ``q`` dequantized (a rotation undone) and cropped to [rows, cols]: one decode kernel on CUDA for specs
-    without rotation, the spec's torch ops (fused by Inductor on CUDA) with one."""
+    without rotation, the spec's torch ops with one."""
     if q.spec.rotation == "none":
         return dispatch.dequantize(q, cols)[:rows]
-    return _rotation_undone(q.codes, q.scales, q.outer, q.signs, q.spec)[:rows, :cols]
+    return q.dequantize(torch.float32)[:rows, :cols]
 
 
-@dispatch.fused
-def _statistics(t: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, deq: torch.Tensor, top: int) -> dict:
-    """The statistics of ``t`` [rows, K] from its quantization's ``codes`` and ``scales`` (padded) and its FP32
-    dequantization ``deq`` [rows, K]."""
+def measure(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> RawStats:
+    """``t`` [rows, K] quantized by ``spec`` along K and measured, all on ``t``'s device (a handful of launches
+    on a GPU: the quantization, its decoding, one measuring kernel, the top-column selection)."""
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
     rows, k = t.shape
-    x = stored_fp32(t)
-    magnitude, column_sq = x.abs(), x.square().sum(0)
-    error = (x - deq).square().sum()
-    total = column_sq.sum()
-
-    blocks = (k + 15) // 16
-    scale_bits = scales.view(torch.uint8)[:rows, :blocks].to(torch.int32)
-    block_max = F.pad(magnitude, (0, blocks * 16 - k)).view(rows, blocks, 16).amax(-1)
-    codes = codes[:rows]  # element 2j in the low nibble of byte j, element 2j + 1 in the high one
-    saturated = ((codes[:, : (k + 1) // 2] & _E2M1_MAGNITUDE) == _E2M1_SIX).sum() + (
-        ((codes[:, : k // 2] >> 4) & _E2M1_MAGNITUDE) == _E2M1_SIX
-    ).sum()
-
+    q = quantize_padded(t, spec)
+    column_sq, tail, counts = dispatch.operand_sums(t, dequantized(q, rows, k), q.codes, q.scales)
     chosen = torch.topk(column_sq, min(top, k))
-    elements = torch.full((), rows * k, dtype=torch.float32, device=t.device)
+    sums = torch.cat([tail, chosen.values.sum().reshape(1)])
+    return RawStats(sums, counts, chosen.indices, (rows * k, rows * ((k + 15) // 16)))
+
+
+def derive(sums: torch.Tensor, counts: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics (module docstring; all but ``top_channels``) of operands measured by :func:`measure`:
+    ``sums`` FP32 [..., 4], ``counts`` int64 [..., 5] and ``sizes`` int64 [..., 2] stacked over any leading dims
+    (the monitor derives all operands of a probe at once)."""
+    total, error, amax, top = sums.unbind(-1)
+    flushed_of, flushed, subnormal, saturated, scale_saturated = counts.to(torch.float32).unbind(-1)
+    elements, blocks = sizes.to(torch.float32).unbind(-1)
     return {
-        "amax": magnitude.amax(),
+        "amax": amax,
         "snr_db": 10 * torch.log10(total / error),
-        "scale_zero": _fraction(scale_bits == 0, of=block_max > 0),
-        "scale_subnormal": _fraction(((scale_bits & _E4M3_EXPONENT) == 0) & (scale_bits != 0)),
-        "elem_saturated": _ratio(saturated.to(torch.float32), elements),
-        "scale_saturated": _fraction(scale_bits == _E4M3_MAX_BITS),
-        "top_share": torch.where(total > 0, chosen.values.sum() / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
-        "top_channels": chosen.indices,
+        "scale_zero": _ratio(flushed, flushed_of.clamp_min(1)),
+        "scale_subnormal": _ratio(subnormal, blocks),
+        "elem_saturated": _ratio(saturated, elements),
+        "scale_saturated": _ratio(scale_saturated, blocks),
+        "top_share": torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
     }
 
 
@@ -127,10 +116,8 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     """The statistics (module docstring) of ``t`` [rows, K] quantized by ``spec`` along K, as device tensors.
 
     Draws the quantizer's random bits from torch's default generator of ``t``'s device. On CUDA the measurement
-    after the quantization runs as Inductor fuses it (``dispatch.fused``: compiled on first use).
+    after the quantization is one Triton kernel (``kernels/stats.py``).
     """
-    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
-    rows, k = t.shape
-    q = quantize_padded(t, spec)
-    return _statistics(t, q.codes, q.scales, dequantized(q, rows, k), top)
+    raw = measure(t, spec, top)
+    sizes = torch.tensor(raw.sizes, dtype=torch.int64, device=t.device)
+    return {**derive(raw.sums, raw.counts, sizes), "top_channels": raw.top_channels}

@@ -16,7 +16,7 @@ from fp4compile.backend import BackendOptions
 from fp4compile.format import E2M1_VALUES, TE_RHT_SIGNS, quantize_reference
 from fp4compile.monitor import slot_operands
 from fp4compile.nn import NVFP4Linear
-from fp4compile.operand_stats import STATS, operand_stats, quantize_padded
+from fp4compile.operand_stats import STATS, dequantized, operand_stats, quantize_padded
 
 
 def _planted(rows=48, k=256):
@@ -67,30 +67,48 @@ def test_statistics_equal_the_reference_quantizers(name):
         assert got["scale_zero"] == pytest.approx(4 / (48 * 256 // 16 - 2), rel=1e-6) and got["scale_subnormal"] > 0
 
 
-def test_fused_statistics_equal_the_eager_ones(monkeypatch):
-    """On CUDA the measurement runs as Inductor compiles it (``dispatch.fused``); here Inductor compiles it for the
-    CPU: the counts are equal, the sums equal up to their order, and a second shape reuses the graph (dynamic).
-    ``test_gpu_statistics_equal_the_cpu_ones`` checks the CUDA side, rotations included."""
-    from fp4compile import dispatch
-    from fp4compile import operand_stats as stats_module
+@pytest.mark.parametrize("case", ["planted", "transposed_odd_k", "rows_padded_2d", "with_nan"])
+def test_measuring_kernel_equals_the_reference(case):
+    """The Triton kernel of the measurement (``kernels/stats.py``, here in Triton's interpreter) against its torch
+    definition: counts and max equal, sums equal up to their order."""
+    from fp4compile.kernels.stats import operand_sums_triton
+    from fp4compile.operand_sums import operand_sums_reference
 
-    cases = []
-    for rows, k, spec in [(48, 256, "rtn"), (40, 200, "rtn"), (64, 512, "rtn")]:
-        t = (_planted(rows, k) if k == 256 else torch.randn(rows, k)).to(torch.bfloat16)
-        q = quantize_padded(t, QuantSpec.named(spec))
-        cases.append((t, q, stats_module.dequantized(q, rows, k)))
-    eager = [stats_module._statistics(t, q.codes, q.scales, deq, 8) for t, q, deq in cases]
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    monkeypatch.setattr(dispatch, "on_triton", lambda t: True)  # take the CUDA side of dispatch.fused
-    fused = [stats_module._statistics(t, q.codes, q.scales, deq, 8) for t, q, deq in cases]
-    monkeypatch.undo()
-    # K a multiple of 16 or not (block padding or none) are two graphs; no graph per shape (dynamic shapes)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-    for want, got in zip(eager, fused):
-        for stat in STATS:
-            exact = stat not in ("snr_db", "top_share")
-            assert got[stat].tolist() == pytest.approx(want[stat].tolist(), rel=0 if exact else 1e-6), stat
+    spec = QuantSpec.named("rtn_2d" if case == "rows_padded_2d" else "rtn")
+    t = _planted(rows=40, k=320).to(torch.bfloat16)
+    if case == "transposed_odd_k":  # a wgrad operand: a transposed view, K = 199 tokens (odd, not a block multiple)
+        base = _planted(rows=199, k=48)
+        base[16:32, 3] = 1e-9  # one block of row 3 once transposed: flushes
+        t = base.to(torch.bfloat16).T
+    if case == "with_nan":
+        t[3, 5] = float("nan")
+    rows, k = t.shape
+    q = quantize_padded(t, spec)
+    deq = dequantized(q, rows, k)
+    got = operand_sums_triton(t, deq, q.codes, q.scales)
+    want = operand_sums_reference(t, deq, q.codes, q.scales)
+    assert got[2].tolist() == want[2].tolist()
+    if case == "with_nan":  # a NaN amax: every scale is NaN's, every block counts as flushed
+        assert got[1][2].isnan() and want[1][2].isnan() and want[2][0] == want[2][1] > 0
+        return
+    assert want[2][0] > want[2][1] and want[2][3] > 0  # nonzero blocks, of them flushed; elements at 6
+    assert want[2][1] > 0 or case == "rows_padded_2d"  # (a 16x16 scale tile does not flush the planted block)
+    assert got[1][2] == want[1][2]  # max |x|
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1][:2], want[1][:2], rtol=1e-6, atol=0)
+
+
+def test_statistics_of_many_operands_are_derived_at_once():
+    """``derive`` over stacked measurements equals it per operand (the monitor derives a probe's operands at once)."""
+    from fp4compile.operand_stats import derive, measure
+
+    raws = [measure(_planted(rows, k), QuantSpec.named("rtn")) for rows, k in [(48, 256), (40, 200), (16, 64)]]
+    sizes = torch.tensor([r.sizes for r in raws])
+    batched = derive(torch.stack([r.sums for r in raws]), torch.stack([r.counts for r in raws]), sizes)
+    for i, raw in enumerate(raws):
+        single = derive(raw.sums, raw.counts, sizes[i])
+        for stat, value in single.items():
+            assert batched[stat][i].tolist() == pytest.approx(value.tolist(), rel=0, nan_ok=True), stat
 
 
 def test_padding_is_left_out_and_bad_operands_are_refused():
@@ -304,7 +322,7 @@ def test_through_quantize_each_layer_keeps_its_recipe():
 @requires_gpu
 @pytest.mark.parametrize("name", ["rtn", "rtn_2d", "double_block_rtn", "rtn_4over6", "rht16_rtn_te"])
 def test_gpu_statistics_equal_the_cpu_ones(name):
-    """The GPU's statistics (Triton quantization, the measurement fused by Inductor) against the CPU's (the
+    """The GPU's statistics (Triton quantization and measuring kernel) against the CPU's (the
     reference, eager torch ops)."""
     t, spec = _planted(rows=4096, k=2048), QuantSpec.named(name)
     gpu, cpu = operand_stats(t.cuda(), spec), operand_stats(t, spec)
