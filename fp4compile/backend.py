@@ -25,7 +25,6 @@ from .passes import MatmulRecord, ModuleNames, RewriteReport, nvfp4_op_recipes, 
 from .passes.matmul import STATE_WEIGHTS
 from .passes.report import INELIGIBLE
 from .recipe import Recipe
-from .schema import op_name
 
 __all__ = [
     "BackendOptions",
@@ -215,39 +214,13 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: B
 
 def inductor_config_patches(gm: torch.fx.GraphModule, options: BackendOptions) -> dict:
     """The Inductor config patches the backend compiles ``gm`` with: the mode's, then the user's ``inductor`` option,
-    then the backend's own.
-
-    Under CUDA graphs a graph holding OutControl layers compiles without Inductor's graph partitioning (unless the
-    user's ``inductor`` option sets ``graph_partition``): with it, the warm-up run of OutControl's backward with
-    MXFP8 outlier columns fails the pool check of CUDA-graph trees ("storage data ptrs are not allocated in pool"),
-    which the same training passes without partitioning (H200, torch 2.11: benchmarks/RESULTS.md, "CUDA graphs and
-    the outlier paths"). A likely cause, the backward's saved copies of the outlier state aliasing the module's
-    buffers, is since avoided (``ops._outlier_setup_context``); until a GPU run shows that, partitioning stays off.
-    The cost: a graph with an op that CUDA graphs cannot capture then runs without them as a whole (Inductor warns)
-    instead of in captured pieces.
-    """
+    then the backend's own."""
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(options.mode)) if options.mode not in (None, "default") else {}
-    user = dict(options.inductor)
-    patches.update(user)
-    if patches.get("triton.cudagraphs") and "graph_partition" not in user and _holds_outcontrol(gm):
-        patches["graph_partition"] = False
+    patches.update(dict(options.inductor))
     patches["post_grad_custom_post_pass"] = _CodeVersionPass()
     return patches
-
-
-def _holds_outcontrol(gm: torch.fx.GraphModule) -> bool:
-    """Whether a layer of ``gm`` runs OutControl: given it by the matmul pass, or an ``NVFP4Linear`` of ``quantize_``
-    (an ``fp4compile::outlier_linear`` op node)."""
-    from .outlier_channels import OutControl
-
-    if any(isinstance(getattr(layer, "outlier_control", None), OutControl)
-           for _, layer, _ in gm.meta.get(STATE_WEIGHTS, [])):  # fmt: skip
-        return True
-    outlier_op = op_name("outlier_linear")
-    return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.name == outlier_op
-               for n in gm.graph.nodes if n.op == "call_function")  # fmt: skip
 
 
 class _CodeVersionPass(CustomGraphPass):

@@ -328,55 +328,6 @@ def test_inductor_option_patches_this_compilation_only():
     assert options.inductor == (("cpp_wrapper", True), ("triton.cudagraphs", False))
 
 
-def _patches_for(model, options, quantize=None):
-    """The Inductor config patches the backend compiles ``model``'s graph with (nothing compiled: a CPU test)."""
-    from fp4compile import backend
-
-    seen = []
-
-    def capture(gm, example_inputs, opts):
-        seen.append(backend.inductor_config_patches(gm, opts))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "compile_rewritten", capture)
-        torch.compile(model, backend="nvfp4", options=options)(torch.randn(8, 256))
-    assert len(seen) == 1
-    return seen[0]
-
-
-@pytest.mark.parametrize("entry", ["backend", "quantize_"])
-def test_outcontrol_under_cuda_graphs_compiles_without_graph_partitioning(entry):
-    """OutControl's backward failed CUDA-graph trees' pool check under Inductor's graph partitioning (H200, torch
-    2.11) and passed without it: graphs that hold OutControl layers turn partitioning off where CUDA graphs are on,
-    and nowhere else; a user's own ``graph_partition`` stays."""
-
-    def model(recipe):
-        m = nn.Sequential(nn.Linear(256, 256))
-        if entry == "quantize_":
-            from torchao.quantization import quantize_
-
-            config = fp4compile.NVFP4Config(recipe=recipe)
-            quantize_(m, config, filter_fn=config.filter_fn)
-            return m, {}
-        return m, {"recipe": recipe}
-
-    for recipe, mode, user, expected in [
-        ("tetrajet_v2_full", "reduce-overhead", {}, False),
-        ("tetrajet_v2_full", "max-autotune", {}, False),
-        ("tetrajet_v2_full", "reduce-overhead", {"graph_partition": True}, True),
-        ("tetrajet_v2_full", None, {}, None),
-        ("tetrajet_v2", "reduce-overhead", {}, None),
-        ("chon", "reduce-overhead", {}, None),
-    ]:
-        m, options = model(recipe)
-        options.update(mode=mode, inductor=user)
-        patches = _patches_for(m, options)
-        assert patches.get("graph_partition") is expected, (recipe, mode, user)
-        assert bool(patches.get("triton.cudagraphs")) == (mode is not None)
-
-
 def test_inductor_option_is_validated():
     with pytest.raises(ValueError, match=r"unknown Inductor config name\(s\) \['cpp_wraper'\]"):
         BackendOptions.parse({"inductor": {"cpp_wraper": True}})
