@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .format import NVFP4, TE_RHT_SIGNS, gemm_operand, quantize_reference, stored_fp32
+from .format import NVFP4, gemm_operand, quantize_reference, stored_fp32, te_rht_signs
 from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
 
@@ -91,7 +91,7 @@ def quantize_with_values(
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
         return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec)), values
     if signs is None and spec.rotation == "rht16_te":
-        signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32)
+        signs = te_rht_signs(x.device)
     q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
     return q, gemm_operand(q)
 

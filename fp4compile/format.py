@@ -35,6 +35,7 @@ keyed by a seed, with counters fixed by the element's position (see
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +49,8 @@ from .tracing import tracing
 __all__ = [
     "E2M1_VALUES",
     "TE_RHT_SIGNS",
+    "TE_RHT_SIGN_MASK",
+    "te_rht_signs",
     "NVFP4",
     "e2m1_rne",
     "e2m1_round",
@@ -81,6 +84,16 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 
 #: TransformerEngine's fixed sign vector for its 16-point RHT (applied before H: diag(signs) @ H).
 TE_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+#: :data:`TE_RHT_SIGNS` as a bit mask: bit i set where sign i is -1.
+TE_RHT_SIGN_MASK = sum(1 << i for i, s in enumerate(TE_RHT_SIGNS) if s < 0)
+
+
+def te_rht_signs(device: torch.device) -> torch.Tensor:
+    """:data:`TE_RHT_SIGNS` as an FP32 tensor on ``device``, made by device ops (a host-to-device copy would
+    synchronize with a GPU)."""
+    bits = (TE_RHT_SIGN_MASK >> torch.arange(len(TE_RHT_SIGNS), device=device)) & 1
+    return (1 - 2 * bits).to(torch.float32)
+
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -88,6 +101,7 @@ FLT_MAX = torch.finfo(torch.float32).max
 _MAGIC_RNE = 8388608.0  # 2**23: (t + 2**23) - 2**23 rounds 0 <= t < 2**22 to an integer, ties to even
 
 
+@functools.lru_cache(maxsize=256)
 def _f32(value: float) -> float:
     """``value`` rounded to the nearest FP32 number (as a Python float)."""
     return torch.tensor(value, dtype=torch.float32).item()
@@ -153,9 +167,13 @@ def e2m1_sr(v: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    """FP32 values of unpacked E2M1 codes (uint8 in [0, 16))."""
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    return table[codes.long()]
+    """FP32 values of unpacked E2M1 codes (uint8 in [0, 16)): :data:`E2M1_VALUES`, computed from the bits (no
+    lookup table, hence no host-to-device copy, which would synchronize with a GPU)."""
+    c = codes.to(torch.int32)
+    exponent, half = (c >> 1) & 3, (c & 1).to(torch.float32) * 0.5
+    power = (1 << (exponent - 1).clamp(min=0)).to(torch.float32)  # 2^(exponent - 1), exact
+    magnitude = torch.where(exponent == 0, half, power * (1 + half))
+    return torch.where((c & 8) != 0, -magnitude, magnitude)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

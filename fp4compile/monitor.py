@@ -93,7 +93,7 @@ def _to_host(measured: list[RawStats]) -> list[dict[str, Any]]:
         by_device.setdefault(raw.sums.device, []).append(i)
     values: list[dict[str, Any]] = [{} for _ in measured]
     for device, indices in by_device.items():
-        sizes = torch.tensor([measured[i].sizes for i in indices], dtype=torch.int64, device=device)
+        sizes = torch.tensor([measured[i].sizes for i in indices], dtype=torch.int64).to(device, non_blocking=True)
         stats = derive(
             torch.stack([measured[i].sums for i in indices]), torch.stack([measured[i].counts for i in indices]), sizes
         )

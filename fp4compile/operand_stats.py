@@ -119,5 +119,5 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     after the quantization is one Triton kernel (``kernels/stats.py``).
     """
     raw = measure(t, spec, top)
-    sizes = torch.tensor(raw.sizes, dtype=torch.int64, device=t.device)
+    sizes = torch.tensor(raw.sizes, dtype=torch.int64).to(t.device, non_blocking=True)
     return {**derive(raw.sums, raw.counts, sizes), "top_channels": raw.top_channels}

@@ -13,7 +13,7 @@ import torch
 
 from . import dispatch
 from .eligibility import FLOAT_DTYPES
-from .format import NVFP4, TE_RHT_SIGNS
+from .format import NVFP4, te_rht_signs
 from .spec import QuantSpec
 
 __all__ = ["quantize", "draw_seed", "draw_signs"]
@@ -115,7 +115,7 @@ def quantize(
     if spec.stochastic and seed is None:
         seed = draw_seed(device, generator)
     if spec.rotation == "rht16_te" and signs is None:
-        signs = torch.tensor(TE_RHT_SIGNS, dtype=torch.float32, device=device)
+        signs = te_rht_signs(device)
     elif spec.random_signs and signs is None:
         signs = draw_signs(spec.rotation_size, device, generator)
     if signs is not None:

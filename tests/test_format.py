@@ -161,6 +161,13 @@ def test_e2m1_rne_negative_values_mirror_positive_ones():
     assert torch.equal(e2m1_rne(-v), e2m1_rne(v) | 8)
 
 
+def test_te_rht_signs_are_made_on_the_device_from_the_mask():
+    from fp4compile.format import TE_RHT_SIGNS, te_rht_signs
+
+    signs = te_rht_signs(torch.device("cpu"))
+    assert signs.dtype == torch.float32 and signs.tolist() == list(TE_RHT_SIGNS)
+
+
 def test_e2m1_decode_inverts_rne_on_the_grid():
     codes = torch.arange(16, dtype=torch.uint8)
     values = e2m1_decode(codes)

@@ -369,3 +369,28 @@ def test_tensorboard_logger_or_a_clear_error(tmp_path):
     monitor = NumericsMonitor(net, recipe="nvidia", tensorboard=tmp_path / "tb")
     monitor.step(lambda m: m(torch.randn(16, 64)).sum())
     assert any((tmp_path / "tb").iterdir())  # an events file with the scalars
+
+
+@requires_gpu
+@pytest.mark.parametrize("recipe", ["nvidia", "quartet_ii"])
+def test_gpu_probe_synchronizes_only_to_read_its_results(recipe):
+    """A probe on a GPU waits for the device twice, for its two reads (the numbers, the channel indices): no
+    host-to-device copy of a constant and no read inside the measurement (each would stall the host)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = _Net().cuda()
+    monitor = NumericsMonitor(net, every=1, recipe=recipe)
+    x = torch.randn(256, 64, device="cuda")
+    monitor.step(lambda m: m(x).square().mean())  # first probe: kernels compiled, nothing else measured
+    monitor.steps = 0
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rows = monitor.step(lambda m: m(x).square().mean())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(rows) == 2 * 6 * len(STATS) and len(syncs) == 2, [str(w.message)[:120] for w in syncs]

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import NVFP4, TE_RHT_SIGNS, fp32_constants, rotation_scale
+from ..format import NVFP4, TE_RHT_SIGN_MASK, fp32_constants, rotation_scale
 from ..spec import QuantSpec
 from .launch import launcher
 from .numerics import (
@@ -47,7 +47,6 @@ __all__ = ["quantize_triton"]
 _BK = 128
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUNDING = {"rtn": 0, "sr": 1, "eden": 2}
-_TE_SIGN_MASK = sum(1 << i for i, s in enumerate(TE_RHT_SIGNS) if s < 0)  # bit i set: TE's sign i is -1
 
 
 @triton.jit
@@ -431,7 +430,7 @@ def quantize_triton(
     rot = spec.rotation_size
     if signs is None and rot and spec.rotation != "rht16_te":
         raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
-    fixed_signs = _TE_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
+    fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
     constants = dict(
         ROTATION=rot,
         LOG_ROTATION=int(math.log2(rot)) if rot else 0,
