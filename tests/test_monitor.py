@@ -67,7 +67,7 @@ def test_statistics_equal_the_reference_quantizers(name):
         assert got["scale_zero"] == pytest.approx(4 / (48 * 256 // 16 - 2), rel=1e-6) and got["scale_subnormal"] > 0
 
 
-@pytest.mark.parametrize("case", ["planted", "transposed_odd_k", "rows_padded_2d", "with_nan"])
+@pytest.mark.parametrize("case", ["planted", "fp32", "transposed_odd_k", "rows_padded_2d", "with_nan"])
 def test_measuring_kernel_equals_the_reference(case):
     """The Triton kernel of the measurement (``kernels/stats.py``, here in Triton's interpreter) against its torch
     definition: counts and max equal, sums equal up to their order."""
@@ -75,7 +75,7 @@ def test_measuring_kernel_equals_the_reference(case):
     from fp4compile.operand_sums import operand_sums_reference
 
     spec = QuantSpec.named("rtn_2d" if case == "rows_padded_2d" else "rtn")
-    t = _planted(rows=40, k=320).to(torch.bfloat16)
+    t = _planted(rows=40, k=320).to(torch.float32 if case == "fp32" else torch.bfloat16)
     if case == "transposed_odd_k":  # a wgrad operand: a transposed view, K = 199 tokens (odd, not a block multiple)
         base = _planted(rows=199, k=48)
         base[16:32, 3] = 1e-9  # one block of row 3 once transposed: flushes
