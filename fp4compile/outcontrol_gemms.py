@@ -103,18 +103,27 @@ def forward_weight_dequantized(
     """FP32 [out, in]: W as the forward's GEMM sees it, dequantized, in the original channel order: the FP4
     quantization of W in the order ``order`` (``w_q`` when the forward saved it), its first ``k`` channels from
     their outlier format once ``selected``. What dgrad re-quantizes (``transposed``: as a contiguous [in, out],
-    gathered so in one copy), and OsciReset's ``Q(W)``. ``inverse``: ``argsort(order)`` where the caller has it."""
-    in_features = weight.shape[1]
+    decoded transposed and gathered by rows), and OsciReset's ``Q(W)``. ``inverse``: ``argsort(order)`` where the
+    caller has it."""
+    out_features, in_features = weight.shape
     k = outlier_count(in_features, recipe.outliers)
     if w_q is None:
         w_q = dispatch.quantize(pad_cols(weight[:, order], round_up(in_features, 128)), recipe.fwd_w, None, None)
-    w_deq = dispatch.dequantize(w_q, in_features)  # a fresh buffer: its outlier columns are overwritten in place
+    # A fresh buffer ([in, out] when transposed: decoded transposed, so that the reordering gathers whole rows):
+    # its outlier channels are overwritten in place.
+    if transposed:
+        w_deq = dispatch.dequantize_transposed(w_q, out_features, in_features, out_features)
+    else:
+        w_deq = dispatch.dequantize(w_q, in_features)
     if k:
         fmt = recipe.outliers.outlier_format
         w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
-        w_deq[:, :k] = torch.where(selected, w_out, w_deq[:, :k])
+        if transposed:
+            w_deq[:k] = torch.where(selected, w_out.T, w_deq[:k])
+        else:
+            w_deq[:, :k] = torch.where(selected, w_out, w_deq[:, :k])
     inverse = torch.argsort(order) if inverse is None else inverse
-    return w_deq.T[inverse] if transposed else w_deq[:, inverse]
+    return w_deq[inverse] if transposed else w_deq[:, inverse]
 
 
 def linear_forward(
