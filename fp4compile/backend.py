@@ -200,15 +200,20 @@ def rewrite_graph(
 
 
 def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: BackendOptions):
-    """Compile an already rewritten graph with the inner compiler the options name."""
+    """Compile an already rewritten graph with the inner compiler the options name.
+
+    With Inductor the backward graph is lowered now, with the forward (AOTAutograd's
+    ``force_non_lazy_backward_lowering``, patched for this call only), instead of at the first backward: so that
+    its lowering, which analyses every Triton launch again, runs inside the launch-analysis memo too."""
     if options.inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
         with memoized_launch_analysis():
             return aot_eager(gm, example_inputs)
+    from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    with memoized_launch_analysis():
+    with memoized_launch_analysis(), functorch_config.patch(force_non_lazy_backward_lowering=True):
         return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(gm, options))
 
 

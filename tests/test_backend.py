@@ -431,3 +431,21 @@ def test_a_layer_whose_weight_is_replaced_keeps_running_with_outlier_state():
         old = model[0].fc.weight
         model[0].fc.weight = nn.Parameter(old.detach().clone())
         assert torch.equal(compiled(x), before)
+
+
+def test_backward_graph_is_lowered_with_the_forward_inside_the_compilation():
+    """With Inductor the backward graph is lowered when the forward compiles (inside the backend's launch-analysis
+    memo), not lazily at the first backward; the setting is patched for that call only."""
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+
+    def lowered():  # Inductor graph compilations so far, whether served from its cache or not
+        return sum(counters["inductor"][k] for k in ("fxgraph_cache_miss", "fxgraph_cache_hit", "fxgraph_cache_bypass"))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(MLP(), backend="nvfp4", options={"recipe": "nvidia"})
+    y = compiled(torch.randn(8, 32))
+    assert lowered() == 2  # forward and backward
+    y.sum().backward()
+    assert lowered() == 2 and functorch_config.force_non_lazy_backward_lowering is False
