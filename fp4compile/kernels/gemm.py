@@ -265,29 +265,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNED_KEYS: set = set()
-
-
 def _launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
-    """Launch the autotuned ``kernel``, and after its first launch for a new shape (the one that times every
-    config) collect the garbage that timing left.
+    """Launch the autotuned ``kernel``, and when that launch autotuned (a new shape: its config cache grew)
+    collect the garbage the timing left.
 
-    A config that fails to compile or launch (out of shared memory) raises inside Triton's autotuner, and the
-    exception's frames, which hold this launch's tensors (its output among them), can end up in reference cycles
-    that only the garbage collector frees. Under CUDA graphs that breaks the warm-up: CUDA-graph trees take the
-    output, which the caller has long dropped, for live, collect garbage, then find it freed ("storage data ptrs
-    are not allocated in pool"; benchmarks/RESULTS.md, "CUDA graphs and the outlier paths"). The cost: one full
-    collection per GEMM shape and process (0.2-0.25 s with a compiled 4-layer Llama in the process, on a CPU
-    machine), on the first step only."""
-    shape_of = lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
-    key = (
-        kernel,
-        tuple(shape_of(a) for a in args if not isinstance(a, TensorDescriptor)),
-        tuple(sorted(kwargs.items())),
-    )
+    A config that fails to compile or launch raises inside Triton's autotuner, and the exception's frames, which
+    hold this launch's tensors (its output among them), can end up in reference cycles that only the garbage
+    collector frees. Under CUDA graphs that breaks the warm-up: CUDA-graph trees take the output, which the caller
+    has long dropped, for live, collect garbage, then find it freed ("storage data ptrs are not allocated in
+    pool"; benchmarks/RESULTS.md, "CUDA graphs and the outlier paths"). The cost: one full collection per GEMM
+    shape and process (0.2-0.25 s with a compiled 4-layer Llama in the process, on a CPU machine), on the first
+    step only; other launches pay one ``len``."""
+    tuned = len(kernel.cache)
     kernel[grid](*args, **kwargs)
-    if key not in _TUNED_KEYS:
-        _TUNED_KEYS.add(key)
+    if len(kernel.cache) != tuned:
         gc.collect()
 
 
