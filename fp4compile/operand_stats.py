@@ -57,12 +57,6 @@ class RawStats(NamedTuple):
     sizes: tuple[int, int]  #: (elements, 16-element blocks) of the operand
 
 
-def _ratio(count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``count / total`` of two FP32 values, correctly rounded on every device: their quotient in FP64, rounded
-    once to FP32, is the FP32 quotient (FP64's 53 bits are more than 2 x 24 + 2)."""
-    return (count.to(torch.float64) / total.to(torch.float64)).to(torch.float32)
-
-
 def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] = None) -> NVFP4:
     """``t`` [rows, K] quantized by ``spec`` as a GEMM operand is: zero-padded along K to ``k_multiple`` (default
     the spec's own) and along the rows to the spec's row multiple (16x16 tiles)."""
@@ -104,10 +98,10 @@ def derive(sums: torch.Tensor, counts: torch.Tensor, sizes: torch.Tensor) -> dic
     return {
         "amax": amax,
         "snr_db": 10 * torch.log10(total / error),
-        "scale_zero": _ratio(flushed, flushed_of.clamp_min(1)),
-        "scale_subnormal": _ratio(subnormal, blocks),
-        "elem_saturated": _ratio(saturated, elements),
-        "scale_saturated": _ratio(scale_saturated, blocks),
+        "scale_zero": flushed / flushed_of.clamp_min(1),
+        "scale_subnormal": subnormal / blocks,
+        "elem_saturated": saturated / elements,
+        "scale_saturated": scale_saturated / blocks,
         "top_share": torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), 0),
     }
 
