@@ -108,9 +108,7 @@ class BackendOptions:
                 raise TypeError(
                     f"nvfp4 option 'monitor' must be a fp4compile.NumericsMonitor, got {type(monitor).__name__}"
                 )
-        return cls(
-            recipe, skip, inner, mode, inductor, mix_recipes, recipe_given="recipe" in options, monitor=monitor
-        )
+        return cls(recipe, skip, inner, mode, inductor, mix_recipes, recipe_given="recipe" in options, monitor=monitor)
 
 
 def _inductor_patches(patches: Any, inner: str) -> tuple:

@@ -48,15 +48,25 @@ def decomposes(t: torch.Tensor, recipe) -> bool:
 
 
 def operand_sums(
-    t: torch.Tensor, deq: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
+    t: torch.Tensor,
+    deq: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The monitor's raw measurement of one quantized operand (``operand_sums.operand_sums_reference``): one
-    Triton launch on CUDA, the reference's torch ops elsewhere."""
+    Triton launch on CUDA, the reference's torch ops elsewhere; written into the zeroed buffers ``out`` if given
+    (``kernels/stats.operand_sums_triton``)."""
     if on_triton(t):
         from .kernels.stats import operand_sums_triton
 
-        return operand_sums_triton(t, deq, codes, scales)
-    return operand_sums_reference(t, deq, codes, scales)
+        return operand_sums_triton(t, deq, codes, scales, out)
+    found = operand_sums_reference(t, deq, codes, scales)
+    if out is None:
+        return found
+    for buffer, value in zip(out, found):
+        buffer.copy_(value)
+    return out
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
@@ -106,11 +116,11 @@ def gemm_values(q: NVFP4) -> torch.Tensor:
 
 
 def dequantize(q: NVFP4, cols: int) -> torch.Tensor:
-    """FP32 dequantized ``q`` cropped to ``cols`` columns (for specs without rotation)."""
-    if on_triton(q.codes) and q.spec.rotation == "none":
+    """FP32 dequantized ``q`` (any rotation undone) cropped to ``cols`` columns: one decode kernel on CUDA."""
+    if on_triton(q.codes):
         from .kernels.decode import decode_triton
 
-        return decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
+        return decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols, unrotate=True)
     return q.dequantize(torch.float32)[:, :cols]
 
 

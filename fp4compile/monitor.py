@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .eligibility import LayerFilter, SkipRule
-from .operand_stats import STATS, RawStats, dequantized, derive, measure, quantize_padded
+from .operand_stats import STATS, dequantized, derive, measure, quantize_padded
 from .osci_layers import quantized_linears, unwrap_model
 from .recipe import SLOTS, Recipe
 from .spec import QuantSpec
@@ -83,29 +83,23 @@ def slot_operands(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, dy: Optional
     return {s: t for s, t in found.items() if t is not None}
 
 
-def _to_host(measured: list[RawStats]) -> list[dict[str, Any]]:
-    """The statistics of every measured operand as Python values (non-finite numbers as None): derived on each
-    device for all its operands at once, and read in one transfer per device for the numbers and one for the
-    channel indices (a host synchronization each on a GPU, not one per statistic)."""
+def _statistics(operands: list[tuple[torch.Tensor, QuantSpec]], top: int) -> list[dict[str, Any]]:
+    """The statistics of every operand as Python values (non-finite numbers as None): measured and derived on
+    each device for all its operands at once, and read in one transfer per device for the numbers and one for
+    the channel indices (a host synchronization each on a GPU, not one per statistic or operand)."""
     scalars = [stat for stat in STATS if stat != "top_channels"]
     by_device: dict[torch.device, list[int]] = {}
-    for i, raw in enumerate(measured):
-        by_device.setdefault(raw.sums.device, []).append(i)
-    values: list[dict[str, Any]] = [{} for _ in measured]
-    for device, indices in by_device.items():
-        sizes = torch.tensor([measured[i].sizes for i in indices], dtype=torch.int64).to(device, non_blocking=True)
-        stats = derive(
-            torch.stack([measured[i].sums for i in indices]), torch.stack([measured[i].counts for i in indices]), sizes
-        )
+    for i, (t, _) in enumerate(operands):
+        by_device.setdefault(t.device, []).append(i)
+    values: list[dict[str, Any]] = [{} for _ in operands]
+    for indices in by_device.values():
+        found = measure([operands[i] for i in indices], top)
+        stats = derive(found.sums, found.counts, found.sizes)
         numbers = torch.stack([stats[stat] for stat in scalars], 1).tolist()
-        channels = [measured[i].top_channels for i in indices]
-        flat = torch.cat(channels).tolist()
-        offsets = [0]
-        for c in channels:
-            offsets.append(offsets[-1] + c.numel())
+        channels = found.top_channels.tolist()
         for n, i in enumerate(indices):
             values[i] = {stat: (v if math.isfinite(v) else None) for stat, v in zip(scalars, numbers[n])}
-            values[i]["top_channels"] = flat[offsets[n] : offsets[n + 1]]
+            values[i]["top_channels"] = channels[n][: found.top_counts[n]]
     return values
 
 
@@ -220,12 +214,9 @@ class NumericsMonitor:
                 if torch.compiler.is_compiling():  # loss_fn called the compiled model: refused after loss_fn
                     captured["<compiled>"] = {}
                 x = _cast_like_forward(args[0].detach())
-                seen = captured[fqn] = {
-                    "x": x.reshape(-1, x.shape[-1]),
-                    "w": _cast_like_forward(module.weight.detach()),
-                }
+                captured[fqn] = {"x": x.reshape(-1, x.shape[-1]), "w": _cast_like_forward(module.weight.detach())}
                 if isinstance(output, torch.Tensor) and output.requires_grad:
-                    output.register_hook(lambda g: seen.__setitem__("dy", g.detach().reshape(-1, g.shape[-1])))
+                    captured[fqn]["y"] = output
 
             return hook
 
@@ -235,10 +226,14 @@ class NumericsMonitor:
         try:
             with torch.random.fork_rng(devices=devices):
                 loss = loss_fn(root)
-                weights = [m.weight for _, m, _ in layers if m.weight.requires_grad]
-                if isinstance(loss, torch.Tensor) and loss.requires_grad and weights:
-                    torch.autograd.grad(loss, weights, allow_unused=True)
-                del loss
+                outputs = {fqn: seen.pop("y") for fqn, seen in captured.items() if "y" in seen}
+                if isinstance(loss, torch.Tensor) and loss.requires_grad and outputs:
+                    # dY of each linear, and no more: autograd skips every weight gradient (dW) on the way
+                    grads = torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
+                    for fqn, g in zip(outputs, grads):
+                        if g is not None:
+                            captured[fqn]["dy"] = g.reshape(-1, g.shape[-1])
+                del loss, outputs
                 with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
                     return self._measure(step, layers, captured)
         finally:
@@ -255,17 +250,18 @@ class NumericsMonitor:
                 "NumericsMonitor: loss_fn ran none of the quantized linears; it must call the module it is given "
                 "(loss_fn=lambda m: m(**batch).loss), not the compiled model"
             )
-        measured = []
+        slots, operands = [], []
         for fqn, _, recipe in layers:
             seen = captured.get(fqn)
             if seen is None:
                 continue
             for slot, operand in slot_operands(recipe, seen["x"], seen["w"], seen.get("dy")).items():
-                measured.append((fqn, slot, measure(operand, recipe.spec(slot), self.top_channels)))
-        values = _to_host([raw for _, _, raw in measured])
+                slots.append((fqn, slot))
+                operands.append((operand, recipe.spec(slot)))
+        values = _statistics(operands, self.top_channels)
         return [
             {"step": step, "layer": fqn, "slot": slot, "stat": stat, "value": value[stat]}
-            for (fqn, slot, _), value in zip(measured, values)
+            for (fqn, slot), value in zip(slots, values)
             for stat in STATS
         ]
 
@@ -281,11 +277,7 @@ class NumericsMonitor:
                     if new:
                         writer.writerow(["step", "layer", "slot", "stat", "value"])
                     for row in rows:
-                        value = row["value"]
-                        value = (
-                            " ".join(map(str, value)) if isinstance(value, list) else ("" if value is None else value)
-                        )
-                        writer.writerow([row["step"], row["layer"], row["slot"], row["stat"], value])
+                        writer.writerow([row["step"], row["layer"], row["slot"], row["stat"], _csv_value(row["value"])])
         if self._writer is not None:
             for row in rows:
                 if isinstance(row["value"], (int, float)):

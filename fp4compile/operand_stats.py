@@ -22,7 +22,7 @@ multiple, rows of 16x16 tiles) is quantized with the operand and left out of eve
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from .linear_gemms import round_up
 from .quantize import quantize
 from .spec import QuantSpec
 
-__all__ = ["STATS", "RawStats", "derive", "dequantized", "measure", "operand_stats", "quantize_padded"]
+__all__ = ["STATS", "Measurements", "derive", "dequantized", "measure", "operand_stats", "quantize_padded"]
 
 #: The statistics of :func:`operand_stats`, in the order they are reported.
 STATS = (
@@ -48,13 +48,14 @@ STATS = (
 )
 
 
-class RawStats(NamedTuple):
-    """One operand measured (:func:`measure`), before :func:`derive` turns it into statistics."""
+class Measurements(NamedTuple):
+    """Operands measured together (:func:`measure`), before :func:`derive` turns them into statistics."""
 
-    sums: torch.Tensor  #: FP32 [4]: sum x^2, sum (x - dequantized)^2, max |x|, sum x^2 of the top columns
-    counts: torch.Tensor  #: int64 [5]: see ``operand_sums.operand_sums_reference``
-    top_channels: torch.Tensor  #: int64 [min(top, K)], largest squared norm first
-    sizes: tuple[int, int]  #: (elements, 16-element blocks) of the operand
+    sums: torch.Tensor  #: FP32 [n, 4]: sum x^2, sum (x - dequantized)^2, max |x|, sum x^2 of the top columns
+    counts: torch.Tensor  #: int64 [n, 5]: see ``operand_sums.operand_sums_reference``
+    sizes: torch.Tensor  #: int64 [n, 2]: elements and 16-element blocks of each operand
+    top_channels: torch.Tensor  #: int64 [n, min(top, max K)], largest squared norm first
+    top_counts: tuple[int, ...]  #: min(top, K) per operand: how many of its row's top channels are its own
 
 
 def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] = None) -> NVFP4:
@@ -68,24 +69,39 @@ def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] 
 
 
 def dequantized(q: NVFP4, rows: int, cols: int) -> torch.Tensor:
-    """FP32 ``q`` dequantized (a rotation undone) and cropped to [rows, cols]: one decode kernel on CUDA for specs
-    without rotation, the spec's torch ops with one."""
-    if q.spec.rotation == "none":
-        return dispatch.dequantize(q, cols)[:rows]
-    return q.dequantize(torch.float32)[:rows, :cols]
+    """FP32 ``q`` dequantized (a rotation undone) and cropped to [rows, cols]: one decode kernel on CUDA."""
+    return dispatch.dequantize(q, cols)[:rows]
 
 
-def measure(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> RawStats:
-    """``t`` [rows, K] quantized by ``spec`` along K and measured, all on ``t``'s device (a handful of launches
-    on a GPU: the quantization, its decoding, one measuring kernel, the top-column selection)."""
-    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
-    rows, k = t.shape
-    q = quantize_padded(t, spec)
-    column_sq, tail, counts = dispatch.operand_sums(t, dequantized(q, rows, k), q.codes, q.scales)
-    chosen = torch.topk(column_sq, min(top, k))
-    sums = torch.cat([tail, chosen.values.sum().reshape(1)])
-    return RawStats(sums, counts, chosen.indices, (rows * k, rows * ((k + 15) // 16)))
+def measure(operands: Sequence[tuple[torch.Tensor, QuantSpec]], top: int = 8) -> Measurements:
+    """Each ``t`` [rows, K] of ``operands`` (on one device) quantized by its spec along K and measured, on the
+    device: per operand its quantization, one decode kernel and one measuring kernel on a GPU; for all of them
+    two buffer fills, the top-column selection and a few ops. The monitor measures a probe's operands at once."""
+    if not operands:
+        raise ValueError("measure: no operands")
+    for t, _ in operands:
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"operand_stats expects a non-empty 2-D operand [rows, K], got shape {tuple(t.shape)}")
+    device = operands[0][0].device
+    if any(t.device != device for t, _ in operands):
+        raise ValueError("measure: the operands must be on one device")
+    widths = tuple(t.shape[1] for t, _ in operands)
+    width = max(widths)
+    floats = torch.zeros(len(operands), width + 3, dtype=torch.float32, device=device)  # column norms, then tail
+    counts = torch.zeros(len(operands), 5, dtype=torch.int64, device=device)
+    for i, (t, spec) in enumerate(operands):
+        rows, k = t.shape
+        q = quantize_padded(t, spec)
+        out = (floats[i, :k], floats[i, width:], counts[i])
+        dispatch.operand_sums(t, dequantized(q, rows, k), q.codes, q.scales, out)
+    host = torch.tensor([(t.numel(), t.shape[0] * ((t.shape[1] + 15) // 16), t.shape[1]) for t, _ in operands])
+    sizes = host.to(device, non_blocking=True)
+    columns = floats[:, :width]
+    if min(widths) < width:  # a narrower operand's unused columns rank below every real one (norms are >= 0)
+        columns = columns.masked_fill(torch.arange(width, device=device) >= sizes[:, 2:], -1.0)
+    chosen = torch.topk(columns, min(top, width))
+    sums = torch.cat([floats[:, width:], chosen.values.clamp_min(0).sum(-1, keepdim=True)], 1)
+    return Measurements(sums, counts, sizes[:, :2], chosen.indices, tuple(min(top, k) for k in widths))
 
 
 def derive(sums: torch.Tensor, counts: torch.Tensor, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,8 +126,8 @@ def operand_stats(t: torch.Tensor, spec: QuantSpec, top: int = 8) -> dict[str, t
     """The statistics (module docstring) of ``t`` [rows, K] quantized by ``spec`` along K, as device tensors.
 
     Draws the quantizer's random bits from torch's default generator of ``t``'s device. On CUDA the measurement
-    after the quantization is one Triton kernel (``kernels/stats.py``).
+    after the quantization is two Triton kernels (``kernels/decode.py``, ``kernels/stats.py``).
     """
-    raw = measure(t, spec, top)
-    sizes = torch.tensor(raw.sizes, dtype=torch.int64).to(t.device, non_blocking=True)
-    return {**derive(raw.sums, raw.counts, sizes), "top_channels": raw.top_channels}
+    found = measure([(t, spec)], top)
+    stats = {name: value[0] for name, value in derive(found.sums, found.counts, found.sizes).items()}
+    return {**stats, "top_channels": found.top_channels[0, : found.top_counts[0]]}

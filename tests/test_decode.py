@@ -47,3 +47,16 @@ def test_decode_dequantization_with_outer_scales_crops(name):
     got = decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
     assert got.shape == (q.shape[0], cols)
     torch.testing.assert_close(got, q.dequantize(torch.float32)[:, :cols], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rht16_rtn_te", "rht16_sr_te", "double_block_rht16_sr", "ms_eden"])
+def test_decode_undoes_the_rotation_as_the_spec_does(name):
+    """With ``unrotate`` (``dispatch.dequantize`` of a rotated quantization: the monitor's wgrad operands) the
+    decoded values are the spec's dequantization, rotation undone, bit for bit, cropped to ``cols``."""
+    q = quantize(_input()[: ROWS - ROWS % 16], name, validate=False)
+    cols = K - 48
+    got = decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols, unrotate=True)
+    want = q.dequantize(torch.float32)[:, :cols]
+    rotated = decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
+    assert q.signs is not None and not torch.equal(got, rotated)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

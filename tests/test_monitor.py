@@ -69,8 +69,8 @@ def test_statistics_equal_the_reference_quantizers(name):
 
 @pytest.mark.parametrize("case", ["planted", "fp32", "transposed_odd_k", "rows_padded_2d", "with_nan"])
 def test_measuring_kernel_equals_the_reference(case):
-    """The Triton kernel of the measurement (``kernels/stats.py``; in Triton's interpreter on CPU machines) against its torch
-    definition: counts and max equal, sums equal up to their order."""
+    """The Triton kernel of the measurement (``kernels/stats.py``; in Triton's interpreter on CPU machines) against
+    its torch definition: counts and max equal, sums equal up to their order."""
     from fp4compile.kernels.stats import operand_sums_triton
     from fp4compile.operand_sums import operand_sums_reference
 
@@ -90,8 +90,8 @@ def test_measuring_kernel_equals_the_reference(case):
     want = operand_sums_reference(t, deq, q.codes, q.scales)
     assert got[2].tolist() == want[2].tolist()
     got, want = [g.cpu() for g in got], [w.cpu() for w in want]
-    if case == "with_nan":  # a NaN amax: every scale is NaN's, every block counts as flushed
-        assert got[1][2].isnan() and want[1][2].isnan() and want[2][0] == want[2][1] > 0
+    if case == "with_nan":  # a NaN amax (codes and scales of a NaN tensor are unspecified: counted as they are)
+        assert got[1][2].isnan() and want[1][2].isnan() and want[2][0] > 0
         return
     assert want[2][0] > want[2][1] and want[2][3] > 0  # nonzero blocks, of them flushed; elements at 6
     assert want[2][1] > 0 or case == "rows_padded_2d"  # (a 16x16 scale tile does not flush the planted block)
@@ -100,17 +100,28 @@ def test_measuring_kernel_equals_the_reference(case):
     torch.testing.assert_close(got[1][:2], want[1][:2], rtol=1e-6, atol=0)
 
 
-def test_statistics_of_many_operands_are_derived_at_once():
-    """``derive`` over stacked measurements equals it per operand (the monitor derives a probe's operands at once)."""
+def test_operands_measured_together_equal_each_measured_alone():
+    """``measure`` over many operands (the monitor measures a probe at once: one buffer, one top-k over rows of
+    different widths) gives each operand the statistics it has alone; a narrow operand reports only its own
+    channels, even when ``top`` exceeds its width."""
     from fp4compile.operand_stats import derive, measure
 
-    raws = [measure(_planted(rows, k), QuantSpec.named("rtn")) for rows, k in [(48, 256), (40, 200), (16, 64)]]
-    sizes = torch.tensor([r.sizes for r in raws])
-    batched = derive(torch.stack([r.sums for r in raws]), torch.stack([r.counts for r in raws]), sizes)
-    for i, raw in enumerate(raws):
-        single = derive(raw.sums, raw.counts, sizes[i])
-        for stat, value in single.items():
-            assert batched[stat][i].tolist() == pytest.approx(value.tolist(), rel=0, nan_ok=True), stat
+    operands = [
+        (_planted(48, 256).to(KERNEL_DEVICE), QuantSpec.named("rtn")),
+        (_planted(40, 200).to(KERNEL_DEVICE).T, QuantSpec.named("rht16_rtn_te")),
+        (torch.randn(16, 16, device=KERNEL_DEVICE), QuantSpec.named("rtn_2d")),
+    ]
+    top = 20
+    together = measure(operands, top)
+    stats = derive(together.sums, together.counts, together.sizes)
+    assert together.top_counts == (20, 20, 16)
+    for i, (t, spec) in enumerate(operands):
+        alone = operand_stats(t, spec, top)
+        channels = together.top_channels[i, : together.top_counts[i]]
+        assert channels.tolist() == alone["top_channels"].tolist() and channels.max() < t.shape[1]
+        for stat in STATS[:-1]:
+            assert stats[stat][i].item() == pytest.approx(alone[stat].item(), rel=1e-6, nan_ok=True), (i, stat)
+    assert sorted(together.top_channels[2, :16].tolist()) == list(range(16))  # all of its channels, no padding
 
 
 def test_padding_is_left_out_and_bad_operands_are_refused():

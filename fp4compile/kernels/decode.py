@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import NVFP4
+from ..format import NVFP4, TE_RHT_SIGN_MASK, rotation_scale
 from .launch import launcher
-from .numerics import e2m1_value, e4m3_value
+from .numerics import e2m1_value, e4m3_value, fwht, product, sign_vector
 
 __all__ = ["decode_triton"]
 
@@ -30,6 +30,7 @@ def _decode_kernel(
     codes_ptr,
     scales_ptr,
     outer_ptr,
+    signs_ptr,
     out_ptr,
     M,
     N_COLS,
@@ -37,6 +38,11 @@ def _decode_kernel(
     stride_om,
     stride_ok,
     OUTER: tl.constexpr,  # 0 none, 1 per tensor, 2 per 1x128 block
+    ROTATION: tl.constexpr,  # 0, or 16 / 128: undo the quantization's rotation (format.unrotate)
+    LOG_ROTATION: tl.constexpr,
+    ROTATION_SCALE: tl.constexpr,
+    FIXED_SIGNS: tl.constexpr,  # the signs as a bit mask, or -1: loaded from signs_ptr
+    NO_FMA: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,  # 128: one outer block, 8 scale blocks, 64 code bytes per row
 ):
@@ -55,9 +61,13 @@ def _decode_kernel(
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BM, BK // 16, 16]), [BM, BK])
     value = e2m1_value(codes) * scale
     if OUTER == 1:
-        value = value * tl.load(outer_ptr)
+        value = product(value, tl.load(outer_ptr), NO_FMA)  # (rounded: the rotation's adds must not contract it)
     if OUTER == 2:
-        value = value * tl.load(outer_ptr + r64 * (K // 128) + col0 // 128, mask=row_ok, other=0.0)
+        value = product(value, tl.load(outer_ptr + r64 * (K // 128) + col0 // 128, mask=row_ok, other=0.0), NO_FMA)
+    if ROTATION > 0:  # fwht(y) * scale * signs per chunk, as format.unrotate rounds it
+        chunks = tl.reshape(value, [BM * (BK // ROTATION), ROTATION])
+        chunks = product(fwht(chunks, BM * (BK // ROTATION), ROTATION, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
+        value = tl.reshape(chunks * sign_vector(signs_ptr, FIXED_SIGNS, 0, ROTATION)[None, :], [BM, BK])
     cols = col0 + tl.arange(0, BK)
     mask = row_ok & (cols < N_COLS)[None, :]
     tl.store(out_ptr + r64 * stride_om + cols[None, :] * stride_ok, value.to(out_ptr.dtype.element_ty), mask=mask)
@@ -72,8 +82,9 @@ def decode_triton(
     rows: Optional[int] = None,
     cols: Optional[int] = None,
     padded_rows: Optional[int] = None,
+    unrotate: bool = False,
 ) -> torch.Tensor:
-    """Decode ``q`` (no rotation undone: callers use it in the rotated domain or without rotation).
+    """Decode ``q`` (in the rotated domain unless ``unrotate``).
 
     Args:
         with_outer: multiply by the outer scales (dequantization) or not (GEMM operand).
@@ -81,8 +92,14 @@ def decode_triton(
         transpose: write the [cols, rows] transpose.
         rows, cols: decode only the leading [rows, cols] (crop padding); default all.
         padded_rows: with ``transpose``, the output's last dim (zero-filled beyond ``rows``).
+        unrotate: undo a rotation as ``format.dequantize`` does (bit for bit; not with ``transpose``).
     """
     m, k = q.shape
+    rotation = q.spec.rotation_size if unrotate else 0
+    if rotation and transpose:
+        raise ValueError("decode_triton: unrotate and transpose cannot be combined")
+    if rotation and not with_outer:
+        raise ValueError("decode_triton: unrotate needs with_outer=True (it gives values in the input's domain)")
     rows = m if rows is None else rows
     cols = k if cols is None else cols
     if transpose:
@@ -99,6 +116,20 @@ def decode_triton(
     grid = (triton.cdiv(rows, bm), triton.cdiv(cols, bk))
     scale_bytes = q.scales.view(torch.uint8)
     # K (the stored row length) drives the addressing; rows and cols bound the decoded region.
-    args = (q.codes, scale_bytes, q.outer, out, rows, cols, k, stride_om, stride_ok)
-    launcher(_decode_kernel)[grid](*args, OUTER=outer_kind, BM=bm, BK=bk)
+    fixed_signs = TE_RHT_SIGN_MASK if rotation and q.signs is None and q.spec.rotation == "rht16_te" else -1
+    if rotation and fixed_signs < 0 and q.signs is None:
+        raise ValueError(f"decode_triton: {q.spec.short_str()} was quantized without its rotation signs")
+    signs = q.signs if rotation and fixed_signs < 0 else None
+    args = (q.codes, scale_bytes, q.outer, signs, out, rows, cols, k, stride_om, stride_ok)
+    launcher(_decode_kernel)[grid](
+        *args,
+        OUTER=outer_kind,
+        ROTATION=rotation,
+        LOG_ROTATION=rotation.bit_length() - 1 if rotation else 0,
+        ROTATION_SCALE=rotation_scale(rotation) if rotation else 1.0,
+        FIXED_SIGNS=fixed_signs,
+        NO_FMA=q.codes.is_cuda,
+        BM=bm,
+        BK=bk,
+    )
     return out

@@ -36,6 +36,7 @@ __all__ = [
     "from_bits",
     "max_abs_bits",
     "pairwise_sum",
+    "sign_vector",
     "piece_random_bits",
     "pack_codes",
     "product",
@@ -193,6 +194,17 @@ def fwht8(x, R0: tl.constexpr, R1: tl.constexpr):
     e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), [R0, R1, 4])
     o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), [R0, R1, 4])
     return tl.reshape(tl.join(e, o), [R0, R1, 8])
+
+
+@triton.jit
+def sign_vector(signs_ptr, FIXED_SIGNS, first: tl.constexpr, n: tl.constexpr):
+    """Signs ``first .. first+n-1`` as FP32 +-1: bits of the constexpr mask ``FIXED_SIGNS`` (bit i set: sign i
+    is -1), or loaded from ``signs_ptr`` when the mask is -1."""
+    idx = first + tl.arange(0, n)
+    if FIXED_SIGNS >= 0:
+        return tl.where(((tl.full([n], FIXED_SIGNS, tl.int32) >> idx) & 1) != 0, -1.0, 1.0)
+    else:
+        return tl.load(signs_ptr + idx)
 
 
 @triton.jit

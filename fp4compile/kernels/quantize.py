@@ -40,6 +40,7 @@ from .numerics import (
     pairwise_sum,
     piece_random_bits,
     product,
+    sign_vector,
 )
 
 __all__ = ["quantize_triton"]
@@ -54,17 +55,6 @@ def _encode_factor(b, outer):
     """1 / (b * outer) clamped to FLT_MAX, and 0 where the block scale is 0 (format.py)."""
     scale = b * outer
     return tl.where(b > 0.0, tl.minimum(tl.math.div_rn(1.0, tl.where(b > 0.0, scale, 1.0)), _FLT_MAX), 0.0)
-
-
-@triton.jit
-def _sign_vector(signs_ptr, FIXED_SIGNS, first: tl.constexpr, n: tl.constexpr):
-    """Signs ``first .. first+n-1`` as FP32 +-1: bits of the constexpr mask ``FIXED_SIGNS`` (bit i set: sign i
-    is -1), or loaded from ``signs_ptr`` when the mask is -1."""
-    idx = first + tl.arange(0, n)
-    if FIXED_SIGNS >= 0:
-        return tl.where(((tl.full([n], FIXED_SIGNS, tl.int32) >> idx) & 1) != 0, -1.0, 1.0)
-    else:
-        return tl.load(signs_ptr + idx)
 
 
 @triton.jit
@@ -95,8 +85,8 @@ def _load_tile(
         mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
         lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        lo = lo * _sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
-        hi = hi * _sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
+        lo = lo * sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
+        hi = hi * sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
         lo, hi = lo + hi, lo - hi
         return product(fwht8(lo, BM, NB), ROTATION_SCALE, NO_FMA), product(fwht8(hi, BM, NB), ROTATION_SCALE, NO_FMA)
     else:
@@ -105,7 +95,7 @@ def _load_tile(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if ROTATION == 128:
-            x = x * _sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
+            x = x * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
             x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
         xb = tl.reshape(x, [BM, NB, 16])
         return xb, xb

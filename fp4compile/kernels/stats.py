@@ -8,6 +8,8 @@ counts and the max equal the reference's exactly; the FP32 sums equal it up to t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +28,8 @@ def _operand_sums_kernel(
     deq_ptr,
     codes_ptr,
     scales_ptr,
-    floats_ptr,
+    columns_ptr,
+    tail_ptr,
     amax_bits_ptr,
     counts_ptr,
     rows,
@@ -48,9 +51,9 @@ def _operand_sums_kernel(
     deq = tl.load(deq_ptr + r[:, None] * stride_dr + col[None, :] * stride_dk, mask=ok, other=0.0)
     column_sq = tl.sum(x * x, axis=0)
     diff = x - deq
-    tl.atomic_add(floats_ptr + col, column_sq, mask=col < k)
-    tl.atomic_add(floats_ptr + k, tl.sum(column_sq, axis=0))
-    tl.atomic_add(floats_ptr + k + 1, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+    tl.atomic_add(columns_ptr + col, column_sq, mask=col < k)
+    tl.atomic_add(tail_ptr, tl.sum(column_sq, axis=0))
+    tl.atomic_add(tail_ptr + 1, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     bits = abs_bits(x)
     tl.atomic_max(amax_bits_ptr, tl.max(tl.max(bits, axis=1), axis=0))
 
@@ -79,31 +82,43 @@ def _operand_sums_kernel(
 
 
 def operand_sums_triton(
-    t: torch.Tensor, deq: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
+    t: torch.Tensor,
+    deq: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The raw measurement of ``t`` [rows, K] (any strides) against its FP32 dequantization ``deq`` [rows, K]
     (unit stride along K) and its quantization's ``codes`` / ``scales`` (padded, row-major, E4M3 scales as
-    bytes or ``float8_e4m3fn``), in one kernel launch (and two buffer fills).
+    bytes or ``float8_e4m3fn``), in one kernel launch.
 
     Returns ``(column_sq, tail, counts)`` as ``operand_sums_reference`` does: FP32 [K] squared column norms,
     FP32 [3] = (sum x^2, sum (x - deq)^2, max |x|), int64 [5] = (blocks holding a nonzero, of them with scale 0,
-    blocks with a subnormal scale, elements at +-6, blocks with scale 448).
+    blocks with a subnormal scale, elements at +-6, blocks with scale 448). With ``out`` the kernel adds into
+    those three zeroed buffers (unit stride; the monitor measures many operands into one allocation), else
+    into new ones (two more launches).
     """
     rows, k = t.shape
     if deq.shape != t.shape or deq.dtype != torch.float32 or deq.stride(1) != 1:
         raise ValueError(f"operand_sums_triton: deq must be FP32 {tuple(t.shape)} with unit stride along K")
     if codes.stride(1) != 1 or scales.stride(1) != 1:
         raise ValueError("operand_sums_triton: codes and scales must be row-major")
-    floats = torch.zeros(k + 3, dtype=torch.float32, device=t.device)  # column_sq, total, error, amax bits
-    counts = torch.zeros(5, dtype=torch.int64, device=t.device)
+    if out is None:
+        floats = torch.zeros(k + 3, dtype=torch.float32, device=t.device)
+        out = (floats[:k], floats[k:], torch.zeros(5, dtype=torch.int64, device=t.device))
+    columns, tail, counts = out
+    shapes = [(columns, (k,), torch.float32), (tail, (3,), torch.float32), (counts, (5,), torch.int64)]
+    if any(b.shape != shape or b.dtype != dtype or b.stride(0) != 1 for b, shape, dtype in shapes):
+        raise ValueError(f"operand_sums_triton: out must be FP32 [{k}], FP32 [3] and int64 [5] with unit stride")
     grid = (triton.cdiv(rows, _BR), triton.cdiv(triton.cdiv(k, 16), _BB))
     _operand_sums_kernel[grid](
         t,
         deq,
         codes,
         scales.view(torch.uint8),
-        floats,
-        floats[k + 2 :].view(torch.int32),
+        columns,
+        tail,
+        tail[2:].view(torch.int32),
         counts,
         rows,
         k,
@@ -117,4 +132,4 @@ def operand_sums_triton(
         BB=_BB,
         num_warps=8,
     )
-    return floats[:k], floats[k:], counts
+    return columns, tail, counts
