@@ -1,6 +1,7 @@
 """``fp4compile train``, ``bench`` and ``explain``: outputs, determinism, the corpus split and flag errors (CPU)."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -254,6 +255,22 @@ def test_train_config_resolved_fills_osci_reset_only_when_it_runs():
     osci = train.TrainConfig(steps=20, osci_reset=True).resolved()
     assert (osci.osci_start, osci.osci_period, osci.osci_window) == (10, 4, 1)
     assert osci.resolved() == osci
+
+
+def test_outcontrol_schedule_is_scaled_to_a_run_too_short_for_it():
+    """A 500-step demo would end before the preset's selection (step 550): its OutControl records from step 100
+    for 10 steps, under a name that says so; long runs and other recipes train the preset as it is."""
+    short = train.TrainConfig(steps=500, recipes=("tetrajet_v2_full",)).resolved()
+    run = short.run_recipe("tetrajet_v2_full")
+    assert run.name == "tetrajet_v2_full_start100_window10"
+    assert (run.outliers.start, run.outliers.window, run.outliers.ratio) == (100, 10, 0.1)
+    assert dataclasses.replace(run, name="tetrajet_v2_full", outliers=Recipe.named("tetrajet_v2_full")
+                               .outliers) == Recipe.named("tetrajet_v2_full")  # fmt: skip
+    assert short.compile_options("tetrajet_v2_full")["recipe"] == run
+    long = train.TrainConfig(steps=600, recipes=("tetrajet_v2_full",)).resolved()
+    assert long.run_recipe("tetrajet_v2_full") is Recipe.named("tetrajet_v2_full")
+    assert long.compile_options("tetrajet_v2_full")["recipe"] == "tetrajet_v2_full"
+    assert short.run_recipe("chon") is Recipe.named("chon")
 
 
 def test_results_table_layout():

@@ -348,11 +348,10 @@ def _train_in_fresh_process(recipe: str, config: TrainConfig, corpus: Corpus, pr
     """:func:`train_recipe` in a new (spawned) Python process, for GPU runs.
 
     Every recipe then starts from a clean CUDA allocator, CUDA-graph tree and compile state, and one recipe's
-    leftovers cannot affect the next one's speed. It is also needed: with torch 2.11 and
-    ``mode="reduce-overhead"``, compiling an ``nvidia``-recipe model in a process where another quantized
-    recipe's model already ran trips the CUDA-graph tree's pool check ("These storage data ptrs are not allocated
-    in pool"), although with that check off the losses are bit-identical to a fresh process's (measured on an H100,
-    2026-11-23; not yet explained).
+    leftovers cannot affect the next one's speed. (It was first needed against the CUDA-graph tree's pool check,
+    "These storage data ptrs are not allocated in pool", which a second quantized model in one process tripped on
+    an H100; the check also failed for the first OutControl model of a process, from garbage in reference cycles
+    that the GEMM's first autotuning left and now collects; the second-model case is not re-tested since.)
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -438,6 +437,15 @@ def run_training(
             f"OsciReset ({variant}) on the quantized recipes: snapshots at step {config.osci_start} and every "
             f"{config.osci_period} steps after, window {config.osci_window}, threshold {config.osci_threshold:g}"
         )
+    for recipe in config.recipes:
+        run = config.run_recipe(recipe)
+        if run.name != recipe:
+            control = run.outliers
+            log(
+                f"{recipe}: OutControl scaled to this run: channel norms recorded from step {control.start} for "
+                f"{control.window} step{'s' if control.window > 1 else ''}, selection at step {control.start + control.window} (the preset's "
+                f"{Recipe.named(recipe).outliers.start} + {Recipe.named(recipe).outliers.window} is for long runs)"
+            )
     log(corpus.describe())
     results = os.path.join(out_dir, "results.json")
     done, note = previous_runs(results, config)

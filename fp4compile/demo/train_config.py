@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..backend import BackendOptions
+from ..outlier_channels import OutControl
 from ..recipe import Recipe
 from .gpt import GPTConfig
 
@@ -179,9 +180,23 @@ class TrainConfig:
         """The GPT shape of this (resolved) config."""
         return GPTConfig(seq_len=self.seq, d_model=self.d_model, n_layers=self.layers, n_heads=self.heads)
 
+    def run_recipe(self, recipe: str) -> Recipe:
+        """``recipe`` as this run trains it. OutControl's schedule (TetraJet-v2: record channel norms from step 500
+        for 50 steps, in runs of many thousand steps) is scaled to a run too short to reach its selection: record
+        from a fifth of the steps for a fiftieth of them (a 500-step run selects at step 110). The scaled recipe is
+        named after its schedule (``tetrajet_v2_full_start100_window10``)."""
+        found = Recipe.named(recipe)
+        control = found.outliers
+        if not isinstance(control, OutControl) or control.start + control.window < self.steps:
+            return found
+        start, window = self.steps // 5, max(1, self.steps // 50)
+        scaled = dataclasses.replace(control, start=start, window=window)
+        return dataclasses.replace(found, name=f"{recipe}_start{start}_window{window}", outliers=scaled)
+
     def compile_options(self, recipe: str) -> dict:
-        """The ``options`` of ``torch.compile(backend="nvfp4")`` for ``recipe``."""
-        options = {"recipe": recipe, "inner": self.inner}
+        """The ``options`` of ``torch.compile(backend="nvfp4")`` for ``recipe`` (:meth:`run_recipe`)."""
+        run = self.run_recipe(recipe)
+        options = {"recipe": recipe if run.name == recipe else run, "inner": self.inner}
         if self.mode not in (None, "default"):
             options["mode"] = self.mode
         return options
