@@ -441,10 +441,11 @@ def run_training(
         run = config.run_recipe(recipe)
         if run.name != recipe:
             control = run.outliers
+            preset, steps = Recipe.named(recipe).outliers, "steps" if control.window > 1 else "step"
             log(
                 f"{recipe}: OutControl scaled to this run: channel norms recorded from step {control.start} for "
-                f"{control.window} step{'s' if control.window > 1 else ''}, selection at step {control.start + control.window} (the preset's "
-                f"{Recipe.named(recipe).outliers.start} + {Recipe.named(recipe).outliers.window} is for long runs)"
+                f"{control.window} {steps}, selection at step {control.start + control.window} (the preset's "
+                f"{preset.start} + {preset.window} is for long runs)"
             )
     log(corpus.describe())
     results = os.path.join(out_dir, "results.json")
