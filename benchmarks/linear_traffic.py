@@ -1,6 +1,9 @@
 """The launches and bytes of one quantized linear's compiled forward + backward, counted from its traced graph.
 
 Run anywhere (no GPU):  python -m benchmarks.linear_traffic [--recipe nvidia] [--shape 4096x4096] [--tokens 8192]
+(OutControl's recipes need a CUDA build of torch: a CPU-only build refuses their tensor indexing on fake CUDA
+tensors. Recipes with outlier paths are traced past their warm-up: OutControl's channels selected, the
+Hot-Channel Patch's k channels hot.)
 
 The CUDA decomposition of ``fp4compile::linear`` and its backward is traced with fake CUDA tensors (what
 AOTAutograd hands Inductor). Every node that would run as a kernel is listed with the bytes of its tensor
@@ -16,6 +19,7 @@ driver (``launch_analysis_cpu``) lets torch analyse the launches without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import Counter
 
 import torch
@@ -100,6 +104,50 @@ def _rows(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
     return rows
 
 
+def _traced_ops(recipe: str, d_in: int):
+    """``(state, forward(x, w, *state), backward(dy, w, *state, *saved))`` of the recipe's op: the plain linear,
+    OutControl's (channels selected) or the Hot-Channel Patch's (its k hot channels), the state graph inputs (as
+    in a compiled model) made by ``state()``."""
+    from fp4compile import ops
+    from fp4compile.outlier_channels import HotChannelPatch, OutControl
+    from fp4compile.recipe import Recipe
+
+    control = Recipe.named(recipe).outliers
+    if isinstance(control, OutControl):
+        return (
+            lambda: (torch.randperm(d_in, device="cuda"), torch.ones((), dtype=torch.bool, device="cuda")),
+            lambda x, w, order, selected: ops.outlier_linear(x, w, None, order, selected, recipe),
+            lambda dy, w, order, selected, *s: ops.outlier_linear_backward(dy, w, order, selected, *s, recipe, False),
+        )
+    if isinstance(control, HotChannelPatch):
+        return (
+            lambda: (torch.arange(min(control.k, d_in), device="cuda"),),
+            lambda x, w, index: ops.hot_linear(x, w, None, index, recipe)[:-1],  # (the scores: no backward use)
+            lambda dy, w, index, *s: ops.linear_backward_op(dy, w, *s, recipe, False),
+        )
+    return (
+        lambda: (),
+        lambda x, w: ops.linear(x, w, None, recipe),
+        lambda dy, w, *s: ops.linear_backward_op(dy, w, *s, recipe, False),
+    )
+
+
+@contextlib.contextmanager
+def _contiguous_as_clone():
+    """``Tensor.contiguous`` as the clone it is (a CPU-only torch build refuses the method on fake CUDA tensors,
+    while ``clone`` traces; the graph gets the same copy)."""
+    original = torch.Tensor.contiguous
+
+    def contiguous(self, memory_format=torch.contiguous_format):
+        return self if self.is_contiguous(memory_format=memory_format) else self.clone(memory_format=memory_format)
+
+    torch.Tensor.contiguous = contiguous
+    try:
+        yield
+    finally:
+        torch.Tensor.contiguous = original
+
+
 def count(recipe: str, tokens: int, d_in: int, d_out: int) -> dict[str, list[tuple[str, int]]]:
     """The kernel rows of the traced forward and backward of one linear (no bias)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -107,21 +155,17 @@ def count(recipe: str, tokens: int, d_in: int, d_out: int) -> dict[str, list[tup
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from benchmarks.launch_analysis_cpu import cuda_target_driver
-    from fp4compile import ops
 
-    with cuda_target_driver(), FakeTensorMode():
+    state, forward_op, backward_op = _traced_ops(recipe, d_in)
+    with _contiguous_as_clone(), cuda_target_driver(), FakeTensorMode():
         x = torch.empty(tokens, d_in, device="cuda", dtype=torch.bfloat16)
         w = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
         dy = torch.empty(tokens, d_out, device="cuda", dtype=torch.bfloat16)
-        saved = ops.linear(x, w, None, recipe)[1:]
-    with cuda_target_driver():
-        forward = make_fx(dispatch_functionalize(lambda x, w: ops.linear(x, w, None, recipe)), tracing_mode="fake")(
-            x, w
-        )
-        backward = make_fx(
-            dispatch_functionalize(lambda dy, w, *s: ops.linear_backward_op(dy, w, *s, recipe, False)),
-            tracing_mode="fake",
-        )(dy, w, *saved)
+        inputs = state()
+        saved = forward_op(x, w, *inputs)[1:]
+    with _contiguous_as_clone(), cuda_target_driver():
+        forward = make_fx(dispatch_functionalize(forward_op), tracing_mode="fake")(x, w, *inputs)
+        backward = make_fx(dispatch_functionalize(backward_op), tracing_mode="fake")(dy, w, *inputs, *saved)
     return {"forward": _rows(forward), "backward": _rows(backward)}
 
 
@@ -132,7 +176,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     d_in, d_out = map(int, args.shape.split("x"))
-    parts = count(args.recipe, args.tokens, d_in, d_out)
+    try:
+        parts = count(args.recipe, args.tokens, d_in, d_out)
+    except RuntimeError as error:
+        if "not linked with support for cuda" not in str(error):
+            raise
+        raise SystemExit(
+            f"linear_traffic: {args.recipe}'s op indexes its fake CUDA tensors in a way a CPU-only torch build refuses "
+            f"({error}); run it with a CUDA build of torch (no GPU needed)"
+        ) from None
     mib = 2**20
     total = Counter()
     for part, rows in parts.items():

@@ -70,9 +70,9 @@ def linear_forward(
         deq_x, deq_w = dispatch.dequantize(qx.q, in_features), dispatch.dequantize(qw.q, in_features)
         r_x, r_w = stored_fp32(x) - deq_x, stored_fp32(weight) - deq_w
         scores.append(r_x.abs().mean(0) + r_w.abs().mean(0))
-        va, oa = _residual_operand(r_x[:, index], recipe.fwd_x, fmt, qx.values.dtype)
-        vb, ob = _residual_operand(r_w[:, index], recipe.fwd_w, fmt, qw.values.dtype)
-        hot_x, hot_w = _pad_to_block(qx.values[:, index]), _pad_to_block(qw.values[:, index])
+        va, oa = _residual_operand(r_x.index_select(1, index), recipe.fwd_x, fmt, qx.values.dtype)
+        vb, ob = _residual_operand(r_w.index_select(1, index), recipe.fwd_w, fmt, qw.values.dtype)
+        hot_x, hot_w = _pad_to_block(qx.values.index_select(1, index)), _pad_to_block(qw.values.index_select(1, index))
         k_hot = hot_x.shape[1]
         tokens, out_features = x.shape[0], weight.shape[0]
         a = torch.cat([_pad_to_block(qx.values), va, hot_x], 1)

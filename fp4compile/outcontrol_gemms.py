@@ -108,7 +108,9 @@ def forward_weight_dequantized(
     out_features, in_features = weight.shape
     k = outlier_count(in_features, recipe.outliers)
     if w_q is None:
-        w_q = dispatch.quantize(pad_cols(weight[:, order], round_up(in_features, 128)), recipe.fwd_w, None, None)
+        w_q = dispatch.quantize(
+            pad_cols(weight.index_select(1, order), round_up(in_features, 128)), recipe.fwd_w, None, None
+        )
     # A fresh buffer ([in, out] when transposed: decoded transposed, so that the reordering gathers whole rows):
     # its outlier channels are overwritten in place.
     if transposed:
@@ -123,7 +125,7 @@ def forward_weight_dequantized(
         else:
             w_deq[:, :k] = torch.where(selected, w_out, w_deq[:, :k])
     inverse = torch.argsort(order) if inverse is None else inverse
-    return w_deq[inverse] if transposed else w_deq[:, inverse]
+    return w_deq.index_select(0 if transposed else 1, inverse)
 
 
 def linear_forward(
@@ -139,7 +141,7 @@ def linear_forward(
     control = recipe.outliers
     in_features = x.shape[1]
     k, in_p = outlier_count(in_features, control), round_up(in_features, 128)
-    xp, wp = pad_cols(x[:, order], in_p), pad_cols(weight[:, order], in_p)
+    xp, wp = pad_cols(x.index_select(1, order), in_p), pad_cols(weight.index_select(1, order), in_p)
     qx, vx = dispatch.quantize_with_values(xp, recipe.fwd_x, None, None)
     qw, vw = dispatch.quantize_with_values(wp, recipe.fwd_w, None, None)
     fmt = control.outlier_format
@@ -196,6 +198,6 @@ def linear_backward(
         vb, ob = _outlier_operand(x_out_t, fmt)
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
         dw[:, :k] = torch.where(selected, dw_out, dw[:, :k])  # dw: the FP4 GEMM's fresh output
-    dw = cast_exactly(dw[:, :in_features][:, inverse], weight.dtype)
+    dw = cast_exactly(dw[:, :in_features].index_select(1, inverse), weight.dtype)
     db = cast_exactly(stored_sum(dy, 0), weight.dtype) if has_bias else dy.new_empty(0)
     return dx, dw, db
