@@ -51,6 +51,15 @@ def _cast_like_forward(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _weight_copy(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the quantized linear sees it (:func:`_cast_like_forward`), in storage of its own: FSDP2 frees
+    the storage of an all-gathered weight when it reshards after the forward, before the probe measures it."""
+    seen = _cast_like_forward(weight.detach())
+    if seen.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        seen = seen.clone()
+    return seen
+
+
 def _dequantized(t: torch.Tensor, spec: QuantSpec, k_multiple: int) -> torch.Tensor:
     """``t`` [rows, K] quantized along K as the forward does (K zero-padded to ``k_multiple``), dequantized."""
     rows, k = t.shape
@@ -124,9 +133,11 @@ class NumericsMonitor:
         tensorboard: a log directory for ``torch.utils.tensorboard.SummaryWriter``.
 
     Call :meth:`step` once per optimizer step, after it, with ``loss_fn(module) -> loss`` computing the step's
-    loss on the module it is given (``lambda m: m(**batch).loss``). Under DDP one rank may probe alone (the probe
-    calls the module inside the DDP wrapper); under FSDP every rank must call :meth:`step`, since the probe's
-    forward all-gathers the sharded weights.
+    loss on the module it is given (``lambda m: m(**batch).loss``; calling the compiled model works too: the probe
+    runs under ``torch.compiler.set_stance("force_eager")``, so compiled modules and compiled submodules run their
+    eager code). Under DDP one rank may probe alone (the probe calls the module inside the DDP wrapper); under FSDP
+    every rank must call :meth:`step`, since the probe's forward all-gathers the sharded weights (tested with
+    FSDP2 on 2 CPU processes: the weight statistics are the whole weights').
     """
 
     def __init__(
@@ -211,10 +222,8 @@ class NumericsMonitor:
 
         def capture(fqn):
             def hook(module, args, output):
-                if torch.compiler.is_compiling():  # loss_fn called the compiled model: refused after loss_fn
-                    captured["<compiled>"] = {}
                 x = _cast_like_forward(args[0].detach())
-                captured[fqn] = {"x": x.reshape(-1, x.shape[-1]), "w": _cast_like_forward(module.weight.detach())}
+                captured[fqn] = {"x": x.reshape(-1, x.shape[-1]), "w": _weight_copy(module.weight)}
                 if isinstance(output, torch.Tensor) and output.requires_grad:
                     captured[fqn]["y"] = output
 
@@ -224,7 +233,8 @@ class NumericsMonitor:
         buffers = [(b, b.detach().clone()) for b in root.buffers()]
         devices = sorted({p.device.index or 0 for p in root.parameters() if p.is_cuda})
         try:
-            with torch.random.fork_rng(devices=devices):
+            # force_eager: submodules compiled on their own (FSDP2's per-block torch.compile) run eagerly too
+            with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
                 loss = loss_fn(root)
                 outputs = {fqn: seen.pop("y") for fqn, seen in captured.items() if "y" in seen}
                 if isinstance(loss, torch.Tensor) and loss.requires_grad and outputs:
@@ -245,10 +255,10 @@ class NumericsMonitor:
 
     def _measure(self, step: int, layers, captured) -> list[dict]:
         missing = [fqn for fqn, _, _ in layers if fqn not in captured]
-        if len(missing) == len(layers) or "<compiled>" in captured:
+        if len(missing) == len(layers):
             raise ValueError(
-                "NumericsMonitor: loss_fn ran none of the quantized linears; it must call the module it is given "
-                "(loss_fn=lambda m: m(**batch).loss), not the compiled model"
+                "NumericsMonitor: loss_fn ran none of the quantized linears; it must run the model on a batch "
+                "(loss_fn=lambda m: m(**batch).loss)"
             )
         slots, operands = [], []
         for fqn, _, recipe in layers:

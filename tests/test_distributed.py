@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import fp4compile
 from fp4compile.linear import nvfp4_linear
+from fp4compile.operand_stats import STATS
 from fp4compile.streams import stream_seed
 
 WORLD = 2
@@ -127,6 +128,15 @@ def _rank_streams(device: torch.device) -> dict:
     return {"seed": draws[0][0], "seed_again": draws[1][0], "dw": draws[0][1], "dw_again": draws[1][1]}
 
 
+def _weight_rows(rows: list[dict]) -> dict:
+    """The monitor's statistics of the weight slots, by (layer without compile wrappers, slot, statistic)."""
+    return {
+        (row["layer"].replace("._orig_mod", ""), row["slot"], row["stat"]): row["value"]
+        for row in rows
+        if row["slot"] in ("fwd.w", "dgrad.w")
+    }
+
+
 def _ddp(model: nn.Module, setting: Setting, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model.to(device), device_ids=ids)
@@ -183,6 +193,11 @@ def _worker(rank: int, setting: Setting, init_file: str, out_dir: str) -> None:
     # FSDP2: fully_shard per block and the root, each block compiled after sharding.
     model = _fsdp_net(setting, device)
     results["fsdp_losses"] = _train(model, model, rank, device)
+    # The monitor's probe on the sharded model (every rank probes): its weight statistics are the whole weights',
+    # and it leaves the parameters as they were (fsdp_params is read after it).
+    x, y = _batch(STEPS, rank, device)
+    monitor = fp4compile.NumericsMonitor(model, every=1, recipe="naive")
+    results["fsdp_monitor"] = _weight_rows(monitor.step(lambda m: F.mse_loss(m(x), y)))
     results["fsdp_params"] = _full_params(model)
     # FSDP2 with OsciReset on the sharded weights (both variants).
     for memory_efficient in (False, True):
@@ -319,6 +334,26 @@ def test_osci_reset_on_fsdp2_shards_equals_one_process_on_the_whole_weights(sett
         assert result[f"fsdp_osci_resets_{memory_efficient}"] == history
         for got, want in zip(result[f"fsdp_osci_params_{memory_efficient}"], params):
             assert torch.equal(got, want)
+
+
+def test_monitor_probe_on_fsdp2_shards_measures_the_whole_weights(setting, ranks, single_process):
+    """Every rank's probe of the FSDP2 model measures the whole (all-gathered) weights: its weight statistics equal
+    those of one process holding the same parameters; and the probe left them as they were (the FSDP test above
+    reads them after it)."""
+    device = setting.rank_device(0)
+    model = _net().to(device)
+    with torch.no_grad():
+        for p, full in zip(model.parameters(), ranks[0]["fsdp_params"]):
+            p.copy_(full)
+    x, y = _batch(STEPS, 0, device)
+    monitor = fp4compile.NumericsMonitor(model, every=1, recipe="naive")
+    want = _weight_rows(monitor.step(lambda m: F.mse_loss(m(x), y)))
+    assert len(want) == 4 * 2 * len(STATS)  # 4 linears, 2 weight slots
+    for r in range(WORLD):
+        assert ranks[r]["fsdp_monitor"].keys() == want.keys()
+        for key, value in want.items():
+            assert ranks[r]["fsdp_monitor"][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float)
+                                                     else value), (r, key)  # fmt: skip
 
 
 def test_rank_zero_draws_what_a_single_process_draws(setting, ranks):

@@ -310,13 +310,26 @@ def test_bad_input_is_named():
         NumericsMonitor(net, recipe="nvfp5")
     with pytest.raises(TypeError, match="expects an nn.Module"):
         NumericsMonitor("net", recipe="nvidia")
-    compiled = torch.compile(net, backend="nvfp4", options={"inner": "aot_eager"})
     monitor = NumericsMonitor(net, recipe="nvidia")
-    with pytest.raises(ValueError, match="must call the module it is given"):
-        monitor.step(lambda m: compiled(torch.randn(8, 64)).sum() * 0)
+    with pytest.raises(ValueError, match="loss_fn ran none of the quantized linears"):
+        monitor.step(lambda m: torch.zeros((), requires_grad=True))
     with pytest.raises(TypeError, match="'monitor' must be a fp4compile.NumericsMonitor, got str"):
         BackendOptions.parse({"monitor": "yes"})
     assert fp4compile.NumericsMonitor is NumericsMonitor
+
+
+def test_probe_runs_compiled_modules_eagerly():
+    """A loss_fn that calls the compiled model (or a model whose blocks are compiled, as under FSDP2) is probed
+    eagerly (``torch.compiler.set_stance("force_eager")``): the same rows as calling the module, no compilation."""
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(16, 64)
+    compiled = torch.compile(net, backend="nvfp4", options={"recipe": "nvidia", "inner": "aot_eager"})
+    rows, graphs = [], torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for loss_fn in (lambda m: m(x).square().mean(), lambda m: compiled(x).square().mean()):
+        torch.manual_seed(1)
+        rows.append(NumericsMonitor(net, recipe="nvidia").step(loss_fn))
+    assert rows[0] == rows[1] and len(rows[0]) == 2 * 6 * len(STATS)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing was compiled
 
 
 def test_through_quantize_each_layer_keeps_its_recipe():
