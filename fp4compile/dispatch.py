@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .format import NVFP4, gemm_operand, quantize_reference, stored_fp32, te_rht_signs
+from .format import NVFP4, gemm_operand, quantize_reference, stored_abs_max, te_rht_signs
 from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
 
@@ -48,20 +48,20 @@ def decomposes(t: torch.Tensor, recipe) -> bool:
 
 
 def operand_sums(
-    t: torch.Tensor,
-    deq: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    t: torch.Tensor, q: NVFP4, out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The monitor's raw measurement of one quantized operand (``operand_sums.operand_sums_reference``): one
-    Triton launch on CUDA, the reference's torch ops elsewhere; written into the zeroed buffers ``out`` if given
-    (``kernels/stats.operand_sums_triton``)."""
+    """The monitor's raw measurement of ``t`` [rows, K] against its quantization ``q`` (padded along rows and K;
+    ``operand_sums.operand_sums_reference``), written into the zeroed buffers ``out`` if given. On CUDA one
+    Triton launch that decodes ``q`` itself (a rotated ``q`` is decoded first, its rotation undone: two); the
+    reference's torch ops elsewhere."""
+    rows, k = t.shape
     if on_triton(t):
         from .kernels.stats import operand_sums_triton
 
-        return operand_sums_triton(t, deq, codes, scales, out)
-    found = operand_sums_reference(t, deq, codes, scales)
+        if q.spec.rotation == "none":
+            return operand_sums_triton(t, q.codes, q.scales, outer=q.outer, out=out)
+        return operand_sums_triton(t, q.codes, q.scales, deq=dequantize(q, k)[:rows], out=out)
+    found = operand_sums_reference(t, q.dequantize(torch.float32)[:rows, :k], q.codes, q.scales)
     if out is None:
         return found
     for buffer, value in zip(out, found):
@@ -75,7 +75,7 @@ def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
     rotation) or there is none (per-block outer scales)."""
     if spec.outer != "tensor" or spec.rotation != "none" or x.numel() == 0:
         return None
-    return stored_fp32(x).abs().amax()
+    return stored_abs_max(x)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:

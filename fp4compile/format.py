@@ -59,6 +59,7 @@ __all__ = [
     "e4m3_rne",
     "e4m3_sr",
     "bf16_rne",
+    "stored_abs_max",
     "stored_fp32",
     "fp32_from_bits",
     "cast_exactly",
@@ -240,6 +241,14 @@ def stored_fp32(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.bfloat16, torch.float16) and _traced():
         return fp32_from_bits(t)
     return t.to(torch.float32)
+
+
+def stored_abs_max(t: torch.Tensor) -> torch.Tensor:
+    """FP32 ``max |t|`` of ``t``'s stored values (NaN if any is NaN): eagerly taken in ``t``'s own dtype, which is
+    exact and copies nothing to FP32; while traced through :func:`stored_fp32`, for the reason given there."""
+    if _traced():
+        return stored_fp32(t).abs().amax()
+    return t.abs().amax().to(torch.float32)
 
 
 def fp32_from_bits(t: torch.Tensor) -> torch.Tensor:

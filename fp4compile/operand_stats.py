@@ -75,8 +75,9 @@ def dequantized(q: NVFP4, rows: int, cols: int) -> torch.Tensor:
 
 def measure(operands: Sequence[tuple[torch.Tensor, QuantSpec]], top: int = 8) -> Measurements:
     """Each ``t`` [rows, K] of ``operands`` (on one device) quantized by its spec along K and measured, on the
-    device: per operand its quantization, one decode kernel and one measuring kernel on a GPU; for all of them
-    two buffer fills, the top-column selection and a few ops. The monitor measures a probe's operands at once."""
+    device: per operand its quantization and one measuring kernel on a GPU (a rotated quantization is decoded
+    first, its rotation undone); for all of them two buffer fills, the top-column selection and a few ops. The
+    monitor measures a probe's operands at once."""
     if not operands:
         raise ValueError("measure: no operands")
     for t, _ in operands:
@@ -90,10 +91,8 @@ def measure(operands: Sequence[tuple[torch.Tensor, QuantSpec]], top: int = 8) ->
     floats = torch.zeros(len(operands), width + 3, dtype=torch.float32, device=device)  # column norms, then tail
     counts = torch.zeros(len(operands), 5, dtype=torch.int64, device=device)
     for i, (t, spec) in enumerate(operands):
-        rows, k = t.shape
-        q = quantize_padded(t, spec)
-        out = (floats[i, :k], floats[i, width:], counts[i])
-        dispatch.operand_sums(t, dequantized(q, rows, k), q.codes, q.scales, out)
+        k = t.shape[1]
+        dispatch.operand_sums(t, quantize_padded(t, spec), (floats[i, :k], floats[i, width:], counts[i]))
     host = torch.tensor([(t.numel(), t.shape[0] * ((t.shape[1] + 15) // 16), t.shape[1]) for t, _ in operands])
     sizes = host.to(device, non_blocking=True)
     columns = floats[:, :width]

@@ -67,15 +67,22 @@ def test_statistics_equal_the_reference_quantizers(name):
         assert got["scale_zero"] == pytest.approx(4 / (48 * 256 // 16 - 2), rel=1e-6) and got["scale_subnormal"] > 0
 
 
-@pytest.mark.parametrize("case", ["planted", "fp32", "transposed_odd_k", "rows_padded_2d", "with_nan"])
+_KERNEL_CASES = ["planted", "fp32", "transposed_odd_k", "rows_padded_2d", "double_block", "rotated", "with_nan"]
+
+
+@pytest.mark.parametrize("case", _KERNEL_CASES)
 def test_measuring_kernel_equals_the_reference(case):
     """The Triton kernel of the measurement (``kernels/stats.py``; in Triton's interpreter on CPU machines) against
-    its torch definition: counts and max equal, sums equal up to their order."""
+    its torch definition: counts and max equal, sums equal up to their order; the dequantization decoded in the
+    kernel (per-tensor and per-1x128-block outer scales) or, for a rotated quantization, given to it."""
     from fp4compile.kernels.stats import operand_sums_triton
     from fp4compile.operand_sums import operand_sums_reference
 
-    spec = QuantSpec.named("rtn_2d" if case == "rows_padded_2d" else "rtn")
-    t = _planted(rows=40, k=320).to(torch.float32 if case == "fp32" else torch.bfloat16)
+    names = {"rows_padded_2d": "rtn_2d", "double_block": "double_block_rtn", "rotated": "rht16_rtn_te"}
+    spec = QuantSpec.named(names.get(case, "rtn"))
+    t = _planted(rows=40, k=320 if case != "double_block" else 384).to(
+        torch.float32 if case == "fp32" else torch.bfloat16
+    )
     if case == "transposed_odd_k":  # a wgrad operand: a transposed view, K = 199 tokens (odd, not a block multiple)
         base = _planted(rows=199, k=48)
         base[16:32, 3] = 1e-9  # one block of row 3 once transposed: flushes
@@ -86,7 +93,10 @@ def test_measuring_kernel_equals_the_reference(case):
     rows, k = t.shape
     q = quantize_padded(t, spec)
     deq = dequantized(q, rows, k)
-    got = operand_sums_triton(t, deq, q.codes, q.scales)
+    if case == "rotated":
+        got = operand_sums_triton(t, q.codes, q.scales, deq=deq)
+    else:
+        got = operand_sums_triton(t, q.codes, q.scales, outer=q.outer)
     want = operand_sums_reference(t, deq, q.codes, q.scales)
     assert got[2].tolist() == want[2].tolist()
     got, want = [g.cpu() for g in got], [w.cpu() for w in want]
@@ -94,10 +104,21 @@ def test_measuring_kernel_equals_the_reference(case):
         assert got[1][2].isnan() and want[1][2].isnan() and want[2][0] > 0
         return
     assert want[2][0] > want[2][1] and want[2][3] > 0  # nonzero blocks, of them flushed; elements at 6
-    assert want[2][1] > 0 or case == "rows_padded_2d"  # (a 16x16 scale tile does not flush the planted block)
+    assert want[2][1] > 0 or case in ("rows_padded_2d", "double_block", "rotated")  # (other scale granularities)
     assert got[1][2] == want[1][2]  # max |x|
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(got[1][:2], want[1][:2], rtol=1e-6, atol=0)
+
+
+def test_measuring_kernel_names_bad_arguments():
+    from fp4compile.kernels.stats import operand_sums_triton
+
+    t = torch.randn(16, 32, device=KERNEL_DEVICE)
+    q = quantize_padded(t, QuantSpec.named("rtn"))
+    with pytest.raises(ValueError, match="either deq .* or outer"):
+        operand_sums_triton(t, q.codes, q.scales)
+    with pytest.raises(ValueError, match="deq must be FP32"):
+        operand_sums_triton(t, q.codes, q.scales, deq=t.double())
 
 
 def test_operands_measured_together_equal_each_measured_alone():
