@@ -9,9 +9,10 @@ The CUDA decomposition of ``fp4compile::linear`` and its backward is traced with
 AOTAutograd hands Inductor). Every node that would run as a kernel is listed with the bytes of its tensor
 arguments and results: a Triton launch (its tensor arguments: inputs read, buffers written), the GEMM op, and each
 remaining torch op (views excluded). Inductor fuses the torch ops with their neighbours: a reduction (the
-per-tensor amax, the bias gradient) is counted as one read of the tensor its elementwise chain starts from, and the
-other torch ops are listed without bytes. A model, not a measurement: it says how many bytes the quantizations
-move compared with bf16 ``F.linear``, whose fwd + bwd reads and writes about
+per-tensor amax, the bias gradient) is counted as one read of the tensor its elementwise chain starts from, a copy
+(cat, clone, pad, gather) as its output written and read, and the other torch ops are listed without bytes. A
+model, not a measurement: it says how many bytes the quantizations move compared with bf16 ``F.linear``, whose
+fwd + bwd reads and writes about
 ``2 * (3 * tokens * in + 3 * tokens * out + 3 * in * out)`` bytes around its three GEMMs. A stand-in Triton
 driver (``launch_analysis_cpu``) lets torch analyse the launches without a GPU.
 """
@@ -27,6 +28,7 @@ import torch
 __all__ = ["count", "main"]
 
 _REDUCTIONS = {"amax", "sum", "max", "mean"}
+_COPIES = {"cat", "clone", "constant_pad_nd", "index_select", "copy", "contiguous"}
 _ELEMENTWISE = {
     "_to_copy", "bitwise_and", "__lshift__", "bitwise_left_shift", "abs", "view", "where", "ge", "mul", "neg",
     "bitwise_or", "__rshift__", "add", "eq",
@@ -99,6 +101,8 @@ def _rows(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
             rows.append(("GEMM", _bytes(_val(list(node.args))) + _bytes(node.meta.get("val"))))
         elif name in _REDUCTIONS:
             rows.append((f"reduction {name}", _bytes(_chain_source(node.args[0]).meta.get("val"))))
+        elif name in _COPIES:  # a materialized copy: its output written and as much read
+            rows.append((f"copy {name}", 2 * _bytes(node.meta.get("val"))))
         else:
             rows.append((f"torch {name}", 0))
     return rows
@@ -133,7 +137,7 @@ def _traced_ops(recipe: str, d_in: int):
 
 
 @contextlib.contextmanager
-def _contiguous_as_clone():
+def _fake_cuda_methods():
     """``Tensor.contiguous`` as the clone it is (a CPU-only torch build refuses the method on fake CUDA tensors,
     while ``clone`` traces; the graph gets the same copy)."""
     original = torch.Tensor.contiguous
@@ -157,13 +161,13 @@ def count(recipe: str, tokens: int, d_in: int, d_out: int) -> dict[str, list[tup
     from benchmarks.launch_analysis_cpu import cuda_target_driver
 
     state, forward_op, backward_op = _traced_ops(recipe, d_in)
-    with _contiguous_as_clone(), cuda_target_driver(), FakeTensorMode():
+    with _fake_cuda_methods(), cuda_target_driver(), FakeTensorMode():
         x = torch.empty(tokens, d_in, device="cuda", dtype=torch.bfloat16)
         w = torch.empty(d_out, d_in, device="cuda", dtype=torch.bfloat16)
         dy = torch.empty(tokens, d_out, device="cuda", dtype=torch.bfloat16)
         inputs = state()
         saved = forward_op(x, w, *inputs)[1:]
-    with _contiguous_as_clone(), cuda_target_driver():
+    with _fake_cuda_methods(), cuda_target_driver():
         forward = make_fx(dispatch_functionalize(forward_op), tracing_mode="fake")(x, w, *inputs)
         backward = make_fx(dispatch_functionalize(backward_op), tracing_mode="fake")(dy, w, *inputs, *saved)
     return {"forward": _rows(forward), "backward": _rows(backward)}
@@ -195,12 +199,12 @@ def main() -> None:
                 total["values"] += size
                 continue
             kind = "GEMM" if what == "GEMM" else what.split(" ")[0] if " " in what else "kernels"
-            kind = {"reduction": "graph reductions", "torch": "other torch ops"}.get(kind, kind)
+            kind = {"reduction": "graph reductions", "copy": "copies", "torch": "other torch ops"}.get(kind, kind)
             total[kind] += size
             total[f"{kind} launches"] += 1
     bf16 = 2 * (3 * args.tokens * d_in + 3 * args.tokens * d_out + 3 * d_in * d_out)
     print(f"{args.recipe} {args.shape}, {args.tokens} tokens, fwd + bwd:")
-    for kind in ("kernels", "graph reductions", "GEMM", "other torch ops"):
+    for kind in ("kernels", "graph reductions", "copies", "GEMM", "other torch ops"):
         print(f"  {kind:24s} {total[kind + ' launches']:3d} launches {total[kind] / mib:10.1f} MiB")
     print(f"  of the kernels' bytes, the fp16 GEMM values they write: {total['values'] / mib:.1f} MiB")
     print(f"  bf16 F.linear fwd + bwd: 3 GEMMs, about {bf16 / mib:.1f} MiB")
