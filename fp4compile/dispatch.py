@@ -13,13 +13,14 @@ from typing import Optional
 
 import torch
 
-from .format import NVFP4, gemm_operand, quantize_reference, stored_abs_max, te_rht_signs
+from .format import NVFP4, gemm_operand, quantize_reference, stored_abs_max, stored_fp32, te_rht_signs
 from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
 
 __all__ = [
     "dequantize",
     "dequantize_transposed",
+    "column_abs_residual",
     "decomposes",
     "gemm",
     "gemm_values",
@@ -28,6 +29,7 @@ __all__ = [
     "osci_track_update",
     "quantize",
     "quantize_with_values",
+    "residual_columns",
 ]
 
 
@@ -67,6 +69,29 @@ def operand_sums(
     for buffer, value in zip(out, found):
         buffer.copy_(value)
     return out
+
+
+def column_abs_residual(x: torch.Tensor, q: NVFP4) -> torch.Tensor:
+    """FP32 [K]: per column of ``x`` [rows, K] the sum over its rows of ``|x - dequantize(q)|`` (``q``: ``x``'s
+    per-tensor quantization, zero-padded): one Triton launch on CUDA (``kernels/residual.py``), torch ops
+    elsewhere."""
+    if on_triton(x):
+        from .kernels.residual import column_abs_residual_triton
+
+        return column_abs_residual_triton(x, q)
+    rows, k = x.shape
+    return (stored_fp32(x) - q.dequantize(torch.float32)[:rows, :k]).abs().sum(0)
+
+
+def residual_columns(x: torch.Tensor, q: NVFP4, index: torch.Tensor) -> torch.Tensor:
+    """FP32 [rows, len(index)]: ``x - dequantize(q)`` on the columns ``index`` of ``x`` [rows, K] (``q`` as in
+    :func:`column_abs_residual`): one Triton launch on CUDA, torch ops elsewhere."""
+    if on_triton(x):
+        from .kernels.residual import residual_columns_triton
+
+        return residual_columns_triton(x, q, index)
+    rows, k = x.shape
+    return (stored_fp32(x) - q.dequantize(torch.float32)[:rows, :k]).index_select(1, index)
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:

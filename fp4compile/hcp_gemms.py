@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .format import stored_fp32
 from .linear_gemms import forward_with_gemm
 from .mxfp8 import bf16_gemm_operand
 from .recipe import Recipe
@@ -60,21 +59,21 @@ def linear_forward(
     """``(y, *saved, score)``: ``y`` with the hot channels ``index`` patched, the plain recipe's saved tensors
     (``linear_gemms.saved_shapes``), and the FP32 channel scores [in]."""
     fmt = recipe.outliers.residual
-    in_features = x.shape[1]
     scores = []
 
     def gemm(qx, qw, in_p):
         k_main = -(-in_p // _BLOCK) * _BLOCK
-        # X^ and W^ from the decode (a kernel of its own on CUDA): under torch.compile a product computed next to
-        # the subtraction could be fused into an FMA, and the residual would lose the forward's exact X^.
-        deq_x, deq_w = dispatch.dequantize(qx.q, in_features), dispatch.dequantize(qw.q, in_features)
-        r_x, r_w = stored_fp32(x) - deq_x, stored_fp32(weight) - deq_w
-        scores.append(r_x.abs().mean(0) + r_w.abs().mean(0))
-        va, oa = _residual_operand(r_x.index_select(1, index), recipe.fwd_x, fmt, qx.values.dtype)
-        vb, ob = _residual_operand(r_w.index_select(1, index), recipe.fwd_w, fmt, qw.values.dtype)
+        tokens, out_features = x.shape[0], weight.shape[0]
+        # R = x - X^ decoded from the codes as the residual kernels read them (on CUDA: no FP32 X^ in memory, and
+        # the product X^ is rounded before the subtraction, never fused with it into an FMA)
+        column_x = dispatch.column_abs_residual(x, qx.q)
+        column_w = dispatch.column_abs_residual(weight, qw.q)
+        scores.append(column_x / tokens + column_w / out_features)  # mean |R_X| over tokens + mean |R_W| over units
+        r_x, r_w = dispatch.residual_columns(x, qx.q, index), dispatch.residual_columns(weight, qw.q, index)
+        va, oa = _residual_operand(r_x, recipe.fwd_x, fmt, qx.values.dtype)
+        vb, ob = _residual_operand(r_w, recipe.fwd_w, fmt, qw.values.dtype)
         hot_x, hot_w = _pad_to_block(qx.values.index_select(1, index)), _pad_to_block(qw.values.index_select(1, index))
         k_hot = hot_x.shape[1]
-        tokens, out_features = x.shape[0], weight.shape[0]
         a = torch.cat([_pad_to_block(qx.values), va, hot_x], 1)
         b = torch.cat([_pad_to_block(qw.values), hot_w, vb], 1)
         outer_a = torch.cat([_per_block(qx.q.outer, tokens, k_main), oa, _per_block(qx.q.outer, tokens, k_hot)], 1)

@@ -59,10 +59,11 @@ class _RecordedLauncher:
 def _cuda_path_on_cpu(monkeypatch):
     import fp4compile.kernels.decode as decode
     import fp4compile.kernels.quantize as quantize
+    import fp4compile.kernels.residual as residual
 
     monkeypatch.setattr(dispatch, "on_triton", lambda t: True)
-    monkeypatch.setattr(quantize, "launcher", _RecordedLauncher)
-    monkeypatch.setattr(decode, "launcher", _RecordedLauncher)
+    for module in (quantize, decode, residual):
+        monkeypatch.setattr(module, "launcher", _RecordedLauncher)
 
 
 def _loss_and_grads(kind: str, recipe: str):
