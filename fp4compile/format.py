@@ -408,8 +408,13 @@ def _expand_outer(outer: torch.Tensor, m: int, k: int) -> torch.Tensor:
 def dequantize(q: NVFP4, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Dequantize ``q`` to ``dtype`` (default: the input's dtype), undoing any rotation."""
     values = q.dequantize_rotated()
-    if q.signs is not None:
-        values = unrotate(values, q.signs)
+    signs = q.signs
+    if signs is None and q.spec.rotation == "rht16_te":  # the kernels' fixed TE signs (held as a constant)
+        signs = te_rht_signs(values.device)
+    if signs is None and q.spec.rotation != "none":
+        raise ValueError(f"dequantize: {q.spec.short_str()} was quantized without its rotation signs")
+    if signs is not None:
+        values = unrotate(values, signs)
     return values.to(dtype or q.dtype)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import dispatch
 from .format import NVFP4
 from .linear_gemms import round_up
-from .quantize import quantize
+from .quantize import draw_seed, quantize
 from .spec import QuantSpec
 
 __all__ = ["STATS", "Measurements", "derive", "dequantized", "measure", "operand_stats", "quantize_padded"]
@@ -65,6 +65,9 @@ def quantize_padded(t: torch.Tensor, spec: QuantSpec, k_multiple: Optional[int] 
     k_multiple = k_multiple or spec.k_multiple
     pad_k, pad_rows = round_up(k, k_multiple) - k, round_up(rows, spec.row_multiple) - rows
     padded = F.pad(t, (0, pad_k, 0, pad_rows)) if pad_k or pad_rows else t
+    if dispatch.on_triton(padded) and spec.rotation == "rht16_te":  # TE's signs as the kernel's constant: no
+        seed = draw_seed(padded.device) if spec.stochastic else None  # sign tensor made on the device each time
+        return dispatch.quantize(padded, spec, seed, None)
     return quantize(padded, spec, validate=False)
 
 

@@ -60,3 +60,17 @@ def test_decode_undoes_the_rotation_as_the_spec_does(name):
     rotated = decode_triton(q, with_outer=True, dtype=torch.float32, cols=cols)
     assert q.signs is not None and not torch.equal(got, rotated)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_te_rotation_without_a_sign_tensor_is_undone_with_te_signs():
+    """A quantization with TE's fixed RHT-16 signs held by the kernel (``q.signs`` None: the training path's and
+    the monitor's) dequantizes as one that carries them, in the spec and in the decode kernel."""
+    import dataclasses
+
+    q = quantize(_input()[: ROWS - ROWS % 16], "rht16_rtn_te", validate=False)
+    bare = dataclasses.replace(q, signs=None)
+    want = q.dequantize(torch.float32)
+    assert torch.equal(bare.dequantize(torch.float32), want)
+    assert torch.equal(decode_triton(bare, with_outer=True, dtype=torch.float32, unrotate=True), want)
+    with pytest.raises(ValueError, match="without its rotation signs"):
+        dataclasses.replace(quantize(_input()[:32], "double_block_rht16_sr", validate=False), signs=None).dequantize()
