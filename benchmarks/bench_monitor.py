@@ -7,7 +7,7 @@ The model and step are ``bench_train_step``'s (``backend="nvfp4"``, default mode
 without the monitor, the median of the monitor's off-steps (``monitor.step`` that only counts) and of its probes,
 all timed with CUDA events around the whole call. The overhead at ``--every`` is
 ``(probe + (every - 1) * off-step extra) / (every * step)``. Where a probe's time goes: its forward + backward
-pass alone (the eager model, gradients of the quantized weights, as the probe runs it) against the whole probe
+pass alone (the eager model, gradients of the quantized layers' outputs, as the probe runs it) against the whole probe
 (the rest is the statistics and their one transfer to the host), and the CUDA kernels one probe launches
 (``torch.profiler``). The first probe, timed on its own, also compiles the kernels it is the first to launch.
 """
@@ -34,6 +34,18 @@ def _median_ms(fn, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def _probe_pass(model, layers, loss_fn) -> None:
+    """The probe's forward and backward alone: the eager model, the gradients of the layers' outputs (dY)."""
+    outputs = []
+    handles = [layer.register_forward_hook(lambda m, args, out: outputs.append(out)) for layer in layers]
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            torch.autograd.grad(loss_fn(model), outputs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _kernels_launched(fn) -> int:
@@ -73,8 +85,7 @@ def main() -> None:
     torch.cuda.synchronize()
     first_probe_s = time.perf_counter() - started
     probe_ms = _median_ms(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)), 3)
-    weights = [m.weight for _, m, _ in monitor.layers()]
-    pass_ms = _median_ms(lambda: torch.autograd.grad(loss_fn(model), weights), 3)
+    pass_ms = _median_ms(lambda: _probe_pass(model, [m for _, m, _ in monitor.layers()], loss_fn), 3)
     kernels = _kernels_launched(lambda: (setattr(monitor, "steps", 0), monitor.step(loss_fn)))
     monitor.steps = 1
     off_ms = _median_ms(lambda: monitor.step(loss_fn), 50)
