@@ -104,12 +104,15 @@ def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:
-    """``x`` [rows, K] quantized by ``spec`` with the given Philox ``seed`` and rotation ``signs`` (no checks)."""
+    """``x`` [rows, K] quantized by ``spec`` with the given Philox ``seed`` and rotation ``signs`` (no checks;
+    ``signs`` None with TE's fixed RHT-16 means those signs, as in :func:`quantize_with_values`)."""
     if on_triton(x):
         from .kernels.quantize import quantize_triton
 
         return quantize_triton(x, spec, seed=seed, signs=signs, amax=_graph_amax(x, spec))
-    return quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    if signs is None and spec.rotation == "rht16_te":
+        signs = te_rht_signs(x.device)
+    return quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
 
 
 def quantize_with_values(

@@ -28,7 +28,7 @@ from .format import NVFP4, cast_exactly, dge_derivative, scaled_values, stored_f
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
-from .shared_quantization import shared_operand, transposed
+from .shared_quantization import shared_operand, shared_quantization, transposed
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
 
@@ -121,6 +121,17 @@ def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Ten
     return shared_operand(x, spec, signs, quantize)
 
 
+def quantize_saved(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> NVFP4:
+    """Quantize ``x`` for the backward to save: codes and scales only, no GEMM values written (once per traced
+    ``x`` for a deterministic quantization, as :func:`quantize_operand`)."""
+
+    def quantize() -> NVFP4:
+        seed = stream_seed(x.device) if spec.stochastic else None
+        return dispatch.quantize(x, spec, seed, signs)
+
+    return shared_quantization(x, spec, signs, quantize)
+
+
 def restore(codes, scale_bits, outer, spec: QuantSpec, signs=None) -> NVFP4:
     return NVFP4(codes, scale_bits.view(torch.float8_e4m3fn), outer, spec, signs=signs, dtype=torch.float32)
 
@@ -174,7 +185,7 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     else:
         t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
         wgrad_signs = signs_for(recipe.wgrad_x, x.device, None)
-        saved_x = quantize_operand(pad_cols(transposed(x), t_p), recipe.wgrad_x, wgrad_signs).q
+        saved_x = quantize_saved(pad_cols(transposed(x), t_p), recipe.wgrad_x, wgrad_signs)
         if recipe.wgrad_x.random_signs:
             signs = wgrad_signs
     if _saves_weight(recipe):

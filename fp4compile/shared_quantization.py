@@ -20,11 +20,12 @@ from typing import Callable, Optional
 
 import torch
 
+from .format import NVFP4
 from .gemm import Operand
 from .spec import QuantSpec
 from .tracing import tracing
 
-__all__ = ["flattened", "shared_operand", "transposed"]
+__all__ = ["flattened", "shared_operand", "shared_quantization", "transposed"]
 
 _MEMO = "_fp4compile_shared"
 
@@ -69,22 +70,42 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     return _cached(x, "transposed", lambda: x.T)
 
 
+def _shared(x: torch.Tensor, key, spec: QuantSpec, signs: Optional[torch.Tensor], quantize: Callable):
+    """``(quantize(), reused)``: computed once per traced ``x`` and ``key`` when deterministic."""
+    if not _traced(x) or signs is not None or spec.stochastic:
+        return quantize(), False
+    memo = _memo(x)
+    version, found = memo.get(key, (None, None))
+    if version == x._version:
+        return found, True
+    made = quantize()
+    memo[key] = (x._version, made)
+    return made, False
+
+
+def _copies(q: NVFP4) -> NVFP4:
+    return dataclasses.replace(q, codes=q.codes.clone(), scales=q.scales.clone(), outer=q.outer.clone())
+
+
 def shared_operand(
     x: torch.Tensor,
     spec: QuantSpec,
     signs: Optional[torch.Tensor],
     quantize: Callable[[], Operand],
 ) -> Operand:
-    """``quantize()`` (the quantization of ``x`` by ``spec``), computed once per traced ``x`` when deterministic;
-    a reuse returns copies of the packed tensors and the same GEMM values."""
-    if not _traced(x) or signs is not None or spec.stochastic:
-        return quantize()
-    memo = _memo(x)
-    version, found = memo.get(spec, (None, None))
-    if version == x._version:
-        q = found.q
-        copies = dataclasses.replace(q, codes=q.codes.clone(), scales=q.scales.clone(), outer=q.outer.clone())
-        return Operand(copies, found.values)
-    operand = quantize()
-    memo[spec] = (x._version, operand)
-    return operand
+    """``quantize()`` (the quantization of ``x`` by ``spec`` with its GEMM values), computed once per traced ``x``
+    when deterministic; a reuse returns copies of the packed tensors and the same GEMM values."""
+    operand, reused = _shared(x, spec, spec, signs, quantize)
+    return Operand(_copies(operand.q), operand.values) if reused else operand
+
+
+def shared_quantization(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    signs: Optional[torch.Tensor],
+    quantize: Callable[[], NVFP4],
+) -> NVFP4:
+    """``quantize()`` (the quantization of ``x`` by ``spec``, without GEMM values: one that is only saved), computed
+    once per traced ``x`` when deterministic; a reuse returns copies of the packed tensors."""
+    q, reused = _shared(x, ("saved", spec), spec, signs, quantize)
+    return _copies(q) if reused else q
