@@ -51,11 +51,19 @@ def _cast_like_forward(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _weight_copy(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as the quantized linear sees it (:func:`_cast_like_forward`), in storage of its own: FSDP2 frees
-    the storage of an all-gathered weight when it reshards after the forward, before the probe measures it."""
+def _shards_weights(root: nn.Module) -> bool:
+    """Whether FSDP (FSDP2's ``fully_shard`` or FSDP1) manages some of ``root``'s weights: it frees the storage of an
+    all-gathered weight when it reshards after the forward, before the probe measures it."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in root.modules())
+
+
+def _weight_seen(weight: torch.Tensor, own_storage: bool) -> torch.Tensor:
+    """The weight as the quantized linear sees it (:func:`_cast_like_forward`); with ``own_storage`` in storage of
+    its own (a copy where the cast made none)."""
     seen = _cast_like_forward(weight.detach())
-    if seen.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+    if own_storage and seen.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
         seen = seen.clone()
     return seen
 
@@ -136,8 +144,9 @@ class NumericsMonitor:
     loss on the module it is given (``lambda m: m(**batch).loss``; calling the compiled model works too: the probe
     runs under ``torch.compiler.set_stance("force_eager")``, so compiled modules and compiled submodules run their
     eager code). Under DDP one rank may probe alone (the probe calls the module inside the DDP wrapper); under FSDP
-    every rank must call :meth:`step`, since the probe's forward all-gathers the sharded weights (tested with
-    FSDP2 on 2 CPU processes: the weight statistics are the whole weights').
+    every rank must call :meth:`step`, since the probe's forward all-gathers the sharded weights, and the probe holds
+    a copy of each whole weight until it has measured it (tested with FSDP2 on 2 CPU processes: the weight
+    statistics are the whole weights').
     """
 
     def __init__(
@@ -219,11 +228,12 @@ class NumericsMonitor:
         root = unwrap_model(self.model)
         layers = self.layers()
         captured: dict[str, dict[str, torch.Tensor]] = {}
+        sharded = _shards_weights(root)  # then each weight is copied as the forward sees it (FSDP frees it after)
 
         def capture(fqn):
             def hook(module, args, output):
                 x = _cast_like_forward(args[0].detach())
-                captured[fqn] = {"x": x.reshape(-1, x.shape[-1]), "w": _weight_copy(module.weight)}
+                captured[fqn] = {"x": x.reshape(-1, x.shape[-1]), "w": _weight_seen(module.weight, sharded)}
                 if isinstance(output, torch.Tensor) and output.requires_grad:
                     captured[fqn]["y"] = output
 
