@@ -4,7 +4,11 @@
   per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside;
 - ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants sharing their tile order, K step
   and epilogue helpers, outer scales in the epilogue or per 1x128 K-block;
-- ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded);
+- ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded, or with
+  the rotation undone);
+- ``residual``: the Hot-Channel Patch's residual ``x - dequantize(q)``, decoded as it reads: column sums of its
+  magnitude (the channel scores) and its hot columns;
+- ``stats``: the monitor's measurement of one quantized operand;
 - ``osci``: OsciReset's fused tracked-step update;
 - ``numerics``: the ``@triton.jit`` helpers the kernels share: E2M1/E4M3 rounding and encoding, E2M1 code and
   E4M3 scale decoding, rotation and reduction.
