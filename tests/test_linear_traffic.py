@@ -1,0 +1,50 @@
+"""``benchmarks/linear_traffic.py`` (launches and bytes of one compiled linear, counted from its traced CUDA graph):
+what it counts, and what the counts show about the decomposition. The trace records the kernels without running
+them, so it runs in a fresh interpreter without Triton's interpreter (as ``test_decomposition.py`` does)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOKENS, D_IN, D_OUT = 256, 256, 128
+_COUNT = (
+    "import json, sys; from benchmarks.linear_traffic import count; "
+    "print(json.dumps(count(sys.argv[1], {}, {}, {})))"
+)
+
+
+def _count(recipe: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _COUNT.format(TOKENS, D_IN, D_OUT)
+    found = subprocess.run([sys.executable, "-c", script, recipe], cwd=root, env=env, capture_output=True, text=True)
+    if found.returncode:
+        pytest.fail(found.stderr[-3000:])
+    return json.loads(found.stdout.strip().splitlines()[-1])
+
+
+def _names(rows):
+    return [what for what, _ in rows]
+
+
+def test_nvidia_linear_launches_and_writes_values_only_for_its_gemms():
+    parts = _count("nvidia")
+    forward, backward = _names(parts["forward"]), _names(parts["backward"])
+    assert forward.count("GEMM") == 1 and backward.count("GEMM") == 2
+    # forward: X and W quantized with their fp16 GEMM values; X^T (TE's RHT-16: an amax pass, then the
+    # quantization) only saved for the backward, so written without values
+    quantized = [i for i, what in enumerate(forward) if what == "_nvfp4_quantize_kernel(MODE=1)"]
+    assert len(quantized) == 3 and forward[quantized[2] - 1] == "_nvfp4_quantize_kernel(MODE=0)"
+    with_values = [i for i in quantized if i + 1 < len(forward) and forward[i + 1] == "  of which fp16 values"]
+    assert with_values == quantized[:2]
+    amax = [size for what, size in parts["forward"] if what == "reduction amax"]
+    assert amax == [TOKENS * D_IN * 2, D_OUT * D_IN * 2]  # per-tensor amaxes of X and W: one read of each
+
+
+def test_hot_channel_patch_scores_without_decoding_whole_operands():
+    forward = _names(_count("chon")["forward"])
+    assert forward.count("_column_abs_residual_kernel") == 2 and forward.count("_residual_columns_kernel") == 2
+    assert "_decode_kernel" not in forward and forward.count("GEMM") == 1
