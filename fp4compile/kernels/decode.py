@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..format import NVFP4, TE_RHT_SIGN_MASK, rotation_scale
 from .launch import launcher
-from .numerics import e2m1_value, e4m3_value, fwht, product, sign_vector
+from .numerics import code_times_scale, fwht, product, sign_vector
 
 __all__ = ["decode_triton"]
 
@@ -53,13 +53,10 @@ def _decode_kernel(
     byte_cols = col0 // 2 + tl.arange(0, BK // 2)
     byte_mask = row_ok & (byte_cols < K // 2)[None, :]
     byte = tl.load(codes_ptr + r64 * (K // 2) + byte_cols[None, :], mask=byte_mask, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(byte & 15, byte >> 4), [BM, BK])  # element 2i from the low nibble
     scale_cols = col0 // 16 + tl.arange(0, BK // 16)
     scale_mask = row_ok & (scale_cols < K // 16)[None, :]
     scale_bytes = tl.load(scales_ptr + r64 * (K // 16) + scale_cols[None, :], mask=scale_mask, other=0)
-    scale = e4m3_value(scale_bytes.to(tl.int32))
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BM, BK // 16, 16]), [BM, BK])
-    value = e2m1_value(codes) * scale
+    value = code_times_scale(byte, scale_bytes.to(tl.int32), BM, BK // 16)
     if OUTER == 1:
         value = product(value, tl.load(outer_ptr), NO_FMA)  # (rounded: the rotation's adds must not contract it)
     if OUTER == 2:

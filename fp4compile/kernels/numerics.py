@@ -35,6 +35,7 @@ __all__ = [
     "abs_bits",
     "from_bits",
     "max_abs_bits",
+    "code_times_scale",
     "pairwise_sum",
     "sign_vector",
     "piece_random_bits",
@@ -145,6 +146,16 @@ def e4m3_value(byte):
     m = byte & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+
+@triton.jit
+def code_times_scale(byte, scale_byte, ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """FP32 ``code * scale`` [ROWS, BLOCKS * 16] of a tile's packed codes ``byte`` [ROWS, BLOCKS * 8] (int32;
+    element 2j in the low nibble of byte j) and its E4M3 scale bytes ``scale_byte`` [ROWS, BLOCKS] (int32):
+    exact, a product of an E2M1 and an E4M3 value."""
+    codes = tl.reshape(tl.join(byte & 15, byte >> 4), [ROWS, BLOCKS * 16])
+    scale = tl.broadcast_to(e4m3_value(scale_byte)[:, :, None], [ROWS, BLOCKS, 16])
+    return e2m1_value(codes) * tl.reshape(scale, [ROWS, BLOCKS * 16])
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import abs_bits, e2m1_value, e4m3_value, from_bits, product
+from .numerics import abs_bits, code_times_scale, from_bits, product
 
 __all__ = ["operand_sums_triton"]
 
@@ -66,8 +66,7 @@ def _operand_sums_kernel(
     if OUTER == 0:
         deq = tl.load(deq_ptr + r[:, None] * stride_dr + col[None, :] * stride_dk, mask=ok, other=0.0)
     else:  # code * scale * outer, as the decode kernel computes it
-        value = e2m1_value(tl.reshape(tl.join(byte & 15, byte >> 4), [BR, BB * 16]))
-        value = value * tl.reshape(tl.broadcast_to(e4m3_value(scale)[:, :, None], [BR, BB, 16]), [BR, BB * 16])
+        value = code_times_scale(byte, scale, BR, BB)
         if OUTER == 1:
             outer = tl.load(outer_ptr)
         else:  # this program's 128 columns are one outer block of each row
