@@ -128,9 +128,7 @@ def quantize_with_values(
 
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
         return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec)), values
-    if signs is None and spec.rotation == "rht16_te":
-        signs = te_rht_signs(x.device)
-    q = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    q = quantize(x, spec, seed, signs)
     return q, gemm_operand(q)
 
 
