@@ -34,6 +34,7 @@ __all__ = [
     "fwht8",
     "abs_bits",
     "from_bits",
+    "max_abs",
     "max_abs_bits",
     "code_times_scale",
     "pairwise_sum",
@@ -57,37 +58,36 @@ def product(a, b, NO_FMA: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_step_inv(a):
-    """(step, 1/step) of the E2M1 grid around magnitude ``a``."""
-    step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    inv = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    return step, inv
+def _e2m1_binade(a):
+    """``2**floor(log2(max(a, 1)))`` for ``0 <= a <= 6`` (1, 2 or 4): E2M1's grid step around ``a`` is half of it."""
+    return (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def e2m1_round(v, bits16, STOCHASTIC: tl.constexpr):
-    """E2M1 (code, value) of FP32 ``v``: RNE saturating, or SR with 16-bit random ints ``bits16``."""
+    """E2M1 (code, value) of FP32 ``v``: RNE saturating, or SR with 16-bit random ints ``bits16``.
+
+    Every magnitude on the grid {0, .5, 1, 1.5, 2, 3, 4, 6} times 2**-126 (exact; the smaller ones subnormal)
+    has the E2M1 code's exponent and mantissa bits at FP32 bits 22-24, so a shift reads the code off the rounded
+    magnitude. For a non-finite ``v`` (which only occurs where the outer scale is NaN) code and value are
+    unspecified.
+    """
     a = tl.minimum(tl.abs(v), 6.0)
+    p = _e2m1_binade(a)
     if STOCHASTIC:
-        step, inv = _e2m1_step_inv(a)
-        t = a * inv
+        t = a * (0x7F800000 - p.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # a / step, exact
         low = t.to(tl.int32).to(tl.float32)
         up = bits16.to(tl.float32) < (t - low) * 65536.0
-        mag = (low + up.to(tl.float32)) * step
-        idx = tl.maximum((mag.to(tl.int32, bitcast=True) >> 22) - 252, 0) + (mag == 0.5).to(tl.int32)
+        mag = (low + up.to(tl.float32)) * (p * 0.5)
     else:
-        # a + 2**22 (2**23, 2**24) rounds to a multiple of 0.5 (1, 2), ties to even, and its low mantissa
-        # bits then count those multiples: the code is that count plus 0 (2, 4).
-        below2 = a < 2.0
-        below4 = a < 4.0
-        magic = tl.where(below2, 4194304.0, tl.where(below4, 8388608.0, 16777216.0))
-        bias = tl.where(below2, 0x4A800000, tl.where(below4, 0x4B000000 - 2, 0x4B800000 - 4))
-        s = a + magic
-        idx = s.to(tl.int32, bitcast=True) - bias
-        mag = s - magic
-    sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
-    value = tl.where(sign != 0, -mag, mag)
-    return idx | sign, value
+        # a + p * 2**22 rounds a to a multiple of the step p / 2, ties to even (one rounding: the product is
+        # exact), and subtracting p * 2**22 again is exact (Sterbenz).
+        magic = p * 4194304.0
+        mag = (a + magic) - magic
+    v_bits = v.to(tl.int32, bitcast=True)
+    code = ((mag * 1.1754943508222875e-38).to(tl.int32, bitcast=True) >> 22) | ((v_bits >> 28) & 8)
+    value = (mag.to(tl.int32, bitcast=True) | (v_bits & -2147483648)).to(tl.float32, bitcast=True)
+    return code, value
 
 
 @triton.jit
@@ -228,6 +228,18 @@ def abs_bits(x):
 def from_bits(bits):
     """FP32 value of int32 bits."""
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_abs(x):
+    """max |x| over the last dim of [R0, R1, W] as FP32, NaN if any element is NaN: one NaN-propagating float max
+    per element (``max.NaN``; the NaN it returns may have any payload: take :func:`abs_bits` of it as a key)."""
+    return tl.reduce(tl.abs(x), 2, _max_nan)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from ..format import NVFP4, TE_RHT_SIGN_MASK, fp32_constants, rotation_scale
 from ..spec import QuantSpec
 from .launch import launcher
 from .numerics import (
+    abs_bits,
     e2m1_round,
     e4m3_byte,
     e4m3_rne,
@@ -35,7 +36,7 @@ from .numerics import (
     from_bits,
     fwht,
     fwht8,
-    max_abs_bits,
+    max_abs,
     pack_codes,
     pairwise_sum,
     piece_random_bits,
@@ -75,30 +76,32 @@ def _load_tile(
     BM,
     BK,
 ):
-    """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] for RHT-16, else one
-    piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
+    """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] (elements 0-7 and 8-15 of each
+    block, so that a thread owns whole blocks: no cross-thread reductions or layout conversions), or for RHT-128
+    one piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
     NB: tl.constexpr = BK // 16
-    if ROTATION == 16:
+    if ROTATION == 128:
+        cols = col0 + tl.arange(0, BK)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32) * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
+        x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
+        xb = tl.reshape(x, [BM, NB, 16])
+        return xb, xb
+    else:
         block_cols = col0 + 16 * tl.arange(0, NB)
         lo_cols = block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
         offs = rows[:, None, None] * stride_xm + lo_cols * stride_xk
         mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
         lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        lo = lo * sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
-        hi = hi * sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
-        lo, hi = lo + hi, lo - hi
-        return product(fwht8(lo, BM, NB), ROTATION_SCALE, NO_FMA), product(fwht8(hi, BM, NB), ROTATION_SCALE, NO_FMA)
-    else:
-        cols = col0 + tl.arange(0, BK)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        if ROTATION == 128:
-            x = x * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
-            x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
-        xb = tl.reshape(x, [BM, NB, 16])
-        return xb, xb
+        if ROTATION == 16:
+            lo = lo * sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
+            hi = hi * sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
+            lo, hi = lo + hi, lo - hi
+            lo = product(fwht8(lo, BM, NB), ROTATION_SCALE, NO_FMA)
+            hi = product(fwht8(hi, BM, NB), ROTATION_SCALE, NO_FMA)
+        return lo, hi
 
 
 @triton.jit
@@ -224,9 +227,9 @@ def _quantize_tile(
 def _block_max_bits(lo, hi, HALVES: tl.constexpr):
     """NaN-sticky max |x| per block as int32 bits [BM, NB]."""
     if HALVES:
-        return tl.maximum(max_abs_bits(lo), max_abs_bits(hi))
+        return abs_bits(tl.maximum(max_abs(lo), max_abs(hi), propagate_nan=tl.PropagateNan.ALL))
     else:
-        return max_abs_bits(lo)
+        return abs_bits(max_abs(lo))
 
 
 @triton.jit
@@ -261,7 +264,7 @@ def _nvfp4_quantize_kernel(
     BK: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    HALVES: tl.constexpr = ROTATION == 16
+    HALVES: tl.constexpr = ROTATION != 128
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     if REVERSE:
