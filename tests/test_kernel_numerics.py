@@ -35,8 +35,8 @@ def _round(v: torch.Tensor, bits: torch.Tensor, stochastic: bool) -> tuple[torch
 
 
 def _sweep() -> torch.Tensor:
-    """Signed FP32 values: every 64th bit pattern in [0, 8] (every 4096th in the interpreter), every E2M1 tie and rounding boundary with its two
-    neighbours, subnormals, zeros and values far above the saturation point."""
+    """Signed FP32 values: every 64th bit pattern in [0, 8] (every 4096th in the interpreter), every E2M1 tie
+    and rounding boundary with its two neighbours, subnormals, zeros and values far above the saturation point."""
     dense = torch.arange(0, 0x41000000, 64 if ON_GPU else 4096, dtype=torch.int32).view(torch.float32)
     ties = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     around = torch.cat([ties.nextafter(torch.tensor(0.0)), ties, ties.nextafter(torch.tensor(10.0))])
