@@ -1,16 +1,18 @@
 """NVFP4 quantize throughput per named quantizer, next to the GPU's copy bandwidth.
 
-Run on a GPU:  python -m benchmarks.bench_quantize [--out DIR] [--sweep]
+Run on a GPU:  python -m benchmarks.bench_quantize [--out DIR] [--sweep] [--values] [--names a,b]
 
-GB/s counts the bytes a quantization must move once: the input read once plus the
-codes, E4M3 scales and FP32 outer scales written once. Per-tensor-scaled quantizers
-also need a max|x| pass over the input before any scale is known, so they read the
-input twice; "traffic GB/s" counts that second read, and "floor %" is the share of
-copy bandwidth a two-pass quantizer reaches if both passes run at copy speed.
-Inputs rotate over three buffers so no call finds its input in L2. "kernel us" times
-Python launches back to back (what eager code pays); "graph us" replays the same
-launches from CUDA graphs (device time, what torch.compile with CUDA graphs pays);
-"api us" is the public ``quantize`` (seed draw, checks) without validation.
+Every time is device time: the launches are captured in CUDA graphs and replayed (what torch.compile's
+generated code pays; Python's launch cost is not in it), inputs rotate over three buffers and the L2 cache is
+flushed before each call. "bytes" counts what a quantization must move once: the input read once plus the
+codes, E4M3 scales and FP32 outer scales written once (and with ``--values`` the fp16 GEMM operand
+``code * scale``, which the forward's quantizations write). A per-tensor-scaled quantizer also needs max|x|
+before any scale is known: "us" runs it as the library does without a caller's amax (an amax pass
+over the input, then the quantize pass); "% copy" divides its bytes moved once by that time, and "% copy,
+traffic" counts the amax pass's second read of the input. "quantize pass us" is the quantize pass alone,
+given the amax (how the training graphs run the unrotated per-tensor quantizers: Inductor computes the amax
+as a reduction, fused into the op that produces the input where it can). "api us" is the public
+``quantize`` (seed draw, checks, Python launches) without validation.
 """
 
 from __future__ import annotations
@@ -26,38 +28,52 @@ from fp4compile.kernels.quantize import quantize_triton
 from fp4compile.quantize import draw_seed, draw_signs
 
 SHAPES = [(8192, 4096), (8192, 14336)]
-# (tile rows, warps, 128-column tiles per program or None for the default heuristic)
-SWEEP = [(16, 4, None), (32, 4, None), (32, 8, None), (64, 8, None), (32, 4, 1), (32, 4, 16), (64, 4, None)]
+# (tile rows, warps, 128-column tiles per program or None for the default heuristic, blocks as halves in one thread
+# or whole across two: see quantize_triton; whole only for unrotated specs)
+SWEEP = [
+    (16, 4, None, True),
+    (16, 4, 1, True),
+    (16, 4, 4, True),
+    (32, 4, None, True),
+    (16, 4, None, False),
+    (16, 4, 1, False),
+    (32, 4, None, False),
+    (32, 4, 4, False),
+]
 
 
-def _bytes(spec: QuantSpec, m: int, k: int, in_bytes: int) -> tuple[int, int]:
-    """(bytes that must move once, bytes actually moved including the amax pass)."""
+def _bytes(spec: QuantSpec, m: int, k: int, in_bytes: int, values: bool) -> tuple[int, int]:
+    """(bytes that must move once, bytes the two-pass quantizer moves: the amax pass reads the input again)."""
     written = m * k // 2 + m * k // 16 + (m * k // 128 * 4 if spec.outer == "block128" else 4)
-    logical = m * k * in_bytes + written
+    logical = m * k * in_bytes + written + (m * k * 2 if values else 0)
     return logical, logical + (m * k * in_bytes if spec.outer == "tensor" else 0)
 
 
-def bench_spec(spec: QuantSpec, xs: list[torch.Tensor], **launch) -> float:
-    """Median ms of the kernel launcher (random streams drawn once) over the rotated inputs."""
+def _launcher(spec: QuantSpec, xs: list[torch.Tensor], values: bool, given_amax: bool, **launch):
+    """``run(i)``: the kernel launcher on input ``i`` (random streams, outputs and amax prepared outside)."""
     seed = draw_seed(xs[0].device) if spec.stochastic else None
     signs = draw_signs(spec.rotation_size, xs[0].device) if spec.rotation != "none" else None
-    return median_ms(lambda i: quantize_triton(xs[i], spec, seed=seed, signs=signs, **launch), n_inputs=len(xs))
+    outs = [torch.empty(x.shape, dtype=torch.float16, device=x.device) if values else None for x in xs]
+    amaxes = [x.abs().amax().float() if given_amax else None for x in xs]
+
+    def run(i: int) -> None:
+        quantize_triton(xs[i], spec, seed=seed, signs=signs, values=outs[i], amax=amaxes[i], **launch)
+
+    return run
 
 
-def bench_graph(spec: QuantSpec, xs: list[torch.Tensor]) -> float:
-    """Median ms of the kernel launcher replayed from CUDA graphs (device time without Python launch cost)."""
-    seed = draw_seed(xs[0].device) if spec.stochastic else None
-    signs = draw_signs(spec.rotation_size, xs[0].device) if spec.rotation != "none" else None
-    for x in xs:  # compile and warm up outside capture
-        quantize_triton(x, spec, seed=seed, signs=signs)
+def bench_graph(run, n: int) -> float:
+    """Median ms of ``run(i)`` replayed from CUDA graphs (device time without Python's launch cost)."""
+    for i in range(n):  # compile and warm up outside capture
+        run(i)
     torch.cuda.synchronize()
     graphs = []
-    for x in xs:
+    for i in range(n):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            quantize_triton(x, spec, seed=seed, signs=signs)
+            run(i)
         graphs.append(graph)
-    return median_ms(lambda i: graphs[i].replay(), n_inputs=len(graphs))
+    return median_ms(lambda i: graphs[i].replay(), n_inputs=n)
 
 
 def main() -> None:
@@ -65,65 +81,61 @@ def main() -> None:
     parser.add_argument("--out", default="out", help="directory for bench_quantize.json")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile rows and warps per quantizer")
     parser.add_argument("--names", default=",".join(QuantSpec.names()), help="comma-separated quantizer names")
+    parser.add_argument("--values", action="store_true", help="also write the fp16 GEMM operand (forward quantizers)")
     args = parser.parse_args()
     env = gpu_environment("bench_quantize")
     copy = copy_bandwidth_gbs()
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)")
+    pct = lambda nbytes, ms: f"{100 * nbytes / ms / 1e6 / copy:.0f}%"  # noqa: E731
     rows, records = [], []
     for m, k in SHAPES:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         for name in args.names.split(","):
             spec = QuantSpec.named(name)
-            ms = bench_spec(spec, xs)
-            graph_ms = bench_graph(spec, xs)
+            logical, traffic = _bytes(spec, m, k, 2, args.values)
+            one_pass = spec.outer == "tensor" and spec.rotation == "none"
+            ms = bench_graph(_launcher(spec, xs, args.values, False), len(xs))
+            pass_ms = bench_graph(_launcher(spec, xs, args.values, True), len(xs)) if one_pass else None
             api_ms = median_ms(lambda i: quantize(xs[i], spec, validate=False), n_inputs=len(xs))
-            logical, traffic = _bytes(spec, m, k, 2)
-            gbs = logical / ms / 1e6
-            rec = dict(
-                name=name,
-                m=m,
-                k=k,
-                ms=ms,
-                graph_ms=graph_ms,
-                graph_gbs=logical / graph_ms / 1e6,
-                api_ms=api_ms,
-                gbs=gbs,
-                pct_copy=100 * gbs / copy,
-                traffic_gbs=traffic / ms / 1e6,
-                floor_pct=100 * logical / traffic,
-            )
+            rec = dict(name=name, m=m, k=k, values=args.values, bytes=logical, ms=ms, pass_ms=pass_ms, api_ms=api_ms)
+            rec.update(pct_copy=100 * logical / ms / 1e6 / copy, traffic_pct_copy=100 * traffic / ms / 1e6 / copy)
+            if pass_ms is not None:
+                rec["pass_pct_copy"] = 100 * logical / pass_ms / 1e6 / copy
             if args.sweep:
                 sweep = {}
-                for bm, warps, tiles in SWEEP:
-                    key = f"bm{bm}_w{warps}_t{tiles or 'auto'}"
+                for bm, warps, tiles, halves in SWEEP:
+                    if not halves and spec.rotation != "none":
+                        continue
+                    key = f"bm{bm}_w{warps}_t{tiles or 'auto'}{'' if halves else '_whole'}"
+                    launch = dict(block_rows=bm, num_warps=warps, tiles_per_program=tiles, halves=halves)
                     try:
-                        sweep[key] = bench_spec(spec, xs, block_rows=bm, num_warps=warps, tiles_per_program=tiles)
+                        sweep[key] = bench_graph(_launcher(spec, xs, args.values, one_pass, **launch), len(xs))
                     except Exception as exc:  # e.g. out of registers for large tiles: record and go on
                         sweep[key] = repr(exc)[:80]
                 rec["sweep_ms"] = sweep
                 print(name, m, k, {key: (f"{v * 1e3:.1f}" if isinstance(v, float) else v) for key, v in sweep.items()})
             records.append(rec)
+            two_pass = spec.outer == "tensor"
             rows.append(
                 [
                     name,
                     f"{m}x{k}",
+                    f"{logical / 2**20:.0f}",
                     f"{ms * 1e3:.1f}",
-                    f"{graph_ms * 1e3:.1f}",
-                    f"{100 * rec['graph_gbs'] / copy:.0f}%",
+                    pct(logical, ms),
+                    pct(traffic, ms) if two_pass else "-",
+                    "-" if pass_ms is None else f"{pass_ms * 1e3:.1f}",
+                    "-" if pass_ms is None else pct(logical, pass_ms),
                     f"{api_ms * 1e3:.1f}",
-                    f"{gbs:.0f}",
-                    f"{rec['pct_copy']:.0f}%",
-                    f"{rec['traffic_gbs']:.0f}",
-                    f"{rec['floor_pct']:.0f}%",
                 ]
             )
     write_json(f"{args.out}/bench_quantize.json", dict(env=env, copy_gbs=copy, results=records))
-    header = ["quantizer", "shape", "kernel us", "graph us", "graph % copy", "api us", "GB/s", "% copy"]
-    header += ["traffic GB/s", "floor %"]
+    header = ["quantizer", "shape", "MiB", "us", "% copy", "% copy, traffic", "quantize pass us", "% copy"]
+    header += ["api us"]
     print(format_table(header, rows))
     with open(f"{args.out}/bench_quantize.md", "w") as f:
-        f.write(f"{environment_line(env)}; ")
-        f.write(f"copy bandwidth {copy:.0f} GB/s (read + write)\n\n{markdown_table(header, rows)}\n")
+        f.write(f"{environment_line(env)}; copy bandwidth {copy:.0f} GB/s (read + write)")
+        f.write(f"{'; with fp16 GEMM values' if args.values else ''}\n\n{markdown_table(header, rows)}\n")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,28 @@ def test_kernel_launch_shapes(name, block_rows, tiles):
     torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
     torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
     torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rtn", "rtn_2d", "sr", "rtn_4over6", "sr_4over6", "double_block_rtn"])
+def test_kernel_block_layouts_give_the_same_bits(name):
+    """A block held as two halves in one thread (the default) or whole across two threads: the reference's codes,
+    scales and outer scales, and the same fp16 GEMM values."""
+    spec = QuantSpec.named(name)
+    m, k = (48, 384) if not ON_GPU else (4096 + 48, 4096 + 384)
+    x = torch.randn(m, k, device=KERNEL_DEVICE) * 3
+    seed, signs = _random_streams(spec, x.device)
+    want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    values = {}
+    for halves in (True, False):
+        values[halves] = torch.empty(m, k, dtype=torch.float16, device=KERNEL_DEVICE)
+        got = quantize_triton(x, spec, seed=seed, signs=signs, halves=halves, values=values[halves])
+        torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+        torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+        torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+    assert torch.equal(values[True].view(torch.int16), values[False].view(torch.int16))
+
+
+def test_kernel_rotations_need_their_block_layout():
+    x = torch.randn(16, 128, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"needs halves=True"):
+        quantize_triton(x, QuantSpec.named("rht16_rtn_te"), halves=False)

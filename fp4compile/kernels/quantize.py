@@ -73,19 +73,23 @@ def _load_tile(
     ROTATION_SCALE,
     FIXED_SIGNS,
     NO_FMA,
+    HALVES,
     BM,
     BK,
 ):
-    """The tile at ``col0`` as FP32 pieces (lo, hi): two halves [BM, BK/16, 8] (elements 0-7 and 8-15 of each
-    block, so that a thread owns whole blocks: no cross-thread reductions or layout conversions), or for RHT-128
-    one piece [BM, BK/16, 16] returned twice (see the note on pieces in numerics)."""
+    """The tile at ``col0`` as FP32 pieces (lo, hi): with HALVES two halves [BM, BK/16, 8] (elements 0-7 and 8-15 of
+    each block, so that a thread owns whole blocks: no cross-thread reductions or layout conversions; required by
+    RHT-16), else one piece [BM, BK/16, 16] returned twice (required by RHT-128; see the note on pieces in
+    numerics)."""
     NB: tl.constexpr = BK // 16
-    if ROTATION == 128:
+    if not HALVES:
         cols = col0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32) * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
-        x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
+        x = x.to(tl.float32)
+        if ROTATION == 128:
+            x = x * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
+            x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
         xb = tl.reshape(x, [BM, NB, 16])
         return xb, xb
     else:
@@ -257,6 +261,7 @@ def _nvfp4_quantize_kernel(
     FOUR_OVER_SIX: tl.constexpr,
     WRITE_VALUES: tl.constexpr,
     NO_FMA: tl.constexpr,
+    HALVES: tl.constexpr,
     VMAX_CAP: tl.constexpr,
     INV_VMAX: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -264,7 +269,6 @@ def _nvfp4_quantize_kernel(
     BK: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    HALVES: tl.constexpr = ROTATION != 128
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     if REVERSE:
@@ -291,6 +295,7 @@ def _nvfp4_quantize_kernel(
                 ROTATION_SCALE,
                 FIXED_SIGNS,
                 NO_FMA,
+                HALVES,
                 BM,
                 BK,
             )
@@ -318,6 +323,7 @@ def _nvfp4_quantize_kernel(
                 ROTATION_SCALE,
                 FIXED_SIGNS,
                 NO_FMA,
+                HALVES,
                 BM,
                 BK,
             )
@@ -356,12 +362,20 @@ def _nvfp4_quantize_kernel(
 
 
 def _tile_rows(spec: QuantSpec) -> int:
-    """Rows per program: 32 (16 for the wider-register RHT-128 and EDEN paths), at least one 16x16 tile."""
-    return 16 if spec.rotation == "rht128" or spec.rounding == "eden" else 32
+    """Rows per program: 16, one 16x16 tile (H200, bench_quantize --sweep: twice as fast as 32 rows with the fp16
+    values written, from the occupancy of the smaller register file)."""
+    return 16
 
 
-def _tiles_per_program(m: int, k: int, bm: int, target_programs: int = 2048) -> int:
-    """128-column tiles per program: enough programs to fill the GPU, few enough to amortize setup."""
+# Programs a quantize pass aims for: enough small programs to fill the GPU with little tail (bench_quantize --sweep
+# on an H200: one 128-column tile per program at 8192x4096, four at 8192x14336). The amax pass aims for fewer,
+# larger programs: each ends with one atomic max on the same address.
+_QUANTIZE_PROGRAMS = 16384
+_AMAX_PROGRAMS = 2048
+
+
+def _tiles_per_program(m: int, k: int, bm: int, target_programs: int) -> int:
+    """128-column tiles per program: about ``target_programs`` programs, at most the row's tiles."""
     row_panels = triton.cdiv(m, bm)
     n_tiles = triton.cdiv(k, _BK)
     return max(1, min(n_tiles, triton.next_power_of_2(max(1, row_panels * n_tiles // target_programs))))
@@ -376,6 +390,7 @@ def quantize_triton(
     block_rows: Optional[int] = None,
     num_warps: int = 4,
     tiles_per_program: Optional[int] = None,
+    halves: Optional[bool] = None,
     values: Optional[torch.Tensor] = None,
     amax: Optional[torch.Tensor] = None,
 ) -> NVFP4:
@@ -391,7 +406,11 @@ def quantize_triton(
             None selects TransformerEngine's fixed signs compiled into the kernel: no device tensor, so
             nothing is cached on the GPU (a cached tensor would leak into a CUDA-graph memory pool); the
             result's ``signs`` is then None.
-        block_rows, num_warps, tiles_per_program: launch shape (tuning; defaults from measurements).
+        block_rows, num_warps, tiles_per_program: launch shape of the quantize pass (tuning; defaults from
+            measurements; the amax pass keeps its own tiles per program).
+        halves: hold each 16-element block as two 8-element halves in one thread (the default; RHT-16 needs it),
+            or False for a whole block across two threads (the loads of one instruction contiguous; RHT-128 needs
+            it). A tuning knob for unrotated specs: both give the same bits.
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
         amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
@@ -418,12 +437,17 @@ def quantize_triton(
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
     bm = block_rows or _tile_rows(spec)
-    tiles = tiles_per_program or _tiles_per_program(m, k, bm)
+    tiles = tiles_per_program or _tiles_per_program(m, k, bm, _QUANTIZE_PROGRAMS)
+    amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
     vmax_cap, inv_vmax = fp32_constants(spec)
     rot = spec.rotation_size
     if signs is None and rot and spec.rotation != "rht16_te":
         raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
     fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
+    if halves is None:
+        halves = rot != 128
+    elif halves != (rot != 128) and rot:
+        raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
     constants = dict(
         ROTATION=rot,
         LOG_ROTATION=int(math.log2(rot)) if rot else 0,
@@ -435,11 +459,11 @@ def quantize_triton(
         FOUR_OVER_SIX=spec.scale_rule == "4over6",
         WRITE_VALUES=values is not None,
         NO_FMA=x.is_cuda,
+        HALVES=halves,
         VMAX_CAP=vmax_cap,
         INV_VMAX=inv_vmax,
         BM=bm,
         BK=_BK,
-        TILES=tiles,
         num_warps=num_warps,
     )
     # Pointers a specialization never reads are None (not a stand-in tensor: an alias of an output would
@@ -458,12 +482,12 @@ def quantize_triton(
         x.stride(0),
         x.stride(1),
     )
-    grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
+    grid = lambda tiles: (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))  # noqa: E731
     kernel = launcher(_nvfp4_quantize_kernel)
     if m > 0 and per_tensor and amax is None:
-        kernel[grid](*args, MODE=0, REVERSE=False, **constants)
+        kernel[grid(amax_tiles)](*args, MODE=0, REVERSE=False, TILES=amax_tiles, **constants)
     if m > 0:
-        kernel[grid](*args, MODE=1, REVERSE=per_tensor, **constants)
+        kernel[grid(tiles)](*args, MODE=1, REVERSE=per_tensor, TILES=tiles, **constants)
     else:
         outer.fill_(1.0)
     return NVFP4(
