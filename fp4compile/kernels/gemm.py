@@ -55,23 +55,12 @@ def _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOC
 
 
 @triton.jit
-def _uniform_k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, K_UNIFORM):
-    """:func:`_k_step` with per-block outer scales of which the first ``K_UNIFORM`` columns (a multiple of 128)
-    repeat each row's first block's scales: those steps accumulate unscaled, as per-tensor ones would, and their
-    sum is scaled once, at the first step past them (or after the loop, see :func:`_uniform_done`)."""
-    if k0 < K_UNIFORM:
-        acc = tl.dot(a, b, acc)
-    else:
-        if k0 == K_UNIFORM:
-            acc = acc * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, 0, K)
-        acc += tl.dot(a, b) * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0 // 128, K)
-    return acc
-
-
-@triton.jit
-def _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM):
-    """After the K loop of :func:`_uniform_k_step`: the uniform sum's scaling where no step came past it."""
-    if K_UNIFORM >= K:
+def _uniform_scaled(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM):
+    """With per-block outer scales of which the first ``K_UNIFORM`` columns (a multiple of 128) repeat each row's
+    first block's scales: after the unscaled accumulation of those columns, their sum scaled once (as per-tensor
+    scales are), before the remaining K steps add their scaled partial products (:func:`_k_step`). The unscaled
+    steps run in a loop of their own, so that it pipelines as a plain GEMM's does."""
+    if K_UNIFORM > 0:
         acc = acc * _block_scales(outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, 0, K)
     return acc
 
@@ -162,21 +151,25 @@ def _gemm_body(
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None] * stride_bk
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_first = K_UNIFORM if UNIFORM else 0
+    for k0 in range(0, k_first, BK):  # per-block scales equal to the first block's: accumulate unscaled
+        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BK * stride_ak
+        b_ptrs += BK * stride_bk
+    if UNIFORM:
+        acc = _uniform_scaled(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
+    for k0 in range(k_first, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & (rk[None, :] < K - k0), other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :] & (rk[:, None] < K - k0), other=0.0)
-        if UNIFORM:
-            acc = _uniform_k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, K_UNIFORM)
-        else:
-            acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER)
+        acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, k0, K, BLOCK_OUTER)
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
-    if UNIFORM:
-        acc = _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
     _epilogue(
         acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn, BLOCK_OUTER, HAS_BIAS
     )
@@ -237,15 +230,17 @@ def _gemm_tma_body(
         m_ok = rm < M
         n_ok = rn < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for ki in range(k_tiles):
+        k_first = K_UNIFORM // BK if UNIFORM else 0
+        for ki in range(k_first):  # per-block scales equal to the first block's: accumulate unscaled
             a = a_desc.load([pid_m * BM, ki * BK])
             b = b_desc.load([pid_n * BN, ki * BK])
-            if UNIFORM:
-                acc = _uniform_k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, K_UNIFORM)
-            else:
-                acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
+            acc = tl.dot(a, b.T, acc)
         if UNIFORM:
-            acc = _uniform_done(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
+            acc = _uniform_scaled(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
+        for ki in range(k_first, k_tiles):
+            a = a_desc.load([pid_m * BM, ki * BK])
+            b = b_desc.load([pid_n * BN, ki * BK])
+            acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
         _epilogue(acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn,
                   BLOCK_OUTER, HAS_BIAS)  # fmt: skip
 
