@@ -28,17 +28,19 @@ from fp4compile.kernels.quantize import quantize_triton
 from fp4compile.quantize import draw_seed, draw_signs
 
 SHAPES = [(8192, 4096), (8192, 14336)]
-# (tile rows, warps, 128-column tiles per program or None for the default heuristic, blocks as halves in one thread
-# or whole across two: see quantize_triton; whole only for unrotated specs)
+# Launch shapes to time: (tile rows, warps, 128-column tiles per program or None for the default heuristic, blocks
+# as halves in one thread or whole across two, pipeline stages of the tile loop); see quantize_triton. "Whole" is
+# for unrotated specs only.
 SWEEP = [
-    (16, 4, None, True),
-    (16, 4, 1, True),
-    (16, 4, 4, True),
-    (32, 4, None, True),
-    (16, 4, None, False),
-    (16, 4, 1, False),
-    (32, 4, None, False),
-    (32, 4, 4, False),
+    (16, 4, None, True, 1),
+    (16, 4, 1, True, 1),
+    (16, 4, 4, True, 1),
+    (16, 4, 4, True, 2),
+    (16, 4, 8, True, 2),
+    (32, 4, None, True, 1),
+    (16, 4, 1, False, 1),
+    (32, 4, None, False, 1),
+    (32, 4, 4, False, 2),
 ]
 
 
@@ -103,11 +105,12 @@ def main() -> None:
                 rec["pass_pct_copy"] = 100 * logical / pass_ms / 1e6 / copy
             if args.sweep:
                 sweep = {}
-                for bm, warps, tiles, halves in SWEEP:
+                for bm, warps, tiles, halves, stages in SWEEP:
                     if not halves and spec.rotation != "none":
                         continue
-                    key = f"bm{bm}_w{warps}_t{tiles or 'auto'}{'' if halves else '_whole'}"
-                    launch = dict(block_rows=bm, num_warps=warps, tiles_per_program=tiles, halves=halves)
+                    halves = halves and spec.rotation_size != 128  # RHT-128 keeps whole blocks
+                    key = f"bm{bm}_w{warps}_t{tiles or 'auto'}_s{stages}{'' if halves else '_whole'}"
+                    launch = dict(block_rows=bm, num_warps=warps, tiles_per_program=tiles, halves=halves, stages=stages)
                     try:
                         sweep[key] = bench_graph(_launcher(spec, xs, args.values, one_pass, **launch), len(xs))
                     except Exception as exc:  # e.g. out of registers for large tiles: record and go on

@@ -190,14 +190,17 @@ def test_philox_matches_triton_randint4x(seed):
 
 
 @pytest.mark.parametrize("name", ["rtn", "rtn_2d", "sr", "double_block_rht16_sr", "ms_eden"])
-@pytest.mark.parametrize("block_rows,tiles", [(16, 1), (32, 2), (64, 4)])
-def test_kernel_launch_shapes(name, block_rows, tiles):
-    """Any tile rows / tiles per program give the same bits, including programs whose tiles run past K."""
+@pytest.mark.parametrize("block_rows,tiles,stages", [(16, 1, 1), (32, 2, 1), (64, 4, 1), (16, 4, 2)])
+def test_kernel_launch_shapes(name, block_rows, tiles, stages):
+    """Any tile rows / tiles per program / pipelined loads give the same bits, including programs whose tiles run
+    past K."""
     spec = QuantSpec.named(name)
     m, k = (48, 384) if not ON_GPU else (4096 + 48, 4096 + 384)
     x = torch.randn(m, k, device=KERNEL_DEVICE)
     seed, signs = _random_streams(spec, x.device)
-    got = quantize_triton(x, spec, seed=seed, signs=signs, block_rows=block_rows, tiles_per_program=tiles)
+    got = quantize_triton(
+        x, spec, seed=seed, signs=signs, block_rows=block_rows, tiles_per_program=tiles, stages=stages
+    )
     want = quantize_reference(x, spec, seed=None if seed is None else int(seed.item()), signs=signs)
     torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
     torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)

@@ -268,6 +268,7 @@ def _nvfp4_quantize_kernel(
     BM: tl.constexpr,
     BK: tl.constexpr,
     TILES: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -280,7 +281,7 @@ def _nvfp4_quantize_kernel(
 
     if MODE == 0:
         running = tl.zeros([BM, BK // 16], dtype=tl.int32)
-        for i in range(TILES):
+        for i in tl.range(TILES, num_stages=STAGES):
             lo, hi = _load_tile(
                 x_ptr,
                 signs_ptr,
@@ -306,7 +307,7 @@ def _nvfp4_quantize_kernel(
             outer, factor = _outer_from_amax(from_bits(tl.load(amax_ptr)), VMAX_CAP, INV_VMAX)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(outer_ptr, outer)
-        for i in range(TILES):
+        for i in tl.range(TILES, num_stages=STAGES):
             tile = (TILES - 1 - i) if REVERSE else i
             col0 = first_col + tile * BK
             lo, hi = _load_tile(
@@ -391,6 +392,7 @@ def quantize_triton(
     num_warps: int = 4,
     tiles_per_program: Optional[int] = None,
     halves: Optional[bool] = None,
+    stages: int = 1,
     values: Optional[torch.Tensor] = None,
     amax: Optional[torch.Tensor] = None,
 ) -> NVFP4:
@@ -411,6 +413,8 @@ def quantize_triton(
         halves: hold each 16-element block as two 8-element halves in one thread (the default; RHT-16 needs it),
             or False for a whole block across two threads (the loads of one instruction contiguous; RHT-128 needs
             it). A tuning knob for unrotated specs: both give the same bits.
+        stages: with several tiles per program, how many tiles' loads are in flight (Triton's software
+            pipelining through shared memory; 1: none). Tuning only: the same bits.
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
         amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
@@ -485,9 +489,9 @@ def quantize_triton(
     grid = lambda tiles: (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))  # noqa: E731
     kernel = launcher(_nvfp4_quantize_kernel)
     if m > 0 and per_tensor and amax is None:
-        kernel[grid(amax_tiles)](*args, MODE=0, REVERSE=False, TILES=amax_tiles, **constants)
+        kernel[grid(amax_tiles)](*args, MODE=0, REVERSE=False, TILES=amax_tiles, STAGES=stages, **constants)
     if m > 0:
-        kernel[grid(tiles)](*args, MODE=1, REVERSE=per_tensor, TILES=tiles, **constants)
+        kernel[grid(tiles)](*args, MODE=1, REVERSE=per_tensor, TILES=tiles, STAGES=stages, **constants)
     else:
         outer.fill_(1.0)
     return NVFP4(
