@@ -337,12 +337,13 @@ _PRESETS = (
     # uses it, and TE forbids 4/6 with RHT, so the wgrad X^T stays RHT-16 RTN.
     Recipe("four_over_six", _RTN_4OVER6, _RTN_4OVER6, _SR_TE, _RTN_4OVER6, _RHT16_SR_TE, _RHT16_RTN_TE),
     # CHON: NVIDIA's recipe with the Hot-Channel Patch, and post-QK protection: the attention output projection
-    # (o_proj, out_proj, GPT-2's attn.c_proj) stays bf16. k and period are this library's (not recovered).
+    # (o_proj, out_proj, GPT-2's attn.c_proj, attn.proj as in the demo's GPT and timm's ViT) stays bf16. k and
+    # period are this library's (not recovered).
     dataclasses.replace(
         _NVIDIA,
         name="chon",
         outliers=HotChannelPatch(),
-        keep_high_precision=_NVIDIA.keep_high_precision + ("*.o_proj", "*.out_proj", "*.attn.c_proj"),
+        keep_high_precision=_NVIDIA.keep_high_precision + ("*.o_proj", "*.out_proj", "*.attn.c_proj", "*.attn.proj"),
     ),
     # Wang et al. (arXiv 2501.17116): E2M1 forward with exact absmax scales per token (X) and per output
     # channel (W), FP8 backward GEMMs (E5M2 dY, E4M3 copies of the FP4-simulated W and X, per-tensor

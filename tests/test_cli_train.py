@@ -234,6 +234,21 @@ def test_osci_reset_bad_flags_give_a_one_line_error(capsys, flags, message):
     assert line.startswith("fp4compile train: error:") and message in line
 
 
+def test_results_record_the_outlier_channels_each_layer_ended_with(tmp_path):
+    # 10 steps: OutControl scaled to record at step 2 and select at step 3. d_model 32: only mlp.proj (128 inputs)
+    # has a 1x128 block to give (k rounds up to a multiple of 128); the Hot-Channel Patch keeps min(64, inputs),
+    # and chon keeps the attention output projection (attn.proj) in bf16.
+    printed, results = _train(tmp_path, "--steps", "10", "--recipes", "bf16,tetrajet_v2_full,chon")
+    runs = results["runs"]
+    assert runs["bf16"]["outlier_channels"] is None
+    assert runs["tetrajet_v2_full"]["outlier_channels"] == {
+        "blocks.0.attn.qkv": 0, "blocks.0.attn.proj": 0, "blocks.0.mlp.fc": 0, "blocks.0.mlp.proj": 128
+    }  # fmt: skip
+    assert runs["chon"]["outlier_channels"] == {"blocks.0.attn.qkv": 32, "blocks.0.mlp.fc": 32, "blocks.0.mlp.proj": 64}
+    assert "tetrajet_v2_full: outlier channels in 1 of 4 layers (128 each)" in printed
+    assert "chon: outlier channels in 3 of 3 layers (32, 64 each)" in printed
+
+
 def test_train_config_checks_what_it_feeds_in_the_flags_words():
     # The CLI prints these as they are (test_train_bad_flags_give_a_one_line_error and the osci test above).
     with pytest.raises(ValueError, match=r"^--d-model must be a multiple of 16 \(the NVFP4 block size\), got 40$"):

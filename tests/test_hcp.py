@@ -42,9 +42,11 @@ def test_options_and_layouts_are_checked():
     chon = Recipe.named("chon")
     nvidia = Recipe.named("nvidia")
     assert chon.outliers == HotChannelPatch() and (chon.fwd_x, chon.fwd_w) == (nvidia.fwd_x, nvidia.fwd_w)
-    for fqn in ("model.layers.3.self_attn.o_proj", "attn.out_proj", "transformer.h.0.attn.c_proj", "lm_head"):
+    for fqn in ("model.layers.3.self_attn.o_proj", "attn.out_proj", "transformer.h.0.attn.c_proj",
+                "blocks.0.attn.proj", "lm_head"):  # fmt: skip
         assert chon.keeps_high_precision(fqn)  # post-QK protection
     assert not chon.keeps_high_precision("model.layers.3.self_attn.q_proj")
+    assert not chon.keeps_high_precision("blocks.0.mlp.proj")
 
 
 @pytest.mark.parametrize("residual", ["bf16", "nvfp4"])

@@ -133,6 +133,7 @@ def write_results(
                 "init_sha256": run.init_sha256,
                 "diverged": run.diverged,
                 "osci_reset": run.osci_reset,
+                "outlier_channels": run.outlier_channels,
             }
             for name, run in runs.items()
         },

@@ -17,7 +17,10 @@ A run's settings, :class:`TrainConfig` and the device presets, are in ``train_co
   without a bf16 run), ``tokens_per_s`` (training steps after the first ``TIMING_WARMUP``, evaluation
   excluded), ``first_step_s`` (compilation plus one step), ``wall_s``, ``init_sha256``, ``diverged``,
   ``osci_reset`` (with ``--osci-reset``, for quantized recipes: one ``{step, tracked, reset}`` per reset of
-  :class:`fp4compile.OsciReset`, with per-layer counts under ``layers``; null otherwise);
+  :class:`fp4compile.OsciReset`, with per-layer counts under ``layers``; null otherwise), ``outlier_channels``
+  (recipes with ``outliers``: ``{layer: number of outlier channels}`` at the end of the run, from
+  :func:`fp4compile.outlier_channels`: 0 where a layer has none, as before OutControl's selection or in a layer
+  narrower than one 1x128 block; null otherwise);
 - ``environment``: torch, Triton and fp4compile versions, Python, device name, CPU threads, date
   (:func:`fp4compile.demo.report.environment`).
 """
@@ -40,6 +43,7 @@ import torch
 
 from ..monitor import NumericsMonitor
 from ..osci_reset import OsciReset
+from ..outlier_layers import outlier_channels
 from ..recipe import Recipe
 from ..streams import rank_and_world
 from .corpus import Corpus, load_corpus, train_batch, val_batches
@@ -124,6 +128,7 @@ class RecipeRun:
     init_sha256: str
     diverged: bool = False
     osci_reset: Optional[list[dict]] = None
+    outlier_channels: Optional[dict[str, int]] = None
 
     @classmethod
     def from_json(cls, recipe: str, run: dict) -> "RecipeRun":
@@ -142,6 +147,7 @@ class RecipeRun:
             init_sha256=run["init_sha256"],
             diverged=run["diverged"],
             osci_reset=run["osci_reset"],
+            outlier_channels=run.get("outlier_channels"),  # absent from results.json written before it existed
         )
 
     @property
@@ -341,7 +347,24 @@ def train_recipe(
         init_sha256=init_hash,
         diverged=diverged,
         osci_reset=None if osci is None else osci.history,
+        outlier_channels=_outlier_channel_counts(model, recipe, config),
     )
+
+
+def _outlier_channel_counts(model: torch.nn.Module, recipe: str, config: TrainConfig) -> Optional[dict[str, int]]:
+    """``{layer: outlier channels}`` of a recipe with ``outliers`` (read back after training), else None."""
+    if config.run_recipe(recipe).outliers is None:
+        return None
+    return {name: int(channels.numel()) for name, channels in outlier_channels(model).items()}
+
+
+def _describe_outlier_channels(recipe: str, counts: Optional[dict[str, int]]) -> Optional[str]:
+    """One line on where a run's outlier channels ended up, or None for a recipe without outliers."""
+    if counts is None:
+        return None
+    sizes = ", ".join(str(n) for n in sorted({n for n in counts.values() if n})) or "-"
+    with_channels = sum(1 for n in counts.values() if n)
+    return f"{recipe}: outlier channels in {with_channels} of {len(counts)} layers ({sizes} each)"
 
 
 def _train_in_fresh_process(recipe: str, config: TrainConfig, corpus: Corpus, progress: bool) -> RecipeRun:
@@ -468,6 +491,9 @@ def run_training(
                 runs[key] = _train_in_fresh_process(recipe, seeded, corpus, progress)
             else:
                 runs[key] = train_recipe(recipe, seeded, corpus, progress=progress, log=log)
+            outliers = _describe_outlier_channels(key, runs[key].outlier_channels)
+            if outliers:
+                log(outliers)
             # after every run: an interrupted run resumes from here
             write_results(results, config, corpus, runs, params, time.perf_counter() - start)
             _plot_numerics(numerics_log(seeded, recipe), log)
