@@ -136,10 +136,14 @@ def _piece_sq_error(value, b, outer, x, NO_FMA, W, BM, NB):
 
 @triton.jit
 def _store_piece(codes_ptr, code, rows, row_ok, col0, K, PIECE: tl.constexpr, W, BM, NB):
-    byte_cols = col0 // 2 + 8 * tl.arange(0, NB) + PIECE * (W // 2)
-    offs = rows[:, None, None] * (K // 2) + byte_cols[None, :, None] + tl.arange(0, W // 2)[None, None, :]
-    mask = row_ok[:, None, None] & (byte_cols < K // 2)[None, :, None]
-    tl.store(codes_ptr + offs, pack_codes(code, W, BM, NB), mask=mask)
+    """Store one piece's packed codes as 4-byte groups [BM, NB * W / 8, 4]: the bytes one thread packs (8 codes
+    of a half block; a whole block lies across two threads), so the store needs no change of layout."""
+    G: tl.constexpr = W // 8
+    groups = col0 // 8 + 2 * tl.arange(0, NB)[:, None] + PIECE * G + tl.arange(0, G)[None, :]
+    groups = tl.reshape(groups, [NB * G])
+    offs = rows[:, None, None] * (K // 2) + 4 * groups[None, :, None] + tl.arange(0, 4)[None, None, :]
+    mask = row_ok[:, None, None] & (groups < K // 8)[None, :, None]
+    tl.store(codes_ptr + offs, tl.reshape(pack_codes(code, W, BM, NB), [BM, NB * G, 4]), mask=mask)
 
 
 @triton.jit
