@@ -99,6 +99,17 @@ def test_gemm_with_uniform_leading_blocks_scales_them_once(k_tail):
         gemm_triton(va, vb, oa, ob, autotune=False, uniform_k=100)
 
 
+@requires_gpu
+@pytest.mark.parametrize("method", ["tma", "pointer"])
+@pytest.mark.parametrize("k_tail", [256, 0])
+def test_gpu_gemm_with_uniform_leading_blocks_autotuned(method, k_tail):
+    """The autotuned kernels (the TMA one as the Hot-Channel Patch runs it), whose unscaled leading K steps run in a
+    loop of their own: the per-block definition, at a size with many K steps per loop."""
+    va, vb, oa, ob, want = _uniform_operands(1024 + 48, 512 + 80, 2048, k_tail, KERNEL_DEVICE)
+    got = gemm_triton(va, vb, oa, ob, out_dtype=torch.float32, method=method, uniform_k=2048)
+    assert sqnr_db(got, want) > 120
+
+
 def test_gemm_rejects_mismatched_operands():
     a, b = _operand(torch.randn(16, 128), "rtn"), _operand(torch.randn(16, 256), "rtn")
     with pytest.raises(ValueError, match="disagree on K: 128 vs 256"):
