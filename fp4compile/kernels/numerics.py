@@ -12,11 +12,12 @@ rounds that cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the
 Decoding is exact: E2M1 and E4M3 values are exact in FP32.
 
 [Note: pieces] Kernels hold a tile of NB 16-element scale blocks as [BM, NB, W]
-"pieces": one piece of W=16 (a contiguous load), or, for the RHT-16 path, two
-halves of W=8 (elements 0-7 and 8-15 of each block, loaded separately) so that
-each thread owns whole 8-element butterflies and the transform stays in
-registers. Per-block results combine the pieces: max, or the sum of their
-trees, which equals the 16-element tree of format.pairwise_sum.
+"pieces": two halves of W=8 (elements 0-7 and 8-15 of each block, loaded
+separately), so that one thread owns each block (reductions over a block stay in
+its registers, and RHT-16's 8-element butterflies too), or one piece of W=16 (a
+contiguous load; a block then lies across two threads; RHT-128 needs it).
+Per-block results combine the pieces: max, or the sum of their trees, which
+equals the 16-element tree of format.pairwise_sum.
 """
 
 import triton
@@ -35,7 +36,6 @@ __all__ = [
     "abs_bits",
     "from_bits",
     "max_abs",
-    "max_abs_bits",
     "code_times_scale",
     "pairwise_sum",
     "sign_vector",
@@ -240,12 +240,6 @@ def max_abs(x):
     """max |x| over the last dim of [R0, R1, W] as FP32, NaN if any element is NaN: one NaN-propagating float max
     per element (``max.NaN``; the NaN it returns may have any payload: take :func:`abs_bits` of it as a key)."""
     return tl.reduce(tl.abs(x), 2, _max_nan)
-
-
-@triton.jit
-def max_abs_bits(x):
-    """max |x| over the last dim of [R0, R1, W], as int32 bits (see abs_bits)."""
-    return tl.max(abs_bits(x), axis=2)
 
 
 @triton.jit
