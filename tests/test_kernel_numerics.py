@@ -10,10 +10,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from testing import KERNEL_DEVICE, ON_GPU
+from testing import KERNEL_DEVICE, ON_GPU, requires_gpu
 
 from fp4compile.format import e2m1_decode, e2m1_rne, e2m1_sr
-from fp4compile.kernels.numerics import e2m1_round, max_abs
+from fp4compile.kernels.numerics import e2m1_round, max_abs, reciprocal
 
 
 @triton.jit
@@ -79,3 +79,20 @@ def test_max_abs_propagates_nan_and_takes_magnitudes():
     out = out.cpu().flatten()
     assert out[0] == 3.0 and out[1].isnan() and out[2] == float("inf")
     assert out[3].view(torch.int32) & 0x7FFFFFFF == 0
+
+
+@triton.jit
+def _reciprocal_kernel(x_ptr, out_ptr, n, NO_FMA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, reciprocal(tl.load(x_ptr + offs, mask=ok, other=1.0), NO_FMA), mask=ok)
+
+
+@requires_gpu
+def test_gpu_reciprocal_is_the_correctly_rounded_division():
+    """``rcp_rn`` (what the compiled kernels use) equals IEEE ``1 / x`` on every 64th positive FP32 pattern, the
+    subnormals and the results that overflow included."""
+    x = torch.arange(1, 0x7F800000, 64, dtype=torch.int32, device="cuda").view(torch.float32)
+    got = torch.empty_like(x)
+    _reciprocal_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), NO_FMA=True, BLOCK=1024)
+    assert torch.equal(got.view(torch.int32), torch.div(1.0, x).view(torch.int32))

@@ -42,6 +42,7 @@ __all__ = [
     "piece_random_bits",
     "pack_codes",
     "product",
+    "reciprocal",
 ]
 
 _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
@@ -55,6 +56,16 @@ def product(a, b, NO_FMA: tl.constexpr):
         return libdevice.mul_rn(a, b)
     else:
         return a * b
+
+
+@triton.jit
+def reciprocal(x, NO_FMA: tl.constexpr):
+    """``1 / x`` rounded to nearest even: ``rcp_rn`` when compiled for the GPU (``NO_FMA``; fewer instructions and
+    registers than a general division), ``div_rn`` in the interpreter (which has no ``rcp_rn``). The same value."""
+    if NO_FMA:
+        return libdevice.rcp_rn(x)
+    else:
+        return tl.math.div_rn(1.0, x)
 
 
 @triton.jit

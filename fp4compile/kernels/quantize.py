@@ -41,6 +41,7 @@ from .numerics import (
     pairwise_sum,
     piece_random_bits,
     product,
+    reciprocal,
     sign_vector,
 )
 
@@ -52,10 +53,10 @@ _ROUNDING = {"rtn": 0, "sr": 1, "eden": 2}
 
 
 @triton.jit
-def _encode_factor(b, outer):
+def _encode_factor(b, outer, NO_FMA: tl.constexpr):
     """1 / (b * outer) clamped to FLT_MAX, and 0 where the block scale is 0 (format.py)."""
     scale = b * outer
-    return tl.where(b > 0.0, tl.minimum(tl.math.div_rn(1.0, tl.where(b > 0.0, scale, 1.0)), _FLT_MAX), 0.0)
+    return tl.where(b > 0.0, tl.minimum(reciprocal(tl.where(b > 0.0, scale, 1.0), NO_FMA), _FLT_MAX), 0.0)
 
 
 @triton.jit
@@ -187,13 +188,13 @@ def _quantize_tile(
     W: tl.constexpr = 8 if HALVES else 16
     raw = tl.minimum(vmax * factor, 448.0)
     b = e4m3_rne(raw)
-    e = _encode_factor(b, outer)
+    e = _encode_factor(b, outer, NO_FMA)
     lo_code, lo_value = _round_piece(lo, e, seed_ptr, rows, col0, K, 0, ROUNDING, W, BM, NB)
     if HALVES:
         hi_code, hi_value = _round_piece(hi, e, seed_ptr, rows, col0, K, 1, ROUNDING, W, BM, NB)
     if FOUR_OVER_SIX:
         b4 = e4m3_rne(raw * 1.5)
-        e4 = _encode_factor(b4, outer)
+        e4 = _encode_factor(b4, outer, NO_FMA)
         lo_code4, lo_value4 = _round_piece(lo, e4, seed_ptr, rows, col0, K, 0, ROUNDING, W, BM, NB)
         err6 = _piece_sq_error(lo_value, b, outer, lo, NO_FMA, W, BM, NB)
         err4 = _piece_sq_error(lo_value4, b4, outer, lo, NO_FMA, W, BM, NB)
