@@ -110,11 +110,11 @@ def _load_tile(
 
 
 @triton.jit
-def _outer_from_amax(amax, VMAX_CAP, INV_VMAX):
+def _outer_from_amax(amax, VMAX_CAP, INV_VMAX, NO_FMA: tl.constexpr):
     """(outer scale, s_enc / vmax) from a region's amax (format.py's formulas)."""
     safe = tl.where(amax == 0.0, 1.0, amax)
     s_enc = tl.where(amax == 0.0, 1.0, tl.minimum(tl.math.div_rn(VMAX_CAP, safe), _FLT_MAX))
-    outer = tl.where(amax < float("inf"), tl.math.div_rn(1.0, s_enc), float("nan"))
+    outer = tl.where(amax < float("inf"), reciprocal(s_enc, NO_FMA), float("nan"))
     return outer, s_enc * INV_VMAX
 
 
@@ -309,7 +309,7 @@ def _nvfp4_quantize_kernel(
         tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
     else:
         if not OUTER_BLOCK128:
-            outer, factor = _outer_from_amax(from_bits(tl.load(amax_ptr)), VMAX_CAP, INV_VMAX)
+            outer, factor = _outer_from_amax(from_bits(tl.load(amax_ptr)), VMAX_CAP, INV_VMAX, NO_FMA)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(outer_ptr, outer)
         for i in tl.range(TILES, num_stages=STAGES):
@@ -339,7 +339,7 @@ def _nvfp4_quantize_kernel(
                 vmax_bits = tl.reshape(tl.broadcast_to(tile_max[:, None, :], [BM // 16, 16, BK // 16]), [BM, BK // 16])
             if OUTER_BLOCK128:
                 outer, factor = _outer_from_amax(
-                    from_bits(tl.max(vmax_bits, axis=1, keep_dims=True)), VMAX_CAP, INV_VMAX
+                    from_bits(tl.max(vmax_bits, axis=1, keep_dims=True)), VMAX_CAP, INV_VMAX, NO_FMA
                 )
                 outer_mask = row_ok[:, None] & (col0 < K)
                 tl.store(outer_ptr + rows[:, None] * (K // 128) + col0 // 128, outer, mask=outer_mask)
