@@ -1,6 +1,6 @@
 """NVFP4 quantize throughput per named quantizer, next to the GPU's copy bandwidth.
 
-Run on a GPU:  python -m benchmarks.bench_quantize [--out DIR] [--sweep] [--values] [--names a,b]
+Run on a GPU:  python -m benchmarks.bench_quantize [--out DIR] [--sweep] [--values] [--transposed] [--names a,b]
 
 Every time is device time: the launches are captured in CUDA graphs and replayed (what torch.compile's
 generated code pays; Python's launch cost is not in it), inputs rotate over three buffers and the L2 cache is
@@ -12,7 +12,9 @@ over the input, then the quantize pass); "% copy" divides its bytes moved once b
 traffic" counts the amax pass's second read of the input. "quantize pass us" is the quantize pass alone,
 given the amax (how the training graphs run the unrotated per-tensor quantizers: Inductor computes the amax
 as a reduction, fused into the op that produces the input where it can). "api us" is the public
-``quantize`` (seed draw, checks, Python launches) without validation.
+``quantize`` (seed draw, checks, Python launches) without validation. With ``--transposed`` the inputs are
+transposed views (unit stride along the rows, as the wgrad operands X^T and dY^T reach the kernels), read in place,
+and "contiguous copy + us" times a contiguous copy followed by the quantization.
 """
 
 from __future__ import annotations
@@ -51,15 +53,17 @@ def _bytes(spec: QuantSpec, m: int, k: int, in_bytes: int, values: bool) -> tupl
     return logical, logical + (m * k * in_bytes if spec.outer == "tensor" else 0)
 
 
-def _launcher(spec: QuantSpec, xs: list[torch.Tensor], values: bool, given_amax: bool, **launch):
-    """``run(i)``: the kernel launcher on input ``i`` (random streams, outputs and amax prepared outside)."""
+def _launcher(spec: QuantSpec, xs: list[torch.Tensor], values: bool, given_amax: bool, copy_first=False, **launch):
+    """``run(i)``: the kernel launcher on input ``i`` (random streams, outputs and amax prepared outside), after a
+    contiguous copy of the input with ``copy_first``."""
     seed = draw_seed(xs[0].device) if spec.stochastic else None
     signs = draw_signs(spec.rotation_size, xs[0].device) if spec.rotation != "none" else None
     outs = [torch.empty(x.shape, dtype=torch.float16, device=x.device) if values else None for x in xs]
     amaxes = [x.abs().amax().float() if given_amax else None for x in xs]
 
     def run(i: int) -> None:
-        quantize_triton(xs[i], spec, seed=seed, signs=signs, values=outs[i], amax=amaxes[i], **launch)
+        x = xs[i].contiguous() if copy_first else xs[i]
+        quantize_triton(x, spec, seed=seed, signs=signs, values=outs[i], amax=amaxes[i], **launch)
 
     return run
 
@@ -84,6 +88,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep tile rows and warps per quantizer")
     parser.add_argument("--names", default=",".join(QuantSpec.names()), help="comma-separated quantizer names")
     parser.add_argument("--values", action="store_true", help="also write the fp16 GEMM operand (forward quantizers)")
+    parser.add_argument(
+        "--transposed",
+        action="store_true",
+        help="quantize transposed views (as the wgrad operands X^T, dY^T are), read in place and after a copy",
+    )
     args = parser.parse_args()
     env = gpu_environment("bench_quantize")
     copy = copy_bandwidth_gbs()
@@ -91,7 +100,10 @@ def main() -> None:
     pct = lambda nbytes, ms: f"{100 * nbytes / ms / 1e6 / copy:.0f}%"  # noqa: E731
     rows, records = [], []
     for m, k in SHAPES:
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        if args.transposed:  # [m, k] views of [k, m] buffers: unit stride along the rows
+            xs = [torch.randn(k, m, device="cuda", dtype=torch.bfloat16).T for _ in range(3)]
+        else:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         for name in args.names.split(","):
             spec = QuantSpec.named(name)
             logical, traffic = _bytes(spec, m, k, 2, args.values)
@@ -100,6 +112,8 @@ def main() -> None:
             pass_ms = bench_graph(_launcher(spec, xs, args.values, True), len(xs)) if one_pass else None
             api_ms = median_ms(lambda i: quantize(xs[i], spec, validate=False), n_inputs=len(xs))
             rec = dict(name=name, m=m, k=k, values=args.values, bytes=logical, ms=ms, pass_ms=pass_ms, api_ms=api_ms)
+            if args.transposed:
+                rec["copy_first_ms"] = bench_graph(_launcher(spec, xs, args.values, False, copy_first=True), len(xs))
             rec.update(pct_copy=100 * logical / ms / 1e6 / copy, traffic_pct_copy=100 * traffic / ms / 1e6 / copy)
             if pass_ms is not None:
                 rec["pass_pct_copy"] = 100 * logical / pass_ms / 1e6 / copy
@@ -131,14 +145,16 @@ def main() -> None:
                     "-" if pass_ms is None else pct(logical, pass_ms),
                     f"{api_ms * 1e3:.1f}",
                 ]
+                + ([f"{rec['copy_first_ms'] * 1e3:.1f}"] if args.transposed else [])
             )
     write_json(f"{args.out}/bench_quantize.json", dict(env=env, copy_gbs=copy, results=records))
     header = ["quantizer", "shape", "MiB", "us", "% copy", "% copy, traffic", "quantize pass us", "% copy"]
-    header += ["api us"]
+    header += ["api us"] + (["contiguous copy + us"] if args.transposed else [])
     print(format_table(header, rows))
     with open(f"{args.out}/bench_quantize.md", "w") as f:
         f.write(f"{environment_line(env)}; copy bandwidth {copy:.0f} GB/s (read + write)")
-        f.write(f"{'; with fp16 GEMM values' if args.values else ''}\n\n{markdown_table(header, rows)}\n")
+        f.write(f"{'; with fp16 GEMM values' if args.values else ''}{'; transposed inputs' if args.transposed else ''}")
+        f.write(f"\n\n{markdown_table(header, rows)}\n")
 
 
 if __name__ == "__main__":
