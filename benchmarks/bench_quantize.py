@@ -85,7 +85,7 @@ def bench_graph(run, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out", help="directory for bench_quantize.json")
-    parser.add_argument("--sweep", action="store_true", help="also sweep tile rows and warps per quantizer")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch shapes (see SWEEP)")
     parser.add_argument("--names", default=",".join(QuantSpec.names()), help="comma-separated quantizer names")
     parser.add_argument("--values", action="store_true", help="also write the fp16 GEMM operand (forward quantizers)")
     parser.add_argument(
