@@ -8,7 +8,8 @@ launches that way), so every product whose rounding matters before an add goes t
 :func:`product` (``mul_rn``, never fused into an FMA); the other products are exact
 (powers of two, +-1, E2M1 x E4M3) or feed no add, and fusing them changes no bit.
 E4M3 rounding is done arithmetically (no ``.to(tl.float8e4nv)``: the Triton interpreter
-rounds that cast wrongly), divisions use ``div_rn`` (``/`` is approximate on the GPU).
+rounds that cast wrongly), divisions use ``div_rn`` and reciprocals :func:`reciprocal` (``/`` is
+approximate on the GPU).
 Decoding is exact: E2M1 and E4M3 values are exact in FP32.
 
 [Note: pieces] Kernels hold a tile of NB 16-element scale blocks as [BM, NB, W]
