@@ -407,8 +407,8 @@ def quantize_triton(
     Args:
         x: bf16, fp16 or fp32 tensor on a CUDA device (or on the CPU under TRITON_INTERPRET=1), any
             strides (a transposed view is read in place: Triton specializes the unit row stride, but for sm_90 that
-            specialization compiles to one 2-byte load per element and layout conversions through shared memory;
-            ``python -m benchmarks.bench_quantize --transposed`` times it against a contiguous copy first).
+            specialization compiles to layout conversions through shared memory and about twice the instructions
+            per element; ``python -m benchmarks.bench_quantize --transposed`` times it against a contiguous copy).
         spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
         signs: float32 rotation signs on ``x.device`` (required with a random rotation). For ``rht16_te``
