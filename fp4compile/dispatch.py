@@ -63,7 +63,7 @@ def operand_sums(
         if q.spec.rotation == "none":
             return operand_sums_triton(t, q.codes, q.scales, outer=q.outer, out=out)
         return operand_sums_triton(t, q.codes, q.scales, deq=dequantize(q, k)[:rows], out=out)
-    found = operand_sums_reference(t, q.dequantize(torch.float32)[:rows, :k], q.codes, q.scales)
+    found = operand_sums_reference(t, dequantize(q, k)[:rows], q.codes, q.scales)
     if out is None:
         return found
     for buffer, value in zip(out, found):
@@ -79,8 +79,7 @@ def column_abs_residual(x: torch.Tensor, q: NVFP4) -> torch.Tensor:
         from .kernels.residual import column_abs_residual_triton
 
         return column_abs_residual_triton(x, q)
-    rows, k = x.shape
-    return (stored_fp32(x) - q.dequantize(torch.float32)[:rows, :k]).abs().sum(0)
+    return _residual(x, q).abs().sum(0)
 
 
 def residual_columns(x: torch.Tensor, q: NVFP4, index: torch.Tensor) -> torch.Tensor:
@@ -90,8 +89,13 @@ def residual_columns(x: torch.Tensor, q: NVFP4, index: torch.Tensor) -> torch.Te
         from .kernels.residual import residual_columns_triton
 
         return residual_columns_triton(x, q, index)
+    return _residual(x, q).index_select(1, index)
+
+
+def _residual(x: torch.Tensor, q: NVFP4) -> torch.Tensor:
+    """FP32 ``x - dequantize(q)`` [rows, K] with torch ops (the residual kernels' reference)."""
     rows, k = x.shape
-    return (stored_fp32(x) - q.dequantize(torch.float32)[:rows, :k]).index_select(1, index)
+    return stored_fp32(x) - dequantize(q, k)[:rows]
 
 
 def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
