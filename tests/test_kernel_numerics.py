@@ -13,7 +13,7 @@ import triton.language as tl
 from testing import KERNEL_DEVICE, ON_GPU, requires_gpu
 
 from fp4compile.format import e2m1_decode, e2m1_rne, e2m1_sr
-from fp4compile.kernels.numerics import e2m1_round, max_abs, reciprocal
+from fp4compile.kernels.numerics import e2m1_round, max_abs, product, reciprocal
 
 
 @triton.jit
@@ -90,9 +90,38 @@ def _reciprocal_kernel(x_ptr, out_ptr, n, NO_FMA: tl.constexpr, BLOCK: tl.conste
 
 @requires_gpu
 def test_gpu_reciprocal_is_the_correctly_rounded_division():
-    """``rcp_rn`` (what the compiled kernels use) equals IEEE ``1 / x`` on every 64th positive FP32 pattern, the
-    subnormals and the results that overflow included."""
+    """``rcp.rn.f32`` (what the compiled kernels use) equals IEEE ``1 / x`` on every 64th positive FP32 pattern, the
+    subnormals, the subnormal results and the results that overflow included (libdevice's ``rcp_rn`` flushed the
+    subnormal results to zero: numerics' note on subnormals)."""
     x = torch.arange(1, 0x7F800000, 64, dtype=torch.int32, device="cuda").view(torch.float32)
     got = torch.empty_like(x)
     _reciprocal_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), NO_FMA=True, BLOCK=1024)
     assert torch.equal(got.view(torch.int32), torch.div(1.0, x).view(torch.int32))
+
+
+@triton.jit
+def _product_kernel(a_ptr, b_ptr, out_ptr, n, NO_FMA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    a = tl.load(a_ptr + offs, mask=ok, other=1.0)
+    b = tl.load(b_ptr + offs, mask=ok, other=1.0)
+    tl.store(out_ptr + offs, product(a, b, NO_FMA), mask=ok)
+
+
+@requires_gpu
+def test_gpu_product_keeps_subnormals():
+    """``mul.rn.f32`` (what the compiled kernels use) equals IEEE ``a * b`` where the inputs or the product are
+    subnormal: every 64th subnormal pattern times factors from 2**-24 to 2**24, and every 64th pattern of the
+    smallest normal binades times factors that push the product below 2**-126."""
+    subnormal = torch.arange(1, 0x00800000, 64, dtype=torch.int32, device="cuda").view(torch.float32)
+    small = torch.arange(0x00800000, 0x02000000, 64, dtype=torch.int32, device="cuda").view(torch.float32)
+    factors = torch.tensor([2.0**-24, 0.3, 0.5, 0.75, 1.0, 1.5, 3.0, 2.0**24], device="cuda")
+    a = torch.cat([subnormal, small]).repeat_interleave(len(factors))
+    b = factors.repeat(len(subnormal) + len(small))
+    a = torch.cat([a, -a])
+    b = torch.cat([b, b])
+    got = torch.empty_like(a)
+    _product_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, got, a.numel(), NO_FMA=True, BLOCK=1024)
+    want = a * b
+    assert (want != 0).logical_and(want.abs() < 2.0**-126).any()  # the sweep does produce subnormal products
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -209,8 +209,8 @@ def test_kernel_launch_shapes(name, block_rows, tiles, stages):
 
 @pytest.mark.parametrize("name", ["rtn", "rtn_2d", "sr", "rtn_4over6", "sr_4over6", "double_block_rtn"])
 def test_kernel_block_layouts_give_the_same_bits(name):
-    """A block held as two halves in one thread (the default) or whole across two threads: the reference's codes,
-    scales and outer scales, and the same fp16 GEMM values."""
+    """A block held as two halves in one thread or whole across two threads (the default of unrotated specs): the
+    reference's codes, scales and outer scales, and the same fp16 GEMM values."""
     spec = QuantSpec.named(name)
     m, k = (48, 384) if not ON_GPU else (4096 + 48, 4096 + 384)
     x = torch.randn(m, k, device=KERNEL_DEVICE) * 3

@@ -19,11 +19,18 @@ its registers, and RHT-16's 8-element butterflies too), or one piece of W=16 (a
 contiguous load; a block then lies across two threads; RHT-128 needs it).
 Per-block results combine the pieces: max, or the sum of their trees, which
 equals the 16-element tree of format.pairwise_sum.
+
+[Note: subnormals] Triton links libdevice with flush-to-zero on by default (its
+``enable_reflect_ftz`` compile option; the kernels are also compiled by Inductor, with
+its own options), so ``libdevice.mul_rn`` and ``libdevice.rcp_rn`` compile to
+``mul.rn.ftz.f32`` and ``rcp.rn.ftz.f32`` and flush subnormal inputs and results,
+where torch and ``format.py`` keep them (a GPU test caught the reciprocal). :func:`product` and
+:func:`reciprocal` therefore issue the IEEE instructions as inline PTX;
+``tl.math.div_rn`` and plain ``+`` and ``*`` compile without flushing.
 """
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 __all__ = [
     "e2m1_round",
@@ -51,20 +58,23 @@ _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
 
 @triton.jit
 def product(a, b, NO_FMA: tl.constexpr):
-    """``a * b`` rounded once and never contracted with a following add: ``mul_rn`` on the GPU (``NO_FMA``);
-    the interpreter (CPU tensors) evaluates each operation on its own anyway."""
+    """``a * b`` rounded once and never contracted with a following add: PTX ``mul.rn.f32`` on the GPU (``NO_FMA``;
+    see the note on subnormals); the interpreter (CPU tensors) evaluates each operation on its own anyway."""
     if NO_FMA:
-        return libdevice.mul_rn(a, b)
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         return a * b
 
 
 @triton.jit
 def reciprocal(x, NO_FMA: tl.constexpr):
-    """``1 / x`` rounded to nearest even: ``rcp_rn`` when compiled for the GPU (``NO_FMA``; fewer instructions and
-    registers than a general division), ``div_rn`` in the interpreter (which has no ``rcp_rn``). The same value."""
+    """``1 / x`` rounded to nearest even: PTX ``rcp.rn.f32`` when compiled for the GPU (``NO_FMA``; fewer
+    instructions and registers than a general division; see the note on subnormals), ``div_rn`` in the interpreter
+    (which runs no PTX). The same value."""
     if NO_FMA:
-        return libdevice.rcp_rn(x)
+        return tl.inline_asm_elementwise("rcp.rn.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.math.div_rn(1.0, x)
 

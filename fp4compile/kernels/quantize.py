@@ -373,11 +373,11 @@ def _tile_rows(spec: QuantSpec) -> int:
     return 16
 
 
-# Programs a quantize pass aims for: enough small programs to fill the GPU with little tail. On an H200
-# (bench_quantize --sweep, 16-row tiles, fp16 values written) 1 or 4 tiles per program beat the ~32 that a target
-# of 2048 programs gave, by 5-19 %; 16384 programs gives 1 tile per program at 8192x4096 and 4 at 8192x14336. The
-# amax pass aims for fewer, larger programs: each ends with one atomic max on the same address.
-_QUANTIZE_PROGRAMS = 16384
+# The quantize pass runs one 128-column tile per program: on an H200 (bench_quantize --values --sweep, 16-row
+# tiles) no larger count was faster (8192x14336 double_block_rtn: 284 us at 1 tile, 318 at 4), and pipelining the
+# loads of several tiles (stages=2) was 13-50 % slower. The amax pass aims for fewer, larger programs: each ends
+# with one atomic max on the same address.
+_QUANTIZE_TILES = 1
 _AMAX_PROGRAMS = 2048
 
 
@@ -417,9 +417,10 @@ def quantize_triton(
             result's ``signs`` is then None.
         block_rows, num_warps, tiles_per_program: launch shape of the quantize pass (tuning; defaults from
             measurements; the amax pass keeps its own tiles per program).
-        halves: hold each 16-element block as two 8-element halves in one thread (the default; RHT-16 needs it),
+        halves: hold each 16-element block as two 8-element halves in one thread (RHT-16 needs it: its default),
             or False for a whole block across two threads (the loads of one instruction contiguous; RHT-128 needs
-            it). A tuning knob for unrotated specs: both give the same bits.
+            it; the default of unrotated specs too: on an H200 with the fp16 values written it took 71-79 % of
+            the halves' time, bench_quantize --values --sweep). A tuning knob for unrotated specs: the same bits.
         stages: with several tiles per program, how many tiles' loads are in flight (Triton's software
             pipelining through shared memory; 1: none). Tuning only: the same bits.
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
@@ -448,7 +449,7 @@ def quantize_triton(
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
     bm = block_rows or _tile_rows(spec)
-    tiles = tiles_per_program or _tiles_per_program(m, k, bm, _QUANTIZE_PROGRAMS)
+    tiles = tiles_per_program or _QUANTIZE_TILES
     amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
     vmax_cap, inv_vmax = fp32_constants(spec)
     rot = spec.rotation_size
@@ -456,7 +457,7 @@ def quantize_triton(
         raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
     fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
     if halves is None:
-        halves = rot != 128
+        halves = rot == 16
     elif halves != (rot != 128) and rot:
         raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
     constants = dict(
