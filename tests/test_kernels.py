@@ -135,20 +135,40 @@ def test_kernel_strided_rows():
     torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["rtn", "rht16_sr_te", "ms_eden", "double_block_rht16_sr", "rtn_4over6"])
+@pytest.mark.parametrize(
+    "name", ["rtn", "sr", "rht16_sr_te", "rht16_rtn_te", "ms_eden", "double_block_rht16_sr", "rtn_4over6", "rtn_2d"]
+)
 def test_kernel_reads_transposed_views_in_place(name):
-    """The wgrad operands are X^T and dY^T: the kernel reads the transposed view without a copy."""
+    """The wgrad operands are X^T and dY^T: the kernel reads the transposed view without a copy, by columns (the
+    default) or through the view, with the reference's codes, scales and outer scales and the same GEMM values;
+    the row count and K are not multiples of the tile (masked loads and stores)."""
     spec = QuantSpec.named(name)
-    tokens = 1024 if ON_GPU else 128
-    x = (torch.randn(tokens, 256 + 16 * spec.row_multiple, device=KERNEL_DEVICE) * 3).bfloat16()
+    tokens = (1024 if ON_GPU else 128) + (16 if spec.k_multiple == 16 else 0)
+    features = 256 + 16 * spec.row_multiple + (5 if spec.row_multiple == 1 else 0)
+    x = (torch.randn(tokens, features, device=KERNEL_DEVICE) * 3).bfloat16()
     xt = x.T
-    assert xt.stride() == (1, 256 + 16 * spec.row_multiple)
+    assert xt.stride() == (1, features)
     seed, signs = _random_streams(spec, x.device)
-    got = quantize_triton(xt, spec, seed=seed, signs=signs)
     want = quantize_reference(xt.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
-    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
-    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
-    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+    values = {}
+    for by_columns in (None, False):
+        if by_columns is None and spec.rotation_size == 128:
+            continue  # RHT-128 reads along the columns
+        values[by_columns] = torch.empty(xt.shape, dtype=torch.float16, device=KERNEL_DEVICE)
+        got = quantize_triton(xt, spec, seed=seed, signs=signs, by_columns=by_columns, values=values[by_columns])
+        torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+        torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+        torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+    if len(values) == 2:
+        assert torch.equal(values[None].view(torch.int16), values[False].view(torch.int16))
+
+
+def test_kernel_reading_by_columns_needs_halves():
+    x = torch.randn(128, 64, device=KERNEL_DEVICE).T
+    with pytest.raises(ValueError, match=r"by_columns=True needs halves=True"):
+        quantize_triton(x, QuantSpec.named("rtn"), by_columns=True, halves=False)
+    with pytest.raises(ValueError, match=r"by_columns=True needs halves=True"):
+        quantize_triton(x, QuantSpec.named("ms_eden"), by_columns=True, signs=torch.ones(128, device=KERNEL_DEVICE))
 
 
 @pytest.mark.parametrize("name", [n for n in QuantSpec.names() if QuantSpec.named(n).rotation == "rht16_te"])

@@ -60,6 +60,32 @@ def _encode_factor(b, outer, NO_FMA: tl.constexpr):
 
 
 @triton.jit
+def _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, j: tl.constexpr, NB: tl.constexpr):
+    """Element ``j`` of each of the tile's NB blocks, [BM, NB] FP32: for a transposed view, a load along its rows
+    (contiguous in memory)."""
+    cols = col0 + 16 * tl.arange(0, NB)[None, :] + j
+    mask = row_ok[:, None] & (cols < K)
+    return tl.load(x_ptr + rows[:, None] * stride_xm + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST: tl.constexpr, BM, NB):
+    """Elements FIRST .. FIRST+7 of each block as [BM, NB, 8], from eight column loads joined in registers."""
+    c0 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST, NB)
+    c1 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 1, NB)
+    c2 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 2, NB)
+    c3 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 3, NB)
+    c4 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 4, NB)
+    c5 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 5, NB)
+    c6 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 6, NB)
+    c7 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 7, NB)
+    # join appends a last dim: [c0, c2, c4, c6] and [c1, c3, c5, c7], then [c0, c1, ..., c7]
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(even, odd), [BM, NB, 8])
+
+
+@triton.jit
 def _load_tile(
     x_ptr,
     signs_ptr,
@@ -75,6 +101,7 @@ def _load_tile(
     FIXED_SIGNS,
     NO_FMA,
     HALVES,
+    BY_COLUMNS,
     BM,
     BK,
 ):
@@ -94,12 +121,20 @@ def _load_tile(
         xb = tl.reshape(x, [BM, NB, 16])
         return xb, xb
     else:
-        block_cols = col0 + 16 * tl.arange(0, NB)
-        lo_cols = block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
-        offs = rows[:, None, None] * stride_xm + lo_cols * stride_xk
-        mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
-        lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        if BY_COLUMNS:
+            # A transposed view: 16 loads, each of one element of every block along the view's rows (contiguous in
+            # memory), joined in registers. Loading [BM, NB, 8] through the view instead compiles to a change of
+            # layout through shared memory at almost every step of the tile's work (sm_90 SASS: 34-36 barriers
+            # per tile, against 1-4 this way).
+            lo = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 0, BM, NB)
+            hi = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 8, BM, NB)
+        else:
+            block_cols = col0 + 16 * tl.arange(0, NB)
+            lo_cols = block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
+            offs = rows[:, None, None] * stride_xm + lo_cols * stride_xk
+            mask = row_ok[:, None, None] & (block_cols < K)[None, :, None]
+            lo = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            hi = tl.load(x_ptr + offs + 8 * stride_xk, mask=mask, other=0.0).to(tl.float32)
         if ROTATION == 16:
             lo = lo * sign_vector(signs_ptr, FIXED_SIGNS, 0, 8)[None, None, :]
             hi = hi * sign_vector(signs_ptr, FIXED_SIGNS, 8, 8)[None, None, :]
@@ -267,6 +302,7 @@ def _nvfp4_quantize_kernel(
     WRITE_VALUES: tl.constexpr,
     NO_FMA: tl.constexpr,
     HALVES: tl.constexpr,
+    BY_COLUMNS: tl.constexpr,
     VMAX_CAP: tl.constexpr,
     INV_VMAX: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -302,6 +338,7 @@ def _nvfp4_quantize_kernel(
                 FIXED_SIGNS,
                 NO_FMA,
                 HALVES,
+                BY_COLUMNS,
                 BM,
                 BK,
             )
@@ -330,6 +367,7 @@ def _nvfp4_quantize_kernel(
                 FIXED_SIGNS,
                 NO_FMA,
                 HALVES,
+                BY_COLUMNS,
                 BM,
                 BK,
             )
@@ -399,6 +437,7 @@ def quantize_triton(
     tiles_per_program: Optional[int] = None,
     halves: Optional[bool] = None,
     stages: int = 1,
+    by_columns: Optional[bool] = None,
     values: Optional[torch.Tensor] = None,
     amax: Optional[torch.Tensor] = None,
 ) -> NVFP4:
@@ -406,9 +445,7 @@ def quantize_triton(
 
     Args:
         x: bf16, fp16 or fp32 tensor on a CUDA device (or on the CPU under TRITON_INTERPRET=1), any
-            strides (a transposed view is read in place: Triton specializes the unit row stride, but for sm_90 that
-            specialization compiles to layout conversions through shared memory and about twice the instructions
-            per element; ``python -m benchmarks.bench_quantize --transposed`` times it against a contiguous copy).
+            strides (a transposed view is read in place, by columns: see ``by_columns``).
         spec: the quantizer; shapes are assumed checked by :func:`fp4compile.quantize`.
         seed: int64 [1] tensor on ``x.device`` (required when ``spec.stochastic``).
         signs: float32 rotation signs on ``x.device`` (required with a random rotation). For ``rht16_te``
@@ -420,9 +457,14 @@ def quantize_triton(
         halves: hold each 16-element block as two 8-element halves in one thread (RHT-16 needs it: its default),
             or False for a whole block across two threads (the loads of one instruction contiguous; RHT-128 needs
             it; the default of unrotated specs too: on an H200 with the fp16 values written it took 71-79 % of
-            the halves' time, bench_quantize --values --sweep). A tuning knob for unrotated specs: the same bits.
+            the halves' time, bench_quantize --values --sweep; transposed views read by columns keep halves). A
+            tuning knob for unrotated specs: the same bits.
         stages: with several tiles per program, how many tiles' loads are in flight (Triton's software
             pipelining through shared memory; 1: none). Tuning only: the same bits.
+        by_columns: load a tile as 16 loads of one element per block along ``x``'s rows, joined in registers (for a
+            transposed view, whose rows are contiguous in memory), or as two loads along its columns. The default:
+            by columns when ``x``'s rows have unit stride and its columns do not (that layout needs ``halves``; RHT-128
+            keeps loading along the columns). Tuning only: the same bits.
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
         amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
@@ -456,8 +498,13 @@ def quantize_triton(
     if signs is None and rot and spec.rotation != "rht16_te":
         raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
     fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
+    transposed_view = x.stride(0) == 1 and x.stride(1) != 1 and m > 1
+    if by_columns is None:
+        by_columns = transposed_view and rot != 128 and halves is not False
+    if by_columns and (halves is False or rot == 128):
+        raise ValueError("quantize_triton: by_columns=True needs halves=True (and a spec without RHT-128)")
     if halves is None:
-        halves = rot == 16
+        halves = rot == 16 or by_columns
     elif halves != (rot != 128) and rot:
         raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
     constants = dict(
@@ -472,6 +519,7 @@ def quantize_triton(
         WRITE_VALUES=values is not None,
         NO_FMA=x.is_cuda,
         HALVES=halves,
+        BY_COLUMNS=by_columns,
         VMAX_CAP=vmax_cap,
         INV_VMAX=inv_vmax,
         BM=bm,
