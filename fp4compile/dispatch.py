@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .format import NVFP4, gemm_operand, quantize_reference, stored_abs_max, stored_fp32, te_rht_signs
+from .mxfp8 import MXFP8, mxfp8_gemm_operand, quantize_mxfp8
 from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
 
@@ -24,6 +25,7 @@ __all__ = [
     "decomposes",
     "gemm",
     "gemm_values",
+    "mxfp8_operand",
     "on_triton",
     "operand_sums",
     "osci_track_update",
@@ -143,6 +145,21 @@ def gemm_values(q: NVFP4) -> torch.Tensor:
 
         return decode_triton(q, with_outer=False, dtype=torch.float16)
     return gemm_operand(q)
+
+
+def mxfp8_operand(x: torch.Tensor, saved: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[MXFP8]]:
+    """``x`` [rows, K] (K a multiple of 128) in MXFP8 as a GEMM operand: fp16 values and FP32 per-1x128 outer scales
+    (``mxfp8.mxfp8_gemm_operand(mxfp8.quantize_mxfp8(x))``), and with ``saved`` the MXFP8 tensor itself (else
+    None). One Triton launch on CUDA (``kernels/mxfp8.py``, reading ``x`` in place: no FP32 copy); the torch-op
+    spec elsewhere."""
+    if on_triton(x):
+        from .kernels.mxfp8 import mxfp8_triton
+
+        values, outer, elements, exponents = mxfp8_triton(x, saved)
+        return values, outer, MXFP8(elements.view(torch.float8_e4m3fn), exponents) if saved else None
+    q = quantize_mxfp8(x)
+    values, outer = mxfp8_gemm_operand(q)
+    return values, outer, q if saved else None
 
 
 def dequantize(q: NVFP4, cols: int) -> torch.Tensor:

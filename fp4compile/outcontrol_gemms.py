@@ -29,7 +29,7 @@ from . import dispatch
 from .format import NVFP4, cast_exactly, stored_fp32, stored_sum
 from .gemm import nvfp4_gemm
 from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
-from .mxfp8 import MXFP8, bf16_gemm_operand, mxfp8_gemm_operand, quantize_mxfp8
+from .mxfp8 import MXFP8, bf16_gemm_operand
 from .outlier_channels import outlier_count
 from .recipe import Recipe
 
@@ -55,21 +55,17 @@ def saved_dtypes(recipe: Recipe) -> tuple[torch.dtype, ...]:
 
 def _outlier_operand(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM values and per-1x128 outer scales of ``t`` [rows, K] in the outlier format."""
-    return mxfp8_gemm_operand(quantize_mxfp8(t)) if fmt == "mxfp8" else bf16_gemm_operand(t)
+    return dispatch.mxfp8_operand(t)[:2] if fmt == "mxfp8" else bf16_gemm_operand(stored_fp32(t))
 
 
-def _outlier_saved(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` in the outlier format as saved: (E4M3 bytes, E8M0 exponents) or (bf16, empty)."""
+def _outlier_saved_and_operand(t: torch.Tensor, fmt: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
+    """``t`` [rows, k] in the outlier format as saved, (E4M3 bytes, E8M0 exponents) or (bf16, empty), and as the
+    GEMM operand (values, outer scales): one pass over ``t`` for MXFP8."""
     if fmt == "mxfp8":
-        q = quantize_mxfp8(t)
-        return q.elements.view(torch.uint8), q.exponents
-    return t.to(torch.bfloat16), torch.empty(0, dtype=torch.int16, device=t.device)
-
-
-def _saved_operand(values: torch.Tensor, exponents: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if fmt == "mxfp8":
-        return mxfp8_gemm_operand(MXFP8(values.view(torch.float8_e4m3fn), exponents))
-    return bf16_gemm_operand(values)
+        values, outer, q = dispatch.mxfp8_operand(t, saved=True)
+        return (q.elements.view(torch.uint8), q.exponents), (values, outer)
+    b = t.to(torch.bfloat16)
+    return (b, torch.empty(0, dtype=torch.int16, device=t.device)), bf16_gemm_operand(b)
 
 
 def _outlier_dequantized(values: torch.Tensor, exponents: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -119,7 +115,7 @@ def forward_weight_dequantized(
         w_deq = dispatch.dequantize(w_q, in_features)
     if k:
         fmt = recipe.outliers.outlier_format
-        w_out = _outlier_dequantized(*_outlier_saved(weight[:, order[:k]], fmt), fmt)
+        w_out = _outlier_dequantized(*_outlier_saved_and_operand(weight[:, order[:k]], fmt)[0], fmt)
         if transposed:
             w_deq[:k] = torch.where(selected, w_out.T, w_deq[:k])
         else:
@@ -145,8 +141,8 @@ def linear_forward(
     qx, vx = dispatch.quantize_with_values(xp, recipe.fwd_x, None, None)
     qw, vw = dispatch.quantize_with_values(wp, recipe.fwd_w, None, None)
     fmt = control.outlier_format
-    outlier_x = _outlier_saved(xp[:, :k], fmt)
-    va, oa = _join(vx, qx.outer, _saved_operand(*outlier_x, fmt), k, selected)
+    outlier_x, x_operand = _outlier_saved_and_operand(xp[:, :k], fmt)
+    va, oa = _join(vx, qx.outer, x_operand, k, selected)
     vb, ob = _join(vw, qw.outer, _outlier_operand(wp[:, :k], fmt), k, selected)
     y = dispatch.gemm(va, vb, oa, ob, bias, x.dtype)
     return (y, qx.codes, qx.scales.view(torch.uint8), qx.outer, qw.codes, qw.scales.view(torch.uint8), qw.outer,
@@ -194,7 +190,7 @@ def linear_backward(
     dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
     if k:
         x_out_t = pad_cols(_outlier_dequantized(outlier_values, outlier_exponents, fmt).T.contiguous(), t_p)
-        va, oa = _outlier_operand(pad_cols(stored_fp32(dy).T, t_p), fmt)
+        va, oa = _outlier_operand(pad_cols(dy.T, t_p), fmt)  # MXFP8 on CUDA: read in place, no FP32 copy
         vb, ob = _outlier_operand(x_out_t, fmt)
         dw_out = dispatch.gemm(va, vb.to(va.dtype), oa, ob, None, torch.float32)
         dw[:, :k] = torch.where(selected, dw_out, dw[:, :k])  # dw: the FP4 GEMM's fresh output

@@ -58,11 +58,12 @@ class _RecordedLauncher:
 
 def _cuda_path_on_cpu(monkeypatch):
     import fp4compile.kernels.decode as decode
+    import fp4compile.kernels.mxfp8 as mxfp8
     import fp4compile.kernels.quantize as quantize
     import fp4compile.kernels.residual as residual
 
     monkeypatch.setattr(dispatch, "on_triton", lambda t: True)
-    for module in (quantize, decode, residual):
+    for module in (quantize, decode, residual, mxfp8):
         monkeypatch.setattr(module, "launcher", _RecordedLauncher)
 
 

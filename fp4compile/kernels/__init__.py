@@ -8,6 +8,8 @@
   the rotation undone);
 - ``residual``: the Hot-Channel Patch's residual ``x - dequantize(q)``, decoded as it reads: column sums of its
   magnitude (the channel scores) and its hot columns;
+- ``mxfp8``: OutControl's MXFP8 quantization and its GEMM operand (fp16 values, per-1x128 outer scales) in one
+  pass;
 - ``stats``: the monitor's measurement of one quantized operand;
 - ``osci``: OsciReset's fused tracked-step update;
 - ``numerics``: the ``@triton.jit`` helpers the kernels share: E2M1/E4M3 rounding and encoding, E2M1 code and

@@ -34,6 +34,7 @@ import triton.language as tl
 
 __all__ = [
     "e2m1_round",
+    "exact_fp32",
     "e4m3_rne",
     "e4m3_sr",
     "e4m3_byte",
@@ -54,6 +55,16 @@ __all__ = [
 ]
 
 _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
+
+
+@triton.jit
+def exact_fp32(x):
+    """``x`` (bf16, fp16 or fp32) as FP32, exactly; bf16 by its bits (Triton's interpreter converts subnormal bf16
+    wrongly; on the GPU both ways are the same shift)."""
+    if x.dtype.is_bf16():
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
