@@ -322,8 +322,11 @@ def test_gpu_gemm_with_uniform_leading_blocks_matches_emulation(method):
 
 
 @requires_gpu
-@pytest.mark.parametrize("method", ["pointer", "tma"])
-@pytest.mark.parametrize("name", ["rtn", "double_block_rtn"])
+@pytest.mark.parametrize(
+    "name, method",
+    [("rtn", "pointer"), ("rtn", "tma"), ("double_block_rtn", "pointer"), ("double_block_rtn", "tma"),
+     ("double_block_rtn", "gluon")],
+)  # fmt: skip
 def test_gpu_gemm_large_matches_emulation(name, method):
     a = quantize(torch.randn(4096 + 8, 4096, device="cuda"), name)
     b = quantize(torch.randn(2048 + 16, 4096, device="cuda"), name)

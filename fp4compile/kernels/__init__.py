@@ -4,6 +4,8 @@
   per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside;
 - ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants sharing their tile order, K step
   and epilogue helpers, outer scales in the epilogue or per 1x128 K-block;
+- ``gemm_gluon``: EXPERIMENTAL, not yet run on a GPU: the per-1x128-block scaled GEMM in Gluon with an
+  asynchronous wgmma (``gemm_triton(..., method="gluon")``);
 - ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded, or with
   the rotation undone);
 - ``residual``: the Hot-Channel Patch's residual ``x - dequantize(q)``, decoded as it reads: column sums of its

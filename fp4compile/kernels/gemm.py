@@ -297,19 +297,28 @@ def gemm_triton(
         bias: optional [N] added before the one rounding to ``out_dtype``.
         autotune: pick the tile shape by timing (GPU); ``False`` uses one fixed shape (interpreter).
         method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows), ``"pointer"``
-            (pointer loads, any strides), or ``"auto"`` (TMA where the operands allow it).
+            (pointer loads, any strides), ``"auto"`` (TMA where the operands allow it), or ``"gluon"`` (per-block
+            outer scales only: the Gluon kernel with an asynchronous wgmma, ``kernels/gemm_gluon.py``;
+            EXPERIMENTAL, not yet run on a GPU; it scales every K block, ``uniform_k`` included).
         uniform_k: with per-block outer scales, how many leading K columns (a multiple of 128) have each row's
             first block's scales in every block (a per-tensor scale repeated, as the Hot-Channel Patch's main
             columns): they accumulate unscaled and are scaled once, as per-tensor scales are, instead of every
             K step (the same value, rounded in another order).
     """
-    if method not in ("auto", "tma", "pointer"):
-        raise ValueError(f"method must be 'auto', 'tma' or 'pointer', got {method!r}")
+    if method not in ("auto", "tma", "pointer", "gluon"):
+        raise ValueError(f"method must be 'auto', 'tma', 'pointer' or 'gluon', got {method!r}")
     m, k = a.shape
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
     if uniform_k and (not block_outer or uniform_k % 128 or not 0 < uniform_k <= k):
         raise ValueError(f"uniform_k={uniform_k} needs per-block outer scales and a multiple of 128 in (0, K={k}]")
+    if method == "gluon":
+        if not (block_outer and _tma_ready(a) and _tma_ready(b)):
+            raise ValueError("method='gluon' needs per-block outer scales and operands with unit-stride, 16-byte "
+                             "aligned rows")  # fmt: skip
+        from .gemm_gluon import gemm_gluon
+
+        return gemm_gluon(a, b, outer_a, outer_b, bias, out_dtype)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     args = (a, b, c, outer_a, outer_b, bias if bias is not None else outer_a, m, n, k)
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), uniform_k)
