@@ -60,7 +60,7 @@ _MAGIC_RNE = tl.constexpr(8388608.0)  # 2**23
 @triton.jit
 def exact_fp32(x):
     """``x`` (bf16, fp16 or fp32) as FP32, exactly; bf16 by its bits (Triton's interpreter converts subnormal bf16
-    wrongly; on the GPU both ways are the same shift)."""
+    to FP32 wrongly; compiled for the GPU either way is exact)."""
     if x.dtype.is_bf16():
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
