@@ -21,14 +21,15 @@ def test_compiled_for_hopper_the_k_loop_keeps_one_wgmma_in_flight(tmp_path):
     """sm_90 PTX: a ``wgmma.wait_group 1`` (the K loop: the next step's wgmma runs while this one's partial product
     is scaled) and the one ``wait_group 0`` after the loop; the cubin spills no registers (no stack frame)."""
     operand = torch.empty(256, 256, dtype=torch.float16)
-    a_desc, b_desc = gemm_gluon._descriptor(operand, gemm_gluon._BM), gemm_gluon._descriptor(operand, gemm_gluon._BN)
-    constants = dict(HAS_BIAS=True, WAIT_RETURNS=gemm_gluon._WAIT_RETURNS, BM=gemm_gluon._BM, BN=gemm_gluon._BN,
-                     BK=gemm_gluon._BK, STAGES=gemm_gluon._STAGES, num_warps=gemm_gluon._WARPS)  # fmt: skip
+    bm, bn, stages, warps = gemm_gluon.DEFAULT_CONFIG
+    a_desc, b_desc = gemm_gluon.descriptor(operand, bm), gemm_gluon.descriptor(operand, bn)
+    constants = dict(HAS_BIAS=True, WAIT_RETURNS=gemm_gluon._WAIT_RETURNS, BM=bm, BN=bn, BK=128, STAGES=stages,
+                     GROUP_M=8, num_warps=warps)  # fmt: skip
     signature = dict(a_desc=mangle_type(a_desc), b_desc=mangle_type(b_desc), c_ptr="*bf16", oa_ptr="*fp32",
                      ob_ptr="*fp32", bias_ptr="*fp32", M="i32", N="i32", K="i32", stride_cm="i32")  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(gemm_gluon._block_scaled_gemm_kernel, signature, constants)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=gemm_gluon._WARPS))
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     ptx = kernel.asm["ptx"]
     waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)
     assert "1" in waits and waits.count("0") == 1

@@ -7,8 +7,8 @@ took 330 (4096^2 x 8192, benchmarks/RESULTS.md). Here step k's wgmma runs while 
 scaled and added: two partial products alternate in registers (step k's wgmma writes into the registers of step
 k-2's, already added), a step's scales are loaded after the next step's wgmma is issued, and a ring of TMA loads
 with mbarriers runs ``STAGES - 1`` steps ahead. Compiled for sm_90 on a CPU machine: ``wgmma.wait_group 1`` in
-the K loop, 249 registers (255 with a bias) and no spills at 128x128 with 8 warps. NOT YET RUN ON A GPU:
-reached only through ``gemm_triton(..., method="gluon")``.
+the K loop, no spills at 128x64 with 8 warps (:data:`DEFAULT_CONFIG`). NOT YET RUN ON A GPU: reached only through
+``gemm_triton(..., method="gluon")``.
 
 Newer Gluon returns a token from an asynchronous ``warpgroup_mma`` and the finished tensor from
 ``warpgroup_mma_wait``; older Gluon returns the tensor from ``warpgroup_mma`` and nothing from the wait. The
@@ -27,10 +27,13 @@ from triton.experimental.gluon.language.nvidia import hopper as _hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["gemm_gluon"]
+__all__ = ["DEFAULT_CONFIG", "descriptor", "gemm_gluon"]
 
 _WAIT_RETURNS = hasattr(_hopper, "warpgroup_mma_init")
-_BM, _BN, _BK, _STAGES, _WARPS = 128, 128, 128, 3, 8
+_BK = 128
+#: (BM, BN, stages, warps): three FP32 [BM, BN] tiles live in registers (the sum and two partial products). 128x64
+#: with 8 warps compiles to 190 registers without spills for sm_90; 128x128 spills (255 registers, a 72-byte stack).
+DEFAULT_CONFIG = (128, 64, 4, 8)
 
 
 @gluon.jit
@@ -67,11 +70,18 @@ def _finish(prev, WAIT_RETURNS: gl.constexpr, OUTSTANDING: gl.constexpr):
 def _block_scaled_gemm_kernel(
     a_desc, b_desc, c_ptr, oa_ptr, ob_ptr, bias_ptr, M, N, K, stride_cm,
     HAS_BIAS: gl.constexpr, WAIT_RETURNS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BK == 128, "one K step per outer block")
-    off_m = gl.program_id(0) * BM
-    off_n = gl.program_id(1) * BN
+    # grouped tile order (as kernels/gemm.py's): consecutive programs walk down GROUP_M tile rows, then on to the
+    # next tile column, so that they share operand tiles in L2
+    pid = gl.program_id(0)
+    grid_m = gl.cdiv(M, BM)
+    in_group = GROUP_M * gl.cdiv(N, BN)
+    first_m = (pid // in_group) * GROUP_M
+    size_m = gl.minimum(grid_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % in_group) % size_m) * BM
+    off_n = ((pid % in_group) // size_m) * BN
     k_steps = K // BK
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
@@ -116,7 +126,8 @@ def _block_scaled_gemm_kernel(
     gl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+def descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """The TMA descriptor of ``t``'s [rows, 128] tiles (fp16, NVMMA shared layout)."""
     layout = gl.NVMMASharedLayout.get_default_for([rows, _BK], gl.float16)
     return TensorDescriptor.from_tensor(t, [rows, _BK], layout)
 
@@ -128,6 +139,7 @@ def gemm_gluon(
     outer_b: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    config: tuple[int, int, int, int] = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """``sum_kb (a_kb @ b_kb^T) * outer`` (+ bias) with per-1x128-block outer scales, FP32 accumulation.
 
@@ -136,6 +148,7 @@ def gemm_gluon(
             multiple of 128.
         outer_a, outer_b: FP32 [M, K/128] and [N, K/128] outer scales.
         bias: optional [N], added before the one rounding to ``out_dtype``.
+        config: (BM, BN, stages, warps) of the launch (:data:`DEFAULT_CONFIG`).
     """
     m, k = a.shape
     n = b.shape[0]
@@ -146,10 +159,11 @@ def gemm_gluon(
         )
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     oa_t, ob_t = outer_a.T.contiguous(), outer_b.T.contiguous()  # K-block major: one base address per step
-    grid = (triton.cdiv(m, _BM), triton.cdiv(n, _BN))
+    bm, bn, stages, warps = config
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _block_scaled_gemm_kernel[grid](
-        _descriptor(a, _BM), _descriptor(b, _BN), c, oa_t, ob_t, bias if bias is not None else oa_t, m, n, k,
-        c.stride(0), HAS_BIAS=bias is not None, WAIT_RETURNS=_WAIT_RETURNS, BM=_BM, BN=_BN, BK=_BK, STAGES=_STAGES,
-        num_warps=_WARPS,
+        descriptor(a, bm), descriptor(b, bn), c, oa_t, ob_t, bias if bias is not None else oa_t, m, n, k,
+        c.stride(0), HAS_BIAS=bias is not None, WAIT_RETURNS=_WAIT_RETURNS, BM=bm, BN=bn, BK=_BK, STAGES=stages,
+        GROUP_M=8, num_warps=warps,
     )  # fmt: skip
     return c
