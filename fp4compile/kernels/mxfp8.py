@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import launcher
-from .numerics import e4m3_byte, e4m3_rne, exact_fp32
+from .numerics import e4m3_byte, e4m3_rne, exact_fp32, join_parts
 
 __all__ = ["mxfp8_triton"]
 
@@ -48,16 +48,31 @@ def _ceil_log2(v):
 
 
 @triton.jit
+def _load_by_columns(x_ptr, rows, row_ok, col0, stride_xm, stride_xk, BM: tl.constexpr):
+    """The [BM, 4, 32] tile at ``col0`` of a transposed view as 32 loads along its (contiguous) rows, each of one
+    element of every 1x32 block, joined in registers (a thread then holds whole blocks: no change of layout)."""
+    parts = ()
+    for j in tl.static_range(32):
+        cols = col0 + 32 * tl.arange(0, 4)[None, :] + j
+        offs = rows[:, None] * stride_xm + cols * stride_xk
+        parts = parts + (exact_fp32(tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0)),)
+    return tl.reshape(join_parts(parts, 32), [BM, 4, 32])
+
+
+@triton.jit
 def _mxfp8_kernel(
     x_ptr, values_ptr, outer_ptr, elements_ptr, exponents_ptr, M, K, stride_xm, stride_xk,
-    WRITE_SAVED: tl.constexpr, BM: tl.constexpr,
+    WRITE_SAVED: tl.constexpr, BY_COLUMNS: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < M
     col0 = tl.program_id(1) * 128
     cols = col0 + 32 * tl.arange(0, 4)[:, None] + tl.arange(0, 32)[None, :]  # [4, 32]: the 1x128 block's 1x32 ones
-    offs = rows[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
-    x = exact_fp32(tl.load(x_ptr + offs, mask=row_ok[:, None, None], other=0.0))  # [BM, 4, 32]
+    if BY_COLUMNS:
+        x = _load_by_columns(x_ptr, rows, row_ok, col0, stride_xm, stride_xk, BM)
+    else:
+        offs = rows[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
+        x = exact_fp32(tl.load(x_ptr + offs, mask=row_ok[:, None, None], other=0.0))  # [BM, 4, 32]
 
     amax = tl.max(tl.abs(x), axis=2)  # [BM, 4]
     e = tl.where(amax > 0.0, _ceil_log2(tl.math.div_rn(amax, _E4M3_MAX)), -127)
@@ -95,7 +110,10 @@ def mxfp8_triton(
     elements = torch.empty(m, k, dtype=torch.uint8, device=device) if saved else None
     exponents = torch.empty(m, k // 32, dtype=torch.int16, device=device) if saved else None
     if m > 0 and k > 0:
-        grid = (triton.cdiv(m, _BM), k // 128)
+        # a transposed view is read by columns, 32 rows a program (one element per thread and load)
+        by_columns = x.stride(0) == 1 and x.stride(1) != 1 and m > 1
+        bm = 32 if by_columns else _BM
+        grid = (triton.cdiv(m, bm), k // 128)
         args = (x, values, outer, elements, exponents, m, k, x.stride(0), x.stride(1))
-        launcher(_mxfp8_kernel)[grid](*args, WRITE_SAVED=saved, BM=_BM)
+        launcher(_mxfp8_kernel)[grid](*args, WRITE_SAVED=saved, BY_COLUMNS=by_columns, BM=bm)
     return values, outer, elements, exponents

@@ -40,6 +40,7 @@ __all__ = [
     "e4m3_byte",
     "e2m1_value",
     "e4m3_value",
+    "join_parts",
     "fwht",
     "fwht8",
     "abs_bits",
@@ -238,6 +239,21 @@ def fwht8(x, R0: tl.constexpr, R1: tl.constexpr):
     e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), [R0, R1, 4])
     o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), [R0, R1, 4])
     return tl.reshape(tl.join(e, o), [R0, R1, 8])
+
+
+@triton.jit
+def join_parts(parts, n: tl.constexpr):
+    """Join the tensors ``parts`` (a tuple of n >= 2, n a power of two) along new last dims of size 2 (log2(n) of
+    them: reshaped, the parts in order)."""
+    half: tl.constexpr = n // 2
+    # join(a, b) appends a last dim of 2: pairing part i with part i + n/2 at each level leaves them in order
+    paired = ()
+    for i in tl.static_range(half):
+        paired = paired + (tl.join(parts[i], parts[i + half]),)
+    if half == 1:
+        return paired[0]
+    else:
+        return join_parts(paired, half)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from .numerics import (
     from_bits,
     fwht,
     fwht8,
+    join_parts,
     max_abs,
     pack_codes,
     pairwise_sum,
@@ -71,18 +72,10 @@ def _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, j: tl.const
 @triton.jit
 def _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST: tl.constexpr, BM, NB):
     """Elements FIRST .. FIRST+7 of each block as [BM, NB, 8], from eight column loads joined in registers."""
-    c0 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST, NB)
-    c1 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 1, NB)
-    c2 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 2, NB)
-    c3 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 3, NB)
-    c4 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 4, NB)
-    c5 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 5, NB)
-    c6 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 6, NB)
-    c7 = _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + 7, NB)
-    # join appends a last dim: [c0, c2, c4, c6] and [c1, c3, c5, c7], then [c0, c1, ..., c7]
-    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
-    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
-    return tl.reshape(tl.join(even, odd), [BM, NB, 8])
+    parts = ()
+    for j in tl.static_range(8):
+        parts = parts + (_load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + j, NB),)
+    return tl.reshape(join_parts(parts, 8), [BM, NB, 8])
 
 
 @triton.jit
