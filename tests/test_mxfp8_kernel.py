@@ -41,6 +41,26 @@ def test_kernel_equals_the_spec(dtype, transposed):
     assert torch.equal(outer.cpu().view(torch.int32), want_outer.view(torch.int32))
 
 
+def test_kernel_follows_the_spec_on_non_finite_inputs():
+    """A NaN stays NaN in the GEMM values (a bad gradient is not hidden) with the spec's exponent and NaN byte; an
+    infinity saturates at 448 with the spec's exponent."""
+    x = _inputs(8, 128)
+    x[0, 5] = float("nan")
+    x[1, 40] = float("inf")
+    x[2, 70] = -float("inf")
+    x[3, 100] = float("nan")
+    x[3, 101] = float("inf")
+    q = quantize_mxfp8(x)
+    want_values, want_outer = mxfp8_gemm_operand(q)
+    values, outer, elements, exponents = (t.cpu() for t in mxfp8_triton(x.to(KERNEL_DEVICE), saved=True))
+    assert torch.equal(exponents, q.exponents)
+    assert torch.equal(elements, q.elements.view(torch.uint8))
+    assert torch.equal(values.isnan(), want_values.isnan()) and values.isnan().sum() == 2
+    finite = ~values.isnan()
+    assert torch.equal(values[finite].view(torch.int16), want_values[finite].view(torch.int16))
+    assert torch.equal(outer.view(torch.int32), want_outer.view(torch.int32))
+
+
 def test_kernel_without_the_saved_tensors_writes_the_same_operand():
     x = _inputs(24, 128).to(KERNEL_DEVICE)
     values, outer, elements, exponents = mxfp8_triton(x)

@@ -9,7 +9,9 @@ the whole operand; OutControl's wgrad runs it on all of dY^T.
 
 Every power of two is built from its bits (``2**d`` for ``d`` down to -149 is exact in FP32, subnormal below
 -126, and 0 below -149, as ``torch.exp2`` gives it), and every product is one IEEE multiply, as the spec's.
-Non-finite inputs give unspecified bytes and exponents in their block (the GEMM values are not finite).
+Non-finite inputs follow the spec too: a block holding a NaN gets the exponent -127 and the NaN stays NaN (its
+E4M3 byte 0x7F, or 0xFF where the NaN's sign bit survives the multiply: GPUs return a positive NaN), and an
+infinity saturates at 448 with the exponent 0 of the spec's ``frexp``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .launch import launcher
-from .numerics import e4m3_byte, e4m3_rne, exact_fp32, join_parts
+from .numerics import e4m3_byte, e4m3_rne, exact_fp32, join_parts, max_abs
 
 __all__ = ["mxfp8_triton"]
 
@@ -74,13 +76,14 @@ def _mxfp8_kernel(
         offs = rows[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
         x = exact_fp32(tl.load(x_ptr + offs, mask=row_ok[:, None, None], other=0.0))  # [BM, 4, 32]
 
-    amax = tl.max(tl.abs(x), axis=2)  # [BM, 4]
-    e = tl.where(amax > 0.0, _ceil_log2(tl.math.div_rn(amax, _E4M3_MAX)), -127)
-    e = tl.minimum(tl.maximum(e, -127), 127)
+    amax = max_abs(x)  # [BM, 4], NaN where the block holds one (the spec's amax)
+    e = tl.where(amax > 0.0, _ceil_log2(tl.math.div_rn(amax, _E4M3_MAX)), -127)  # -127 for NaN
+    e = tl.where(amax == float("inf"), 0, tl.minimum(tl.maximum(e, -127), 127))  # the spec's frexp(inf): 0
     scaled = x * _pow2(-e)[:, :, None]
+    nan = scaled != scaled
     magnitude = e4m3_rne(tl.minimum(tl.abs(scaled), _E4M3_MAX))
     sign = scaled.to(tl.int32, bitcast=True) & -2147483648  # kept on zeros: -0.0 (Triton's -x is 0 - x)
-    element = (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    element = tl.where(nan, scaled, (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True))
 
     top = tl.max(e, axis=1)  # [BM]
     values = element * _pow2(e - top[:, None])[:, :, None]
@@ -88,7 +91,7 @@ def _mxfp8_kernel(
     tl.store(values_ptr + out_offs, values.to(tl.float16), mask=row_ok[:, None, None])
     tl.store(outer_ptr + rows * (K // 128) + col0 // 128, _pow2(top), mask=row_ok)
     if WRITE_SAVED:
-        byte = e4m3_byte(magnitude).to(tl.int32) | tl.where(sign != 0, 128, 0)
+        byte = tl.where(nan, 127, e4m3_byte(magnitude).to(tl.int32)) | tl.where(sign != 0, 128, 0)
         tl.store(elements_ptr + out_offs, byte.to(tl.uint8), mask=row_ok[:, None, None])
         block_offs = rows[:, None] * (K // 32) + col0 // 32 + tl.arange(0, 4)[None, :]
         tl.store(exponents_ptr + block_offs, e.to(tl.int16), mask=row_ok[:, None])
