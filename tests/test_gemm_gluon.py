@@ -44,3 +44,12 @@ def test_gluon_method_needs_per_block_scales():
     a = torch.zeros(128, 128, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"method='gluon' needs per-block outer scales"):
         gemm_triton(a, a, torch.ones(()), torch.ones(()), method="gluon")
+
+
+def test_gluon_kernel_names_operands_it_cannot_take():
+    a = torch.zeros(128, 256, dtype=torch.float16)
+    scales = torch.ones(128, 2)
+    with pytest.raises(ValueError, match=r"must be fp16 exact values, not torch.bfloat16"):
+        gemm_gluon.gemm_gluon(a.bfloat16(), a, scales, scales)
+    with pytest.raises(ValueError, match=r"K must be a multiple of 128"):
+        gemm_gluon.gemm_gluon(a[:, :200], a[:, :200], scales, scales)

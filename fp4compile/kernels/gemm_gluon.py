@@ -152,6 +152,8 @@ def gemm_gluon(
     """
     m, k = a.shape
     n = b.shape[0]
+    if a.dtype != torch.float16 or b.dtype != torch.float16:
+        raise ValueError(f"gemm_gluon: the operands must be fp16 exact values, not {a.dtype} and {b.dtype}")
     if k % _BK or b.shape[1] != k or outer_a.shape != (m, k // _BK) or outer_b.shape != (n, k // _BK):
         raise ValueError(
             f"gemm_gluon: a {tuple(a.shape)}, b {tuple(b.shape)} with outer scales {tuple(outer_a.shape)} and "
