@@ -211,7 +211,9 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list, options: B
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    with memoized_launch_analysis(), functorch_config.patch(force_non_lazy_backward_lowering=True):
+    from .kernels.gemm_traced import inductor_launches
+
+    with memoized_launch_analysis(), inductor_launches(), functorch_config.patch(force_non_lazy_backward_lowering=True):
         return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(gm, options))
 
 

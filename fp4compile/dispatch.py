@@ -17,6 +17,7 @@ from .format import NVFP4, gemm_operand, quantize_reference, stored_abs_max, sto
 from .mxfp8 import MXFP8, mxfp8_gemm_operand, quantize_mxfp8
 from .operand_sums import operand_sums_reference
 from .spec import QuantSpec
+from .tracing import tracing
 
 __all__ = [
     "dequantize",
@@ -218,8 +219,14 @@ def gemm(
 ) -> torch.Tensor:
     """``(va @ vb^T) * outer`` (+ bias) as ``out_dtype``, FP32 accumulation; outer scales per tensor or per 1x128
     K-block (``[rows, K/128]``). ``uniform_k``: leading K columns whose per-block scales repeat each row's first
-    (the CUDA kernel then scales them once; see ``kernels.gemm.gemm_triton``)."""
+    (the CUDA kernel then scales them once; see ``kernels.gemm.gemm_triton``). In a graph that Inductor compiles the
+    CUDA GEMM is a kernel launch Inductor makes (``kernels/gemm_traced.py``), elsewhere the opaque op
+    ``fp4compile::gemm``."""
     if on_triton(va):
+        from .kernels.gemm_traced import gemm_launched, launchable
+
+        if tracing() and launchable(va, vb):
+            return gemm_launched(va, vb, outer_a, outer_b, bias, out_dtype, uniform_k)
         from .kernels.gemm_op import gemm_op
 
         return gemm_op(va, vb, outer_a, outer_b, bias, out_dtype, uniform_k)

@@ -4,7 +4,8 @@ Under ``torch.compile`` on a GPU the ``fp4compile::`` ops decompose (``ops.py``)
 CUDA bodies, with the shared quantization of one activation, the per-tensor amax as a graph reduction and the
 kernel launches as graph nodes. This file runs that same trace on the CPU: ``dispatch.on_triton`` says yes for
 CPU tensors, each kernel launch recorded while tracing becomes an opaque mutating op that runs the kernel in
-Triton's interpreter, and the GEMM op ``fp4compile::gemm`` runs its CPU kernel, the reference GEMM. A whole
+Triton's interpreter, and the GEMM, recorded as a launch of the TMA kernel as under Inductor
+(``kernels/gemm_traced.py``), runs the reference GEMM. A whole
 Hugging Face model compiled this way (``inner="aot_eager"``: everything but Inductor's code generation) must
 give the loss and every gradient of the same model compiled on the CPU reference path, including the stochastic
 rounding (same seeds).
@@ -15,6 +16,7 @@ import itertools
 import pytest
 import test_models
 import torch
+import triton
 from testing import ON_GPU
 
 from fp4compile import dispatch, tracing
@@ -56,15 +58,64 @@ class _RecordedLauncher:
         return launch
 
 
+class _ReferenceGemm:
+    """Stands in for the TMA GEMM kernel when a recorded launch of it runs: the reference GEMM into C. (Triton's
+    interpreter rounds FP32 to bf16 toward zero; the kernel itself is compared with its eager launch bit for bit in
+    ``test_gemm_traced.py``, and with the float64 emulation on a GPU.)"""
+
+    runs = 0
+
+    def __getitem__(self, grid):
+        def run(a, b, c, outer_a, outer_b, bias, *scalars, HAS_BIAS, **constants):
+            _ReferenceGemm.runs += 1
+            c.copy_(dispatch._reference_gemm(a, b, outer_a, outer_b, bias if HAS_BIAS else None, c.dtype))
+
+        return run
+
+
+class _RecordedGemmLauncher(_RecordedLauncher):
+    def __init__(self, kernel):
+        super().__init__(_ReferenceGemm())
+
+
+class _TmaAutotuner:
+    """Stands in for the TMA GEMM's autotuner in the tile choice made while tracing (no GPU to time configs on):
+    the stand-in operands it is given must be real tensors of the traced operands' shapes and layouts."""
+
+    best_config = triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_stages=2, num_warps=4)
+    seen: list = []
+
+    @classmethod
+    def tune(cls, a, b, outer_a, outer_b, bias, out_dtype, method, uniform_k):
+        assert all(type(t) is torch.Tensor for t in (a, b, outer_a, outer_b)) and method == "tma"
+        cls.seen.append((tuple(a.shape), tuple(b.shape), b.stride()))
+
+
 def _cuda_path_on_cpu(monkeypatch):
+    """On the CPU, trace as on a GPU with Inductor: kernels recorded as launches, the GEMM too (its tile config
+    chosen as on a GPU, through a stand-in autotuner)."""
     import fp4compile.kernels.decode as decode
     import fp4compile.kernels.mxfp8 as mxfp8
     import fp4compile.kernels.quantize as quantize
     import fp4compile.kernels.residual as residual
+    from fp4compile.kernels import gemm_op, gemm_traced
 
     monkeypatch.setattr(dispatch, "on_triton", lambda t: True)
     for module in (quantize, decode, residual, mxfp8):
         monkeypatch.setattr(module, "launcher", _RecordedLauncher)
+    monkeypatch.setattr(gemm_traced, "launchable", gemm_traced.tma_operands)  # not asking for CUDA and Inductor
+    monkeypatch.setattr(gemm_traced, "launcher", _RecordedGemmLauncher)
+    monkeypatch.setattr(gemm_traced, "gemm_triton", _TmaAutotuner.tune)
+    monkeypatch.setattr(gemm_traced, "_gemm_tma", _TmaAutotuner)
+    monkeypatch.setattr(gemm_traced, "_num_sms", lambda index: 4)
+    monkeypatch.setattr(gemm_traced, "_TUNED", {})
+    monkeypatch.setattr(_TmaAutotuner, "seen", [])
+    monkeypatch.setattr(_ReferenceGemm, "runs", 0)
+    monkeypatch.setattr(gemm_op, "gemm_op", _no_opaque_gemm)
+
+
+def _no_opaque_gemm(*args):
+    raise AssertionError("a GEMM was traced as the opaque op fp4compile::gemm, not as a kernel launch")
 
 
 def _loss_and_grads(kind: str, recipe: str):
@@ -88,6 +139,11 @@ def test_the_compiled_cuda_decomposition_equals_the_reference(monkeypatch, kind,
     _cuda_path_on_cpu(monkeypatch)
     loss_cuda_path, grads_cuda_path = _loss_and_grads(kind, recipe)
     assert len(_LAUNCHES) > launches  # the kernels were traced into the graph, not run by the reference
+    # every GEMM (forward, dgrad, wgrad of each linear) ran as a recorded kernel launch, its tile config chosen as on
+    # a GPU; nvidia's dgrad reads W^T, the forward's 16x16-quantized W transposed, through the tensor underneath
+    assert _ReferenceGemm.runs == 3 * 2 * (4 if kind == "gpt2" else 7)  # two blocks of 4 or 7 linears
+    if recipe == "nvidia":
+        assert any(stride[0] == 1 for *_, stride in _TmaAutotuner.seen)
     assert torch.equal(loss_cuda_path, loss)
     assert grads.keys() == grads_cuda_path.keys()
     for name, grad in grads.items():
@@ -133,7 +189,7 @@ def test_the_compiled_cuda_decomposition_of_the_outlier_paths_equals_the_referen
     launches = len(_LAUNCHES)
     _cuda_path_on_cpu(monkeypatch)
     loss_cuda_path, grads_cuda_path = _mlp_loss_and_grads(recipe)
-    assert len(_LAUNCHES) > launches
+    assert len(_LAUNCHES) > launches and _ReferenceGemm.runs
     assert torch.equal(loss_cuda_path, loss)
     for name, grad in grads.items():
         assert torch.equal(grads_cuda_path[name], grad), name

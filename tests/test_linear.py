@@ -338,6 +338,17 @@ def test_gpu_gemm_large_matches_emulation(name, method):
     assert sqnr_db(got, gemm_reference(a, b).cpu() + bias.double().cpu()) > 110
 
 
+@requires_gpu
+@pytest.mark.parametrize("name", ["rtn", "double_block_rtn"])
+def test_gpu_gemm_of_a_transposed_b_reads_it_with_tma_and_matches_emulation(name):
+    """B a transposed view of a row-major [K, N] tensor (the dgrad's W^T): TMA reads the tensor underneath."""
+    a = quantize(torch.randn(4096 + 8, 4096, device="cuda"), name)
+    b = quantize(torch.randn(2048 + 16, 4096, device="cuda"), name)
+    va, vb = gemm_operand(a).half(), gemm_operand(b).half().T.contiguous().T
+    got = gemm_triton(va, vb, a.outer, b.outer, out_dtype=torch.float32, method="tma")
+    assert sqnr_db(got, gemm_reference(a, b)) > 110
+
+
 def test_gemm_collects_garbage_after_a_first_autotuning_only(monkeypatch):
     """The autotuned GEMM's launch that autotunes (a new shape: the autotuner's config cache grows) collects the
     garbage its timing left (tensors in reference cycles trip CUDA-graph trees' pool check); other launches do not."""

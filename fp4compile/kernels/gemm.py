@@ -184,7 +184,7 @@ _gemm_fixed = _gemm_body  # one small shape, launched by gemm_triton(autotune=Fa
 def _set_block_shapes(nargs: dict) -> None:
     """Autotune pre-hook: the TMA descriptors' block shapes follow the config being run."""
     nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
-    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+    nargs["b_desc"].block_shape = [nargs["BK"], nargs["BN"]] if nargs["B_KMAJOR"] else [nargs["BN"], nargs["BK"]]
 
 
 # Config space of the TMA kernel, (BM, BN, BK, stages, warps): the pointer kernel's shapes (see above) with 8 warps
@@ -193,6 +193,17 @@ _TMA_SHAPES = [
     (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 256, 128, 2, 8),
 ]  # fmt: skip
+
+
+@triton.jit
+def _b_tile(b_desc, n0, k0, B_KMAJOR: tl.constexpr):
+    """B's [BK, BN] tile at (k0, n0) for ``a @ b``: a [BN, BK] block transposed, or with ``B_KMAJOR`` (the descriptor
+    is over the [K, N] tensor underneath B) a [BK, BN] block as it is."""
+    if B_KMAJOR:
+        tile = b_desc.load([k0, n0])
+    else:
+        tile = b_desc.load([n0, k0]).T
+    return tile
 
 
 @triton.jit
@@ -209,6 +220,8 @@ def _gemm_tma_body(
     stride_cm,
     stride_cn,
     K_UNIFORM,
+    stride_am,
+    stride_bn,
     BLOCK_OUTER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UNIFORM: tl.constexpr,
@@ -217,8 +230,22 @@ def _gemm_tma_body(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DEVICE_DESC: tl.constexpr = False,
+    B_KMAJOR: tl.constexpr = False,
 ):
-    """Persistent variant: TMA tile loads, one program per SM walking the output tiles."""
+    """Persistent variant: TMA tile loads, one program per SM walking the output tiles.
+
+    ``a_desc`` and ``b_desc`` are host-side tensor descriptors of A and B (the autotuned launch, whose pre-hook sizes
+    their blocks), or with ``DEVICE_DESC`` the operands' pointers, from which each program builds its descriptors
+    (rows ``stride_am`` / ``stride_bn`` apart): the launch Inductor makes from a traced graph, whose argument
+    analysis and launcher take pointers, not descriptors. With ``B_KMAJOR`` B [N, K] is a transposed view and its
+    descriptor is the [K, N] tensor underneath (rows ``stride_bn`` apart, [BK, BN] blocks): the dgrad's W^T."""
+    if DEVICE_DESC:
+        a_desc = tl.make_tensor_descriptor(a_desc, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(b_desc, shape=[K, N], strides=[stride_bn, 1], block_shape=[BK, BN])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_desc, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -233,21 +260,20 @@ def _gemm_tma_body(
         k_first = K_UNIFORM // BK if UNIFORM else 0
         for ki in range(k_first):  # per-block scales equal to the first block's: accumulate unscaled
             a = a_desc.load([pid_m * BM, ki * BK])
-            b = b_desc.load([pid_n * BN, ki * BK])
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, _b_tile(b_desc, pid_n * BN, ki * BK, B_KMAJOR), acc)
         if UNIFORM:
             acc = _uniform_scaled(acc, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, K, K_UNIFORM)
         for ki in range(k_first, k_tiles):
             a = a_desc.load([pid_m * BM, ki * BK])
-            b = b_desc.load([pid_n * BN, ki * BK])
-            acc = _k_step(acc, a, b.T, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
+            b = _b_tile(b_desc, pid_n * BN, ki * BK, B_KMAJOR)
+            acc = _k_step(acc, a, b, outer_a_ptr, outer_b_ptr, rm, rn, m_ok, n_ok, ki * BK, K, BLOCK_OUTER)
         _epilogue(acc, c_ptr, outer_a_ptr, outer_b_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, stride_cn,
                   BLOCK_OUTER, HAS_BIAS)  # fmt: skip
 
 
 _gemm_tma = triton.autotune(
     configs=_autotune_configs(_TMA_SHAPES, _set_block_shapes),
-    key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "UNIFORM"],
+    key=["M", "N", "K", "BLOCK_OUTER", "HAS_BIAS", "UNIFORM", "B_KMAJOR"],
 )(_gemm_tma_body)
 
 
@@ -296,10 +322,11 @@ def gemm_triton(
         outer_a, outer_b: FP32 scalars (per tensor) or contiguous [M, K/128] / [N, K/128] (double block).
         bias: optional [N] added before the one rounding to ``out_dtype``.
         autotune: pick the tile shape by timing (GPU); ``False`` uses one fixed shape (interpreter).
-        method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows), ``"pointer"``
-            (pointer loads, any strides), ``"auto"`` (TMA where the operands allow it), or ``"gluon"`` (per-block
-            outer scales only: the Gluon kernel with an asynchronous wgmma, ``kernels/gemm_gluon.py``;
-            EXPERIMENTAL, not yet run on a GPU; it scales every K block, ``uniform_k`` included).
+        method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows, B's or those of the [K, N]
+            tensor under a transposed B), ``"pointer"`` (pointer loads, any strides), ``"auto"`` (TMA where the
+            operands allow it), or ``"gluon"`` (per-block outer scales only: the Gluon kernel with an asynchronous
+            wgmma, ``kernels/gemm_gluon.py``; EXPERIMENTAL: exact on an H200, and at its default launch config
+            slower than ``"tma"``, benchmarks/RESULTS.md; it scales every K block, ``uniform_k`` included).
         uniform_k: with per-block outer scales, how many leading K columns (a multiple of 128) have each row's
             first block's scales in every block (a per-tensor scale repeated, as the Hot-Channel Patch's main
             columns): they accumulate unscaled and are scaled once, as per-tensor scales are, instead of every
@@ -323,16 +350,18 @@ def gemm_triton(
     args = (a, b, c, outer_a, outer_b, bias if bias is not None else outer_a, m, n, k)
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), uniform_k)
     flags = dict(BLOCK_OUTER=block_outer, HAS_BIAS=bias is not None, UNIFORM=uniform_k > 0)
-    tma_ok = autotune and _tma_ready(a) and _tma_ready(b)
+    b_kmajor = not _tma_ready(b) and _tma_ready(b.T)  # a transposed view of a row-major [K, N] tensor
+    tma_ok = autotune and _tma_ready(a) and (_tma_ready(b) or b_kmajor)
     if method == "tma" and not tma_ok:
         raise ValueError("method='tma' needs autotune and operands with unit-stride, 16-byte aligned rows")
     if tma_ok and method != "pointer":
         sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
         a_desc = TensorDescriptor.from_tensor(a, [1, 16])  # block shapes are set per config by the pre-hook
-        b_desc = TensorDescriptor.from_tensor(b, [1, 16])
+        b_desc = TensorDescriptor.from_tensor(b.T if b_kmajor else b, [1, 16])
         grid = lambda meta: (min(sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-        tma_args = (a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1), uniform_k)
-        _launch_tuned(_gemm_tma, grid, tma_args, dict(flags, NUM_SMS=sms))
+        b_rows = b.stride(1) if b_kmajor else b.stride(0)
+        tma_args = (a_desc, b_desc, *args[2:9], c.stride(0), c.stride(1), uniform_k, a.stride(0), b_rows)
+        _launch_tuned(_gemm_tma, grid, tma_args, dict(flags, NUM_SMS=sms, B_KMAJOR=b_kmajor))
         return c
     flags["EVEN_K"] = k % 128 == 0
     if autotune:

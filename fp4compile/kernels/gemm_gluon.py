@@ -31,9 +31,11 @@ __all__ = ["DEFAULT_CONFIG", "descriptor", "gemm_gluon"]
 
 _WAIT_RETURNS = hasattr(_hopper, "warpgroup_mma_init")
 _BK = 128
-#: (BM, BN, stages, warps): three FP32 [BM, BN] tiles live in registers (the sum and two partial products). 128x64
-#: with 8 warps compiles to 190 registers without spills for sm_90; 128x128 spills (255 registers, a 72-byte stack).
-DEFAULT_CONFIG = (128, 64, 4, 8)
+#: (BM, BN, stages, warps): three FP32 [BM, BN] tiles live in registers (the sum and two partial products). 128x128
+#: with 8 warps spills for sm_90 (255 registers, a 72-byte stack) and is still the fastest config measured on an H200
+#: (393-424 TFLOP/s at Llama shapes, against 214-236 for the spill-free 128x64 and 312-321 for the Triton TMA kernel;
+#: benchmarks/RESULTS.md, "Ninth session"); 128x128 with 4 stages needs more shared memory than an SM has.
+DEFAULT_CONFIG = (128, 128, 3, 8)
 
 
 @gluon.jit

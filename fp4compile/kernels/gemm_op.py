@@ -1,9 +1,9 @@
 """``fp4compile::gemm``: the Triton NVFP4 GEMM as an opaque custom op (on CPU tensors: the reference GEMM).
 
-The quantized linear's triton ops (``ops.py``) are traced into the compiled graph kernel by kernel; the
-GEMM stays one op in that graph (as ``aten.mm`` would), because its persistent TMA kernel autotunes
-the descriptors' block shapes in a pre-hook, which Inductor cannot launch, and the pointer kernel it
-could launch is 25-30 % slower (benchmarks/RESULTS.md, GEMM stage).
+Eager calls and traces that Inductor does not compile for the ``nvfp4`` backend (``aot_eager``, a user's own
+trace) record this op: it autotunes the persistent TMA kernel's tile shape per GEMM and launches it through
+Triton's launcher. In graphs the backend compiles with Inductor, the GEMM is instead a kernel launch that
+Inductor's generated code makes (``gemm_traced.py``), with the tile shape this op's autotuner picked.
 """
 
 from __future__ import annotations

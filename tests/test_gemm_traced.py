@@ -1,0 +1,199 @@
+"""The GEMM in a graph Inductor compiles (``kernels/gemm_traced.py``): one recorded launch of the persistent TMA
+kernel with device-side descriptors, which writes only its output, computes what the eager launch computes bit for
+bit, and is used only where Inductor launches it."""
+
+import contextvars
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+from testing import KERNEL_DEVICE, requires_gpu
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from fp4compile import dispatch, quantize
+from fp4compile.format import gemm_operand
+from fp4compile.kernels import gemm, gemm_traced
+from fp4compile.schema import op_name
+
+# Traced in a fresh process without Triton's interpreter (torch records launches of compiled-mode kernels only): on
+# a machine without a GPU, for sm_90 (torch's analysis of a recorded kernel compiles it to Triton IR), with a fixed
+# tile config and SM count in place of the autotuner's choice and the device's.
+_TRACE = r"""
+import json, sys
+import torch, triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from triton.backends.compiler import GPUTarget
+from fp4compile import dispatch
+from fp4compile.kernels import gemm_traced
+
+class HopperTarget:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+    def get_current_device(self):
+        return 0
+    def get_current_stream(self, device=None):
+        return 0
+
+if not torch.cuda.is_available():
+    triton.runtime.driver.set_active(HopperTarget())
+gemm_traced.tuned_config = lambda *args: (128, 128, 64, 3, 8)
+gemm_traced._num_sms = lambda index: 132
+block, bias, uniform_k, transposed, inductor, b_transposed = json.loads(sys.argv[1])
+with FakeTensorMode():
+    a = torch.empty(512, 256, dtype=torch.float16, device="cuda").T if transposed else torch.empty(
+        256, 512, dtype=torch.float16, device="cuda")
+    b = torch.empty(512, 384, dtype=torch.float16, device="cuda").T if b_transposed else torch.empty(
+        384, 512, dtype=torch.float16, device="cuda")
+    oa = torch.empty(256, 4, device="cuda") if block else torch.empty((), device="cuda")
+    ob = torch.empty(384, 4, device="cuda") if block else torch.empty((), device="cuda")
+    bias_t = torch.empty(384, dtype=torch.bfloat16, device="cuda") if bias else None
+
+    def fn(a, b, oa, ob, bias_t):
+        return dispatch.gemm(a, b, oa, ob, bias_t, torch.bfloat16, uniform_k) * 2
+
+    traced = make_fx(torch.func.functionalize(fn, remove="mutations_and_views"))
+    if inductor:
+        with gemm_traced.inductor_launches():
+            graph = traced(a, b, oa, ob, bias_t).graph
+    else:
+        graph = traced(a, b, oa, ob, bias_t).graph
+launches = []
+for node in graph.nodes:
+    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        kw = node.kwargs
+        launches.append(dict(kwargs={k: v for k, v in kw["kwargs"].items() if not isinstance(v, torch.fx.Node)},
+                             clone=kw["tensors_to_clone"], tma=kw["tma_descriptor_metadata"], grid=kw["grid"]))
+targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+print(json.dumps(dict(launches=launches, targets=targets)))
+"""
+
+
+def _trace(block=False, bias=False, uniform_k=0, transposed=False, inductor=True, b_transposed=False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    flags = json.dumps([block, bias, uniform_k, transposed, inductor, b_transposed])
+    done = subprocess.run([sys.executable, "-c", _TRACE, flags], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "block,bias,uniform_k,b_transposed",
+    [(False, False, 0, False), (False, True, 0, False), (True, True, 0, False), (True, False, 256, False),
+     (False, False, 0, True), (True, True, 0, True)],
+)  # fmt: skip
+def test_under_inductor_the_gemm_is_one_recorded_launch_that_writes_only_its_output(block, bias, uniform_k,
+                                                                                    b_transposed):
+    """B may be a transposed view (the dgrad's W^T): the kernel reads the [K, N] tensor underneath."""
+    traced = _trace(block, bias, uniform_k, b_transposed=b_transposed)
+    assert len(traced["launches"]) == 1 and not any("fp4compile" in t for t in traced["targets"])
+    launch = traced["launches"][0]
+    kwargs = launch["kwargs"]
+    # torch's analysis of the kernel found that it writes C alone: no operand is cloned before the launch
+    assert launch["clone"] == ["c_ptr"]
+    assert launch["tma"] == {}  # pointers: the kernel builds its descriptors
+    assert (kwargs["DEVICE_DESC"], kwargs["BLOCK_OUTER"], kwargs["HAS_BIAS"]) == (True, block, bias)
+    assert (kwargs["UNIFORM"], kwargs["K_UNIFORM"]) == (uniform_k > 0, uniform_k)
+    assert [kwargs[k] for k in ("BM", "BN", "BK", "stride_am")] == [128, 128, 64, 512]
+    assert (kwargs["B_KMAJOR"], kwargs["stride_bn"]) == ((True, 384) if b_transposed else (False, 512))
+    assert launch["grid"] == [[2 * 3, 1, 1]]  # one program per output tile (fewer tiles than SMs)
+
+
+@pytest.mark.parametrize("transposed,inductor", [(False, False), (True, True)])
+def test_elsewhere_the_trace_keeps_the_opaque_gemm_op(transposed, inductor):
+    """Without Inductor (``aot_eager``, a user's own trace), or with an operand TMA cannot read (a transposed
+    view), the GEMM stays the opaque op that launches the autotuned kernel itself."""
+    traced = _trace(transposed=transposed, inductor=inductor)
+    assert f"{op_name('gemm')}.default".replace("::", ".") in traced["targets"] and not traced["launches"]
+
+
+def _values(rows: int, k: int, device) -> torch.Tensor:
+    return gemm_operand(quantize(torch.randn(rows, k, device=device), "rtn")).half()
+
+
+@pytest.mark.parametrize(
+    "block,bias,uniform_k,b_transposed",
+    [(False, True, 0, False), (True, False, 0, False), (True, True, 128, False), (False, False, 0, True),
+     (True, True, 0, True)],
+)  # fmt: skip
+def test_device_descriptors_compute_what_host_descriptors_compute_bit_for_bit(block, bias, uniform_k, b_transposed):
+    """The recorded launch (pointers, descriptors built by the kernel) and the eager one (host descriptors), same
+    tile config: the same bits (FP32 output, so that nothing but the kernel rounds); B also as a transposed view."""
+    m, n, k = 200, 136, 384
+    a, b = _values(m, k, KERNEL_DEVICE), _values(n, k, KERNEL_DEVICE)
+    if b_transposed:
+        b = b.T.contiguous().T
+    oa = torch.rand(m, k // 128, device=KERNEL_DEVICE) if block else torch.tensor(0.75, device=KERNEL_DEVICE)
+    ob = torch.rand(n, k // 128, device=KERNEL_DEVICE) if block else torch.tensor(1.5, device=KERNEL_DEVICE)
+    if uniform_k:
+        oa[:, 1:] = oa[:, :1]
+        ob[:, 1:] = ob[:, :1]
+    bias_t = torch.randn(n, device=KERNEL_DEVICE) if bias else None
+    bm, bn, bk, stages, warps = 64, 64, 64, 2, 4
+    sms = 3  # fewer programs than tiles: each walks several
+
+    def run():
+        launched = gemm_traced.gemm_launched(a, b, oa, ob, bias_t, torch.float32, uniform_k, config=(bm, bn, bk,
+                                                                                                     stages, warps))
+        c = torch.empty(m, n, device=KERNEL_DEVICE)
+        b_desc = TensorDescriptor.from_tensor(b.T, [bk, bn]) if b_transposed else TensorDescriptor.from_tensor(
+            b, [bn, bk])
+        gemm._gemm_tma_body[(sms,)](
+            TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, c, oa, ob, bias_t if bias else oa, m, n, k, c.stride(0),
+            c.stride(1), uniform_k, a.stride(0), n if b_transposed else k, BLOCK_OUTER=block, HAS_BIAS=bias,
+            UNIFORM=uniform_k > 0, NUM_SMS=sms, BM=bm, BN=bn, BK=bk, GROUP_M=8, B_KMAJOR=b_transposed,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return launched, c
+
+    def scratch(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8, device=KERNEL_DEVICE)
+
+    def in_context():
+        triton.set_allocator(scratch)  # device-side descriptors need Triton's global scratch (this context only)
+        return run()
+
+    original = gemm_traced._num_sms
+    gemm_traced._num_sms = lambda index: sms
+    try:
+        launched, host = contextvars.copy_context().run(in_context)
+    finally:
+        gemm_traced._num_sms = original
+    assert torch.equal(launched, host)
+    reference = dispatch._reference_gemm(a, b, oa, ob, bias_t, torch.float32)
+    assert (launched - reference).abs().max() <= 1e-5 * reference.abs().max()  # the GEMM, summed in another order
+
+
+@requires_gpu
+def test_gpu_compiled_linear_launches_the_gemm_from_inductor_and_equals_eager():
+    """``backend="nvfp4"`` with Inductor: the generated code launches the TMA kernel itself (no ``fp4compile.gemm``
+    op), and the forward output and the gradients equal the eager quantized linear's bit for bit."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fp4compile.linear import nvfp4_linear
+
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(512, 384, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(layer, backend="nvfp4", options={"recipe": "naive"})
+
+    def step():
+        out = compiled(x)
+        out.float().square().sum().backward()
+        return out
+
+    out, codes = run_and_get_code(step)
+    grads = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
+    code = "\n".join(codes)
+    assert "_gemm_tma_body" in code and "fp4compile.gemm" not in code
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    want = nvfp4_linear(x, layer.weight, layer.bias, "naive")
+    want.float().square().sum().backward()
+    assert torch.equal(out, want)
+    for got, expected in zip(grads, (x.grad, layer.weight.grad, layer.bias.grad)):
+        assert torch.equal(got, expected)
+    torch._dynamo.reset()
