@@ -111,6 +111,37 @@ def test_elsewhere_the_trace_keeps_the_opaque_gemm_op(transposed, inductor):
     assert f"{op_name('gemm')}.default".replace("::", ".") in traced["targets"] and not traced["launches"]
 
 
+def test_the_tile_choice_times_stand_ins_laid_out_as_the_operands(monkeypatch):
+    """The autotuner times zero tensors with the operands' exact layouts: a W^T whose rows (N = 100) are not a
+    multiple of 8 elements but sit in a padded [K, 112] tensor is TMA-readable, and so must its stand-in be (a
+    contiguous [K, 100] one is not: the eager autotuner would refuse it). Chosen once per layout."""
+    timed = []
+
+    def autotune(a, b, outer_a, outer_b, bias, out_dtype, method, uniform_k):
+        timed.append((a, b, outer_a, outer_b, bias))
+
+    class Tuner:
+        best_config = triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=8)
+
+    monkeypatch.setattr(gemm_traced, "gemm_triton", autotune)
+    monkeypatch.setattr(gemm_traced, "_gemm_tma", Tuner)
+    monkeypatch.setattr(gemm_traced, "_TUNED", {})
+    a = torch.empty(64, 512, dtype=torch.float16)[:, 128:384]  # rows 1 KiB apart, starting 256 bytes in
+    b = torch.empty(256, 112, dtype=torch.float16)[:, :100].T  # W^T: [N=100, K=256] over a padded [K, 112]
+    outer = torch.ones(())
+    assert gemm_traced.tma_operands(a, b)
+    config = gemm_traced.tuned_config(a, b, outer, outer, None, torch.bfloat16, 0)
+    assert config == (128, 64, 64, 3, 8)
+    (sa, sb, so_a, so_b, bias), = timed
+    for stand_in, operand in [(sa, a), (sb, b), (so_a, outer)]:
+        assert (stand_in.shape, stand_in.stride(), stand_in.storage_offset(), stand_in.dtype) == (
+            operand.shape, operand.stride(), operand.storage_offset(), operand.dtype)
+        assert not stand_in.any()
+    assert bias is None and gemm._tma_ready(sa) and gemm._tma_ready(sb.T)
+    gemm_traced.tuned_config(a, b, outer, outer, None, torch.bfloat16, 0)
+    assert len(timed) == 1  # the same layout again: chosen once
+
+
 def _values(rows: int, k: int, device) -> torch.Tensor:
     return gemm_operand(quantize(torch.randn(rows, k, device=device), "rtn")).half()
 

@@ -71,6 +71,17 @@ def launchable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _INDUCTOR_LAUNCHES.get() and a.is_cuda and tma_operands(a, b)
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What of a (possibly traced) tensor the tile choice depends on: shape, strides, storage offset, dtype."""
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
+
+
+def _stand_in(shape: tuple, stride: tuple, offset: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero tensor with exactly that layout (the same row pitch and alignment, so the same kernel)."""
+    extent = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1 if all(shape) else offset
+    return torch.zeros(extent, dtype=dtype, device=device).as_strided(shape, stride, offset)
+
+
 def tuned_config(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -81,20 +92,16 @@ def tuned_config(
     uniform_k: int,
 ) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, stages, warps): the eager TMA autotuner's choice for this GEMM (its key: M, N, K, the scale
-    layout, bias, uniform columns and the dtypes), timed on zero tensors outside any trace, once per process."""
-    kmajor = _b_kmajor(b)
-    key = (tuple(a.shape), b.shape[0], outer_a.dim(), None if bias is None else bias.dtype, out_dtype, uniform_k,
-           kmajor, a.device)  # fmt: skip
+    layout, bias, uniform columns, B's layout and the dtypes), timed outside any trace on zero tensors laid out as
+    the operands are, once per layout and process."""
+    layouts = [None if t is None else _layout(t) for t in (a, b, outer_a, outer_b, bias)]
+    key = (tuple(layouts), out_dtype, uniform_k, a.device)
     if key not in _TUNED:
         from torch.utils._python_dispatch import _disable_current_modes
 
-        def zeros(t):
-            return None if t is None else torch.zeros(tuple(t.shape), dtype=t.dtype, device=a.device)
-
         with _disable_current_modes(), torch.no_grad():
-            b_zeros = torch.zeros(b.shape[1], b.shape[0], dtype=b.dtype, device=a.device).T if kmajor else zeros(b)
-            gemm_triton(zeros(a), b_zeros, zeros(outer_a), zeros(outer_b), zeros(bias), out_dtype, method="tma",
-                        uniform_k=uniform_k)  # fmt: skip
+            stand_ins = [None if t is None else _stand_in(*t, a.device) for t in layouts]
+            gemm_triton(*stand_ins, out_dtype, method="tma", uniform_k=uniform_k)
             config = _gemm_tma.best_config
         _TUNED[key] = tuple(config.kwargs[name] for name in ("BM", "BN", "BK")) + (config.num_stages,
                                                                                    config.num_warps)  # fmt: skip
