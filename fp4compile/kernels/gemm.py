@@ -277,8 +277,23 @@ _gemm_tma = triton.autotune(
 )(_gemm_tma_body)
 
 
+def _tma_rows(t: torch.Tensor) -> bool:
+    """Unit-stride rows whose pitch and start are 16-byte aligned (what a TMA descriptor needs), read off the
+    strides and storage offset (which a traced, fake tensor has too) of a 2-D tensor whose storage is aligned."""
+    size = t.element_size()
+    aligned = (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+    return t.dim() == 2 and t.stride(1) == 1 and aligned
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """:func:`_tma_rows` of a real tensor, its address checked too."""
+    return _tma_rows(t) and t.data_ptr() % 16 == 0
+
+
+def _check_uniform(uniform_k: int, block_outer: bool, k: int) -> None:
+    """``uniform_k`` must be a multiple of 128 in (0, K] and needs per-block outer scales (see :func:`gemm_triton`)."""
+    if uniform_k and (not block_outer or uniform_k % 128 or not 0 < uniform_k <= k):
+        raise ValueError(f"uniform_k={uniform_k} needs per-block outer scales and a multiple of 128 in (0, K={k}]")
 
 
 @functools.lru_cache(maxsize=8)
@@ -337,8 +352,7 @@ def gemm_triton(
     m, k = a.shape
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
-    if uniform_k and (not block_outer or uniform_k % 128 or not 0 < uniform_k <= k):
-        raise ValueError(f"uniform_k={uniform_k} needs per-block outer scales and a multiple of 128 in (0, K={k}]")
+    _check_uniform(uniform_k, block_outer, k)
     if method == "gluon":
         if not (block_outer and _tma_ready(a) and _tma_ready(b)):
             raise ValueError("method='gluon' needs per-block outer scales and operands with unit-stride, 16-byte "

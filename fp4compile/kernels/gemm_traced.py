@@ -9,8 +9,8 @@ Inductor launches it as it launches its own kernels. Two things differ from the 
 - the kernel builds its TMA descriptors on the device from the operands' pointers (``DEVICE_DESC``): torch's
   analysis of which arguments a recorded kernel writes, and Inductor's launchers, take pointers; and
 - the tile shape is fixed when the graph is traced: the eager autotuner's choice for the same GEMM, timed once per
-  shape on zero tensors of the operands' shapes and dtypes outside the trace. The compiled GEMM is then the eager
-  one instruction for instruction, and rounds the same.
+  layout on zero tensors laid out as the operands are, outside the trace. The compiled GEMM is then the eager one
+  instruction for instruction, and rounds the same.
 
 Device-side descriptors need a global scratch buffer per launch, which Triton allocates through the allocator that
 Inductor's launcher sets; the ``aot_eager`` inner compiler runs recorded kernels through Triton's own launcher,
@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .gemm import _gemm_tma, _gemm_tma_body, _num_sms, gemm_triton
+from .gemm import _check_uniform, _gemm_tma, _gemm_tma_body, _num_sms, _tma_rows, gemm_triton
 from .launch import launcher
 
 __all__ = ["gemm_launched", "inductor_launches", "launchable", "tma_operands", "tuned_config"]
@@ -44,14 +44,6 @@ def inductor_launches() -> Iterator[None]:
         yield
     finally:
         _INDUCTOR_LAUNCHES.reset(token)
-
-
-def _tma_rows(t: torch.Tensor) -> bool:
-    """Unit-stride rows whose pitch and start are 16-byte aligned (what a TMA descriptor needs), read off the
-    strides and storage offset, which a traced (fake) tensor has too."""
-    size = t.element_size()
-    aligned = (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
-    return t.dim() == 2 and t.stride(1) == 1 and aligned
 
 
 def _b_kmajor(b: torch.Tensor) -> bool:
@@ -125,8 +117,7 @@ def gemm_launched(
     m, k = a.shape
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
-    if uniform_k and (not block_outer or uniform_k % 128 or not 0 < uniform_k <= k):
-        raise ValueError(f"uniform_k={uniform_k} needs per-block outer scales and a multiple of 128 in (0, K={k}]")
+    _check_uniform(uniform_k, block_outer, k)
     bm, bn, bk, stages, warps = config or tuned_config(a, b, outer_a, outer_b, bias, out_dtype, uniform_k)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     sms = _num_sms(a.device.index or 0)  # CUDA tensors carry their device index
