@@ -151,7 +151,8 @@ def _values(rows: int, k: int, device) -> torch.Tensor:
     [(False, True, 0, False), (True, False, 0, False), (True, True, 128, False), (False, False, 0, True),
      (True, True, 0, True)],
 )  # fmt: skip
-def test_device_descriptors_compute_what_host_descriptors_compute_bit_for_bit(block, bias, uniform_k, b_transposed):
+def test_device_descriptors_compute_what_host_descriptors_compute_bit_for_bit(monkeypatch, block, bias, uniform_k,
+                                                                             b_transposed):
     """The recorded launch (pointers, descriptors built by the kernel) and the eager one (host descriptors), same
     tile config: the same bits (FP32 output, so that nothing but the kernel rounds); B also as a transposed view."""
     m, n, k = 200, 136, 384
@@ -188,12 +189,8 @@ def test_device_descriptors_compute_what_host_descriptors_compute_bit_for_bit(bl
         triton.set_allocator(scratch)  # device-side descriptors need Triton's global scratch (this context only)
         return run()
 
-    original = gemm_traced._num_sms
-    gemm_traced._num_sms = lambda index: sms
-    try:
-        launched, host = contextvars.copy_context().run(in_context)
-    finally:
-        gemm_traced._num_sms = original
+    monkeypatch.setattr(gemm_traced, "_num_sms", lambda index: sms)
+    launched, host = contextvars.copy_context().run(in_context)
     assert torch.equal(launched, host)
     reference = dispatch._reference_gemm(a, b, oa, ob, bias_t, torch.float32)
     assert (launched - reference).abs().max() <= 1e-5 * reference.abs().max()  # the GEMM, summed in another order
