@@ -12,10 +12,11 @@ Each op is a ``torch.library.triton_op``: on CUDA its body is the layer's own co
 ``outcontrol_gemms.py``, ``hcp_gemms.py``), whose Triton kernels are launched through ``wrap_triton`` while
 AOTAutograd traces it (``kernels/launch.py``), so that under
 ``torch.compile`` the op decomposes into the quantize and decode kernels (launched by Inductor's generated
-code), the opaque GEMM op (``kernels/gemm_op.py``) and ordinary ops that Inductor fuses with their
-neighbours. Elsewhere (the reference on the CPU; Wang et al.'s layout, see ``dispatch.decomposes``) the body
-calls ``<name>_reference_v4``, an opaque custom op: the reference draws its Philox seed on the host and must not
-be traced or recompiled.
+code), the GEMM (with Inductor, a launch of the TMA kernel that its generated code makes,
+``kernels/gemm_traced.py``; otherwise the opaque GEMM op, ``kernels/gemm_op.py``) and ordinary ops that Inductor
+fuses with their neighbours. Elsewhere (the reference on the CPU; Wang et al.'s layout, see
+``dispatch.decomposes``) the body calls ``<name>_reference_v4``, an opaque custom op: the reference draws its
+Philox seed on the host and must not be traced or recompiled.
 
 The recipe travels by name (``Recipe.register`` makes custom recipes reachable). Importing this
 module registers the ops; ``import fp4compile`` alone does not import it.
