@@ -12,10 +12,10 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
+from benchmarks.utils import wall_seconds
 from fp4compile.kernels.gemm import gemm_triton
 from fp4compile.kernels.quantize import quantize_triton
 from fp4compile.linear import nvfp4_linear
@@ -24,14 +24,7 @@ from fp4compile.spec import QuantSpec
 
 
 def _host_us(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    return wall_seconds(fn, n, warmup=10) * 1e6
 
 
 def main() -> None:

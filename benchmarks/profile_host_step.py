@@ -18,23 +18,11 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
 from benchmarks.bench_train_step import MODELS, _patch, make_step
-
-
-def host_ms(step, warmup: int = 5, steps: int = 20) -> float:
-    """Wall milliseconds per step of ``steps`` steps after ``warmup`` (the GPU synchronized at both ends)."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+from benchmarks.utils import wall_seconds
 
 
 def profile(step, steps: int = 10, rows: int = 40) -> str:
@@ -68,7 +56,7 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         _, step = make_step(recipe, args.batch, args.mode, args.model, layers=args.layers,
                             inductor=dict(args.inductor))  # fmt: skip
-        ms = host_ms(step)
+        ms = wall_seconds(step, calls=20, warmup=5) * 1e3
         line = f"{recipe}: {ms:.2f} ms per step ({args.model}, {args.layers} blocks, batch {args.batch}, {args.mode})"
         print(line, flush=True)
         report += [line, profile(step, rows=args.rows)]

@@ -16,7 +16,9 @@ import torch
 
 from fp4compile.demo.report import environment, median_ms
 
-__all__ = ["copy_bandwidth_gbs", "environment_line", "gpu_environment", "wall_and_profile", "write_json"]
+__all__ = [
+    "copy_bandwidth_gbs", "environment_line", "gpu_environment", "wall_and_profile", "wall_seconds", "write_json",
+]  # fmt: skip
 
 
 def environment_line(env: dict) -> str:
@@ -49,6 +51,19 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
 
 
+def wall_seconds(fn: Callable[[], object], calls: int, warmup: int) -> float:
+    """Mean wall seconds per call of ``fn`` over ``calls`` calls after ``warmup`` (the GPU synchronized at both
+    ends): where the GPU keeps up, the host's cost of a call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
 def wall_and_profile(
     step: Callable[[], object], cpu: bool = False, warmup: int = 5, timed: int = 10, profiled: int = 3
 ):
@@ -56,14 +71,7 @@ def wall_and_profile(
     calls (CUDA activity, plus CPU with ``cpu``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(timed):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / timed
+    wall = wall_seconds(step, timed, warmup)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
     with profile(activities=activities) as prof:
         for _ in range(profiled):
