@@ -220,12 +220,12 @@ def gemm(
     """``(va @ vb^T) * outer`` (+ bias) as ``out_dtype``, FP32 accumulation; outer scales per tensor or per 1x128
     K-block (``[rows, K/128]``). ``uniform_k``: leading K columns whose per-block scales repeat each row's first
     (the CUDA kernel then scales them once; see ``kernels.gemm.gemm_triton``). In a graph that Inductor compiles the
-    CUDA GEMM is a kernel launch Inductor makes (``kernels/gemm_traced.py``), elsewhere the opaque op
-    ``fp4compile::gemm``."""
+    CUDA GEMM is a kernel launch Inductor makes (``kernels/gemm_traced.py``; block-scaled GEMMs on Hopper excepted,
+    which run the Gluon kernel), elsewhere the opaque op ``fp4compile::gemm``."""
     if on_triton(va):
         from .kernels.gemm_traced import gemm_launched, launchable
 
-        if tracing() and launchable(va, vb):
+        if tracing() and launchable(va, vb, outer_a, uniform_k):
             return gemm_launched(va, vb, outer_a, outer_b, bias, out_dtype, uniform_k)
         from .kernels.gemm_op import gemm_op
 

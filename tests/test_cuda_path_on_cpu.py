@@ -103,7 +103,8 @@ def _cuda_path_on_cpu(monkeypatch):
     monkeypatch.setattr(dispatch, "on_triton", lambda t: True)
     for module in (quantize, decode, residual, mxfp8):
         monkeypatch.setattr(module, "launcher", _RecordedLauncher)
-    monkeypatch.setattr(gemm_traced, "launchable", gemm_traced.tma_operands)  # not asking for CUDA and Inductor
+    # not asking for CUDA and Inductor
+    monkeypatch.setattr(gemm_traced, "launchable", lambda a, b, outer_a, uniform_k: gemm_traced.tma_operands(a, b))
     monkeypatch.setattr(gemm_traced, "launcher", _RecordedGemmLauncher)
     monkeypatch.setattr(gemm_traced, "gemm_triton", _TmaAutotuner.tune)
     monkeypatch.setattr(gemm_traced, "_gemm_tma", _TmaAutotuner)

@@ -60,3 +60,47 @@ def test_gluon_kernel_names_operands_it_cannot_take():
         gemm_gluon.gemm_gluon(a.bfloat16(), a, scales, scales)
     with pytest.raises(ValueError, match=r"K must be a multiple of 128"):
         gemm_gluon.gemm_gluon(a[:, :200], a[:, :200], scales, scales)
+
+
+def test_auto_prefers_gluon_for_block_scaled_fp16_gemms_on_hopper_only(monkeypatch):
+    """``gemm_triton(method="auto")`` runs a GEMM on the Gluon kernel only with per-block outer scales, no uniform
+    leading columns, non-empty fp16 operands whose own rows TMA reads, on a Hopper GPU (traced tensors included:
+    the answer reads layouts only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fp4compile.kernels import gemm
+
+    assert not gemm._hopper_with_gluon(torch.device("cuda")) or torch.cuda.get_device_capability() == (9, 0)
+    monkeypatch.setattr(gemm, "_hopper_with_gluon", lambda device: True)
+    with FakeTensorMode():
+        a = torch.empty(256, 512, dtype=torch.float16, device="cuda")
+        b = torch.empty(384, 512, dtype=torch.float16, device="cuda")
+        blocks, per_tensor = torch.empty(256, 4, device="cuda"), torch.empty((), device="cuda")
+        assert gemm.gluon_preferred(a, b, blocks, 0)
+        assert not gemm.gluon_preferred(a, b, blocks, 256)  # uniform leading columns: Triton's kernel is faster
+        assert not gemm.gluon_preferred(a, b, per_tensor, 0)
+        assert not gemm.gluon_preferred(a, torch.empty(512, 384, dtype=torch.float16, device="cuda").T, blocks, 0)
+        assert not gemm.gluon_preferred(a.bfloat16(), b.bfloat16(), blocks, 0)
+        empty = torch.empty(0, 512, dtype=torch.float16, device="cuda")
+        assert not gemm.gluon_preferred(empty, b, torch.empty(0, 4, device="cuda"), 0)
+    cpu = torch.zeros(256, 512, dtype=torch.float16)
+    assert not gemm.gluon_preferred(cpu, cpu, torch.ones(256, 4), 0)
+    monkeypatch.setattr(gemm, "_hopper_with_gluon", lambda device: False)
+    with FakeTensorMode():
+        a = torch.empty(256, 512, dtype=torch.float16, device="cuda")
+        assert not gemm.gluon_preferred(a, a, torch.empty(256, 4, device="cuda"), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper GPU (sm_90)")  # fmt: skip
+def test_gpu_auto_runs_block_scaled_gemms_on_the_gluon_kernel():
+    """On Hopper, ``method="auto"`` gives the Gluon kernel's result bit for bit for block-scaled GEMMs, and the
+    Triton kernel's for GEMMs with uniform leading columns."""
+    torch.manual_seed(0)
+    a = torch.randint(-6, 7, (1024 + 8, 1024), device="cuda").half()
+    b = torch.randint(-6, 7, (512 + 16, 1024), device="cuda").half()
+    oa, ob = torch.rand(a.shape[0], 8, device="cuda"), torch.rand(b.shape[0], 8, device="cuda")
+    assert torch.equal(gemm_triton(a, b, oa, ob), gemm_triton(a, b, oa, ob, method="gluon"))
+    oa[:, :4], ob[:, :4] = oa[:, :1], ob[:, :1]
+    uniform = gemm_triton(a, b, oa, ob, uniform_k=512)
+    assert torch.equal(uniform, gemm_triton(a, b, oa, ob, uniform_k=512, method="tma"))

@@ -43,7 +43,10 @@ if not torch.cuda.is_available():
     triton.runtime.driver.set_active(HopperTarget())
 gemm_traced.tuned_config = lambda *args: (128, 128, 64, 3, 8)
 gemm_traced._num_sms = lambda index: 132
-block, bias, uniform_k, transposed, inductor, b_transposed = json.loads(sys.argv[1])
+block, bias, uniform_k, transposed, inductor, b_transposed, hopper = json.loads(sys.argv[1])
+if hopper:  # a Hopper GPU with Gluon, where the eager GEMM runs block-scaled GEMMs on the Gluon kernel
+    from fp4compile.kernels import gemm
+    gemm._hopper_with_gluon = lambda device: True
 with FakeTensorMode():
     a = torch.empty(512, 256, dtype=torch.float16, device="cuda").T if transposed else torch.empty(
         256, 512, dtype=torch.float16, device="cuda")
@@ -73,9 +76,10 @@ print(json.dumps(dict(launches=launches, targets=targets)))
 """
 
 
-def _trace(block=False, bias=False, uniform_k=0, transposed=False, inductor=True, b_transposed=False) -> dict:
+def _trace(block=False, bias=False, uniform_k=0, transposed=False, inductor=True, b_transposed=False,
+           hopper=False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    flags = json.dumps([block, bias, uniform_k, transposed, inductor, b_transposed])
+    flags = json.dumps([block, bias, uniform_k, transposed, inductor, b_transposed, hopper])
     done = subprocess.run([sys.executable, "-c", _TRACE, flags], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -109,6 +113,20 @@ def test_elsewhere_the_trace_keeps_the_opaque_gemm_op(transposed, inductor):
     view), the GEMM stays the opaque op that launches the autotuned kernel itself."""
     traced = _trace(transposed=transposed, inductor=inductor)
     assert f"{op_name('gemm')}.default".replace("::", ".") in traced["targets"] and not traced["launches"]
+
+
+@pytest.mark.parametrize(
+    "block,uniform_k,b_transposed,launched",
+    [(True, 0, False, False), (True, 256, False, True), (True, 0, True, True), (False, 0, False, True)],
+)  # fmt: skip
+def test_on_hopper_block_scaled_gemms_stay_the_op_that_runs_the_gluon_kernel(block, uniform_k, b_transposed,
+                                                                              launched):
+    """Where the eager GEMM runs on the Gluon kernel (per-block scales, no uniform leading columns, both operands'
+    own rows TMA-readable, a Hopper GPU), which Inductor cannot launch, the trace keeps the opaque op; GEMMs with
+    uniform leading columns, the dgrad's transposed W^T and per-tensor scales are still launched."""
+    traced = _trace(block, uniform_k=uniform_k, b_transposed=b_transposed, hopper=True)
+    opaque = f"{op_name('gemm')}.default".replace("::", ".") in traced["targets"]
+    assert (len(traced["launches"]), opaque) == ((1, False) if launched else (0, True))
 
 
 def test_the_tile_choice_times_stand_ins_laid_out_as_the_operands(monkeypatch):
@@ -196,18 +214,35 @@ def test_device_descriptors_compute_what_host_descriptors_compute_bit_for_bit(mo
     assert (launched - reference).abs().max() <= 1e-5 * reference.abs().max()  # the GEMM, summed in another order
 
 
+def _deterministic_double_block():
+    """``tetrajet_v2`` (per-1x128-block outer scales) with round-to-nearest, unrotated backward quantizers: its
+    compiled and eager runs draw no random bits, so they must agree bit for bit."""
+    import dataclasses
+
+    from fp4compile import Recipe
+
+    base = Recipe.named("tetrajet_v2")
+    deterministic = {s: dataclasses.replace(getattr(base, s), rounding="rtn", rotation="none")
+                     for s in ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")}  # fmt: skip
+    return dataclasses.replace(base, name="double_block_rtn_backward", **deterministic)
+
+
 @requires_gpu
-def test_gpu_compiled_linear_launches_the_gemm_from_inductor_and_equals_eager():
+@pytest.mark.parametrize("block_scaled", [False, True])
+def test_gpu_compiled_linear_launches_the_gemm_from_inductor_and_equals_eager(block_scaled):
     """``backend="nvfp4"`` with Inductor: the generated code launches the TMA kernel itself (no ``fp4compile.gemm``
-    op), and the forward output and the gradients equal the eager quantized linear's bit for bit."""
+    op), and the forward output and the gradients equal the eager quantized linear's bit for bit. Block-scaled
+    GEMMs on Hopper run the Gluon kernel through the op, in both."""
     from torch._inductor.utils import run_and_get_code
 
     from fp4compile.linear import nvfp4_linear
 
+    recipe = _deterministic_double_block() if block_scaled else "naive"
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     torch._dynamo.reset()
     layer = torch.nn.Linear(512, 384, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compiled = torch.compile(layer, backend="nvfp4", options={"recipe": "naive"})
+    compiled = torch.compile(layer, backend="nvfp4", options={"recipe": recipe})
 
     def step():
         out = compiled(x)
@@ -217,9 +252,12 @@ def test_gpu_compiled_linear_launches_the_gemm_from_inductor_and_equals_eager():
     out, codes = run_and_get_code(step)
     grads = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
     code = "\n".join(codes)
-    assert "_gemm_tma_body" in code and "fp4compile.gemm" not in code
+    if block_scaled and hopper:
+        assert "fp4compile.gemm" in code
+    else:
+        assert "_gemm_tma_body" in code and "fp4compile.gemm" not in code
     x.grad = layer.weight.grad = layer.bias.grad = None
-    want = nvfp4_linear(x, layer.weight, layer.bias, "naive")
+    want = nvfp4_linear(x, layer.weight, layer.bias, recipe)
     want.float().square().sum().backward()
     assert torch.equal(out, want)
     for got, expected in zip(grads, (x.grad, layer.weight.grad, layer.bias.grad)):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["gemm_triton"]
+__all__ = ["gemm_triton", "gluon_preferred"]
 
 
 @triton.jit
@@ -301,6 +301,40 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _hopper_index_with_gluon(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        from . import gemm_gluon  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def _hopper_with_gluon(device: torch.device) -> bool:
+    """Whether CUDA ``device`` is a Hopper GPU (sm_90: the Gluon kernel's wgmma is Hopper's) and the installed Triton
+    has the Gluon API the kernel uses (False without CUDA: a trace with fake CUDA tensors on a CPU machine)."""
+    if not torch.cuda.is_available():
+        return False
+    return _hopper_index_with_gluon(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def gluon_preferred(a: torch.Tensor, b: torch.Tensor, outer_a: torch.Tensor, uniform_k: int) -> bool:
+    """Whether ``gemm_triton(method="auto")`` runs the GEMM on the Gluon kernel (``kernels/gemm_gluon.py``): per-block
+    outer scales without uniform leading columns, non-empty fp16 operands whose own rows TMA can read, on a Hopper
+    GPU. There it overlaps each K step's wgmma with the scaling of the step before, which Triton's kernel cannot
+    (Triton waits for every wgmma whose result is scaled: ``wgmma.wait_group 0`` in its K loop): 393-424 against
+    312-321 TFLOP/s on an H200 at Llama shapes (benchmarks/RESULTS.md, "Ninth session"). With uniform leading columns
+    Triton's kernel, which accumulates them unscaled, is faster (612). Reads layouts only, so it answers for traced
+    tensors too (``kernels/gemm_traced.py``)."""
+    if not (a.is_cuda and outer_a.dim() == 2 and not uniform_k and a.dtype == b.dtype == torch.float16):
+        return False
+    if not (min(a.shape[0], b.shape[0], a.shape[1]) > 0 and _tma_rows(a) and _tma_rows(b)):
+        return False
+    return _hopper_with_gluon(a.device)
+
+
 def _launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
     """Launch the autotuned ``kernel``, and when that launch autotuned (a new shape: its config cache grew)
     collect the garbage the timing left.
@@ -338,10 +372,10 @@ def gemm_triton(
         bias: optional [N] added before the one rounding to ``out_dtype``.
         autotune: pick the tile shape by timing (GPU); ``False`` uses one fixed shape (interpreter).
         method: ``"tma"`` (persistent kernel with TMA loads; needs unit-stride rows, B's or those of the [K, N]
-            tensor under a transposed B), ``"pointer"`` (pointer loads, any strides), ``"auto"`` (TMA where the
-            operands allow it), or ``"gluon"`` (per-block outer scales only: the Gluon kernel with an asynchronous
-            wgmma, ``kernels/gemm_gluon.py``; EXPERIMENTAL: exact on an H200, and at its default launch config
-            slower than ``"tma"``, benchmarks/RESULTS.md; it scales every K block, ``uniform_k`` included).
+            tensor under a transposed B), ``"pointer"`` (pointer loads, any strides), ``"gluon"`` (per-block outer
+            scales only: the Gluon kernel with an asynchronous wgmma, ``kernels/gemm_gluon.py``, Hopper only; it
+            scales every K block, ``uniform_k`` included), or ``"auto"``: Gluon where :func:`gluon_preferred` says
+            so and the operands' addresses are 16-byte aligned, else TMA where the operands allow it, else pointers.
         uniform_k: with per-block outer scales, how many leading K columns (a multiple of 128) have each row's
             first block's scales in every block (a per-tensor scale repeated, as the Hot-Channel Patch's main
             columns): they accumulate unscaled and are scaled once, as per-tensor scales are, instead of every
@@ -353,6 +387,8 @@ def gemm_triton(
     n = b.shape[0]
     block_outer = outer_a.dim() == 2
     _check_uniform(uniform_k, block_outer, k)
+    if method == "auto" and gluon_preferred(a, b, outer_a, uniform_k) and _tma_ready(a) and _tma_ready(b):
+        method = "gluon"
     if method == "gluon":
         if not (block_outer and _tma_ready(a) and _tma_ready(b)):
             raise ValueError("method='gluon' needs per-block outer scales and operands with unit-stride, 16-byte "

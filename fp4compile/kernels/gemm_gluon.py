@@ -1,14 +1,15 @@
-"""The NVFP4 GEMM with per-1x128-block outer scales in Gluon, with an asynchronous wgmma (Hopper; EXPERIMENTAL).
+"""The NVFP4 GEMM with per-1x128-block outer scales in Gluon, with an asynchronous wgmma (Hopper).
 
 ``C = sum_kb (A_kb B_kb^T) * (outer_a[:, kb] outer_b[:, kb]^T)`` (+ bias), as ``kernels/gemm.py``'s block-scaled
 path computes it. There each K step's partial product must be complete before it is scaled, and Triton waits
-for every wgmma (``wgmma.wait_group 0`` in the sm_90 PTX): on an H200 that GEMM took 870 us where the plain one
-took 330 (4096^2 x 8192, benchmarks/RESULTS.md). Here step k's wgmma runs while step k-1's partial product is
+for every wgmma (``wgmma.wait_group 0`` in the sm_90 PTX, also when the partial product is carried to the next
+iteration and scaled there). Here step k's wgmma runs while step k-1's partial product is
 scaled and added: two partial products alternate in registers (step k's wgmma writes into the registers of step
 k-2's, already added), a step's scales are loaded after the next step's wgmma is issued, and a ring of TMA loads
-with mbarriers runs ``STAGES - 1`` steps ahead. Compiled for sm_90 on a CPU machine: ``wgmma.wait_group 1`` in
-the K loop, no spills at 128x64 with 8 warps (:data:`DEFAULT_CONFIG`). NOT YET RUN ON A GPU: reached only through
-``gemm_triton(..., method="gluon")``.
+with mbarriers runs ``STAGES - 1`` steps ahead: ``wgmma.wait_group 1`` in the K loop (a CPU test compiles it for
+sm_90). On an H200 it equals the float64 emulation and runs at 393-424 TFLOP/s at Llama shapes against 312-321 for
+the Triton kernel (benchmarks/RESULTS.md, "Ninth session"): ``gemm_triton(method="auto")`` uses it for block-scaled
+GEMMs on Hopper (``gemm.gluon_preferred``).
 
 Newer Gluon returns a token from an asynchronous ``warpgroup_mma`` and the finished tensor from
 ``warpgroup_mma_wait``; older Gluon returns the tensor from ``warpgroup_mma`` and nothing from the wait. The

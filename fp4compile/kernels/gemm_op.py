@@ -2,8 +2,9 @@
 
 Eager calls and traces that Inductor does not compile for the ``nvfp4`` backend (``aot_eager``, a user's own
 trace) record this op: it autotunes the persistent TMA kernel's tile shape per GEMM and launches it through
-Triton's launcher. In graphs the backend compiles with Inductor, the GEMM is instead a kernel launch that
-Inductor's generated code makes (``gemm_traced.py``), with the tile shape this op's autotuner picked.
+Triton's launcher (block-scaled GEMMs on Hopper: the Gluon kernel, ``gemm.gluon_preferred``). In graphs the
+backend compiles with Inductor, the GEMM is instead a kernel launch that Inductor's generated code makes
+(``gemm_traced.py``), with the tile shape this op's autotuner picked, except where the op runs the Gluon kernel.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Inductor launches it as it launches its own kernels. Two things differ from the 
   layout on zero tensors laid out as the operands are, outside the trace. The compiled GEMM is then the eager one
   instruction for instruction, and rounds the same.
 
+Block-scaled GEMMs on a Hopper GPU are the exception: they run on the Gluon kernel (``gemm.gluon_preferred``),
+1.25-1.33x faster than this one, which Inductor cannot launch (torch records and launches Triton kernels, not Gluon
+ones), so those stay the opaque op in every graph.
+
 Device-side descriptors need a global scratch buffer per launch, which Triton allocates through the allocator that
 Inductor's launcher sets; the ``aot_eager`` inner compiler runs recorded kernels through Triton's own launcher,
 which has none. So the graph launches this kernel only while :func:`inductor_launches` is active (the backend
@@ -27,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .gemm import _check_uniform, _gemm_tma, _gemm_tma_body, _num_sms, _tma_rows, gemm_triton
+from .gemm import _check_uniform, _gemm_tma, _gemm_tma_body, _num_sms, _tma_rows, gemm_triton, gluon_preferred
 from .launch import launcher
 
 __all__ = ["gemm_launched", "inductor_launches", "launchable", "tma_operands", "tuned_config"]
@@ -57,10 +61,13 @@ def tma_operands(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype == torch.float16 and _tma_rows(a) and (_tma_rows(b) or _b_kmajor(b))
 
 
-def launchable(a: torch.Tensor, b: torch.Tensor) -> bool:
+def launchable(a: torch.Tensor, b: torch.Tensor, outer_a: torch.Tensor, uniform_k: int) -> bool:
     """Whether the GEMM of ``a`` and ``b`` is recorded as an Inductor-launched kernel: inside
-    :func:`inductor_launches`, CUDA operands the kernel can read (:func:`tma_operands`)."""
-    return _INDUCTOR_LAUNCHES.get() and a.is_cuda and tma_operands(a, b)
+    :func:`inductor_launches`, CUDA operands the kernel can read (:func:`tma_operands`), unless the eager GEMM runs
+    on the Gluon kernel (``gemm.gluon_preferred``: block-scaled, on Hopper)."""
+    if not (_INDUCTOR_LAUNCHES.get() and a.is_cuda and tma_operands(a, b)):
+        return False
+    return not gluon_preferred(a, b, outer_a, uniform_k)
 
 
 def _layout(t: torch.Tensor) -> tuple:
