@@ -22,6 +22,7 @@ from .tracing import tracing
 __all__ = [
     "dequantize",
     "dequantize_transposed",
+    "requantize_transposed",
     "column_abs_residual",
     "decomposes",
     "gemm",
@@ -183,6 +184,22 @@ def dequantize_transposed(q: NVFP4, rows: int, cols: int, padded_rows: int) -> t
         )
     t = q.dequantize(torch.float32)[:rows, :cols].T
     return t if t.shape[1] == padded_rows else torch.nn.functional.pad(t, (0, padded_rows - t.shape[1]))
+
+
+def requantize_transposed(
+    q: NVFP4, rows: int, cols: int, padded_rows: int, spec: QuantSpec, seed: Optional[torch.Tensor],
+    signs: Optional[torch.Tensor],
+) -> tuple[NVFP4, torch.Tensor]:  # fmt: skip
+    """:func:`quantize_with_values` of :func:`dequantize_transposed` ``(q, rows, cols, padded_rows)``: the
+    re-quantization of a saved forward operand along its other dim. On CUDA (an unrotated ``q``) one quantize kernel
+    decodes ``q``'s codes as it reads them, bit for bit the same: the FP32 transpose is never written."""
+    if on_triton(q.codes) and q.spec.rotation == "none" and rows > 0 and cols > 0:
+        from .kernels.quantize import requantize_transposed_triton
+
+        values = torch.empty(cols, padded_rows, dtype=torch.float16, device=q.codes.device)
+        q_t = requantize_transposed_triton(q, rows, cols, padded_rows, spec, seed=seed, signs=signs, values=values)
+        return q_t, values
+    return quantize_with_values(dequantize_transposed(q, rows, cols, padded_rows), spec, seed, signs)
 
 
 def _reference_gemm(

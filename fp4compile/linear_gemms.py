@@ -39,6 +39,7 @@ __all__ = [
     "linear_forward",
     "pad_cols",
     "quantize_operand",
+    "requantize_operand",
     "restore",
     "round_up",
     "saved_shapes",
@@ -119,6 +120,16 @@ def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Ten
         return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
 
     return shared_operand(x, spec, signs, quantize)
+
+
+def requantize_operand(
+    q: NVFP4, rows: int, cols: int, padded_rows: int, spec: QuantSpec, signs: Optional[torch.Tensor]
+) -> Operand:
+    """:func:`quantize_operand` of ``dispatch.dequantize_transposed(q, rows, cols, padded_rows)`` (the saved forward
+    quantization, dequantized, transposed, re-quantized along the other dim), decoded by the quantize kernel as it
+    reads ``q`` on CUDA (``dispatch.requantize_transposed``); the same random draws, in the same order."""
+    seed = stream_seed(q.codes.device) if spec.stochastic else None
+    return Operand(*dispatch.requantize_transposed(q, rows, cols, padded_rows, spec, seed, signs))
 
 
 def quantize_saved(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> NVFP4:
@@ -241,10 +252,9 @@ def linear_backward(
     else:
         if recipe.dgrad_w_source == "forward":
             w_q = restore(w_codes, w_scales, w_outer, recipe.fwd_w)
-            w_t = dispatch.dequantize_transposed(w_q, out_features, in_features, out_p)
+            q_wt = requantize_operand(w_q, out_features, in_features, out_p, recipe.dgrad_w, dgrad_signs)
         else:
-            w_t = pad_cols(weight.T, out_p)
-        q_wt = quantize_operand(w_t, recipe.dgrad_w, dgrad_signs)
+            q_wt = quantize_operand(pad_cols(weight.T, out_p), recipe.dgrad_w, dgrad_signs)
     q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
     dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
@@ -252,8 +262,7 @@ def linear_backward(
     t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
     if recipe.wgrad_x_source == "forward":
         x_q = restore(x_codes, x_scales, x_outer, recipe.fwd_x)
-        x_t = dispatch.dequantize_transposed(x_q, tokens, in_features, t_p)
-        q_xt = quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
+        q_xt = requantize_operand(x_q, tokens, in_features, t_p, recipe.wgrad_x, wgrad_signs)
     else:
         q_xt = operand_of(restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
     q_dyt = quantize_operand(pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)

@@ -28,7 +28,7 @@ import torch
 from . import dispatch
 from .format import NVFP4, cast_exactly, stored_fp32, stored_sum
 from .gemm import nvfp4_gemm
-from .linear_gemms import pad_cols, quantize_operand, restore, round_up, signs_for
+from .linear_gemms import pad_cols, quantize_operand, requantize_operand, restore, round_up, signs_for
 from .mxfp8 import MXFP8, bf16_gemm_operand
 from .outlier_channels import outlier_count
 from .recipe import Recipe
@@ -184,8 +184,7 @@ def linear_backward(
     # wgrad: dW = dY^T X, K = tokens; FP4 over every channel (in P's order), then the outlier columns.
     t_p = round_up(tokens, max(recipe.wgrad_dy.k_multiple, recipe.wgrad_x.k_multiple))
     x_q = restore(x_codes, x_scales, x_outer, recipe.fwd_x)
-    x_t = dispatch.dequantize_transposed(x_q, tokens, x_q.shape[1], t_p)
-    q_xt = quantize_operand(x_t, recipe.wgrad_x, wgrad_signs)
+    q_xt = requantize_operand(x_q, tokens, x_q.shape[1], t_p, recipe.wgrad_x, wgrad_signs)
     q_dyt = quantize_operand(pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
     dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)
     if k:

@@ -74,3 +74,47 @@ def test_te_rotation_without_a_sign_tensor_is_undone_with_te_signs():
     assert torch.equal(decode_triton(bare, with_outer=True, dtype=torch.float32, unrotate=True), want)
     with pytest.raises(ValueError, match="without its rotation signs"):
         dataclasses.replace(quantize(_input()[:32], "double_block_rht16_sr", validate=False), signs=None).dequantize()
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [("double_block_rtn", "double_block_rht16_sr"), ("rtn_4over6", "ms_eden"), ("rtn", "rtn"),
+     ("double_block_rtn", "double_block_rtn"), ("rtn", "rht16_sr_te")],
+)  # fmt: skip
+def test_requantizing_a_transposed_quantization_decodes_it_as_it_reads_it(source, target):
+    """The re-quantization of a saved quantization along its other dim (a backward's W^T or X^T), with the quantize
+    kernel decoding the codes as it reads them (no FP32 transpose written), equals decoding the transpose into
+    memory and quantizing that, bit for bit: codes, scales, outer scales and GEMM values. Per-tensor and per-block
+    sources; targets with the kernel's amax pass (per tensor), RHT-16, RHT-128 with MS-EDEN, stochastic rounding."""
+    from fp4compile.kernels.quantize import quantize_triton, requantize_transposed_triton
+    from fp4compile.spec import QuantSpec
+
+    q = quantize(_input(), source)
+    spec = QuantSpec.named(target)
+    rows, cols = ROWS - 8, K - 128
+    padded = -(-ROWS // 128) * 128  # a multiple of 128 (the per-block outer scales' length along K)
+    seed = torch.tensor([2026], device=KERNEL_DEVICE) if spec.stochastic else None
+    signs = None
+    if spec.random_signs:
+        signs = (torch.randint(0, 2, (spec.rotation_size,)) * 2 - 1).float().to(KERNEL_DEVICE)
+    t = decode_triton(q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows, cols=cols, padded_rows=padded)
+    want_values, got_values = (torch.empty(cols, padded, dtype=torch.float16, device=KERNEL_DEVICE) for _ in "ab")
+    want = quantize_triton(t, spec, seed=seed, signs=signs, values=want_values)
+    got = requantize_transposed_triton(q, rows, cols, padded, spec, seed=seed, signs=signs, values=got_values)
+    assert got.shape == (cols, padded) and got.dtype == want.dtype == torch.float32
+    assert torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scales.view(torch.uint8), want.scales.view(torch.uint8))
+    assert torch.equal(got.outer, want.outer)
+    assert torch.equal(got_values, want_values)
+
+
+def test_requantizing_names_a_source_it_cannot_read():
+    from fp4compile.kernels.quantize import requantize_transposed_triton
+    from fp4compile.spec import QuantSpec
+
+    rotated = quantize(_input()[:32, :128], "rht16_rtn_te")
+    with pytest.raises(ValueError, match=r"the source must be unrotated"):
+        requantize_transposed_triton(rotated, 32, 128, 32, QuantSpec.named("rtn"))
+    q = quantize(_input()[:32, :128], "rtn")
+    with pytest.raises(ValueError, match=r"must lie within the source's \(32, 128\)"):
+        requantize_transposed_triton(q, 33, 128, 48, QuantSpec.named("rtn"))

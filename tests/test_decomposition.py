@@ -137,11 +137,9 @@ fp4compile.gemm_v4.default""",
         self.assertExpectedInline(
             _listing(graphs["backward"]),
             """\
-_decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default
-_decode_kernel
 _nvfp4_quantize_kernel(MODE=1)
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default""",

@@ -23,6 +23,9 @@ def _count(recipe: str) -> dict:
     found = subprocess.run([sys.executable, "-c", script, recipe], cwd=root, env=env, capture_output=True, text=True)
     if found.returncode:
         pytest.fail(found.stderr[-3000:])
+    # torch analyses every recorded launch by compiling the kernel to Triton IR for sm_90; where that fails it only
+    # warns (and takes every tensor argument for written), so a kernel the GPU compiler rejects would go unseen
+    assert "CompilationError" not in found.stderr, found.stderr[-3000:]
     return json.loads(found.stdout.strip().splitlines()[-1])
 
 
@@ -48,3 +51,13 @@ def test_hot_channel_patch_scores_without_decoding_whole_operands():
     forward = _names(_count("chon")["forward"])
     assert forward.count("_column_abs_residual_kernel") == 2 and forward.count("_residual_columns_kernel") == 2
     assert "_decode_kernel" not in forward and forward.count("GEMM") == 1
+
+
+@pytest.mark.parametrize("recipe", ["tetrajet_v2", "quartet_ii"])
+def test_backward_requantizes_saved_operands_from_their_codes(recipe):
+    """W^T (dgrad) and X^T (wgrad) are re-quantized from the forward's saved quantizations by the quantize kernel
+    reading their codes, scale bytes and outer scales: no decode launch writes an FP32 transpose for it to read."""
+    backward = _count(recipe)["backward"]
+    names = _names(backward)
+    assert "_decode_kernel" not in names and names.count("GEMM") == 2
+    assert names.count("_nvfp4_quantize_kernel(MODE=1)") == 4

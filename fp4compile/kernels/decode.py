@@ -4,7 +4,9 @@ Two uses in the linear layer's backward:
 
 - the saved forward W becomes a GEMM operand again (fp16 ``code * scale``, no outer scale);
 - a saved forward quantization is dequantized (``code * scale * outer`` in FP32) straight into
-  its transpose, zero-padded along the new last dim, as the source of a re-quantization.
+  its transpose, zero-padded along the new last dim (OutControl's W^T, whose outlier columns are then
+  replaced; the plain recipes' re-quantizations read the codes in the quantize kernel instead,
+  ``quantize.requantize_transposed_triton``, and this is their reference).
 
 Decoding is exact (E2M1 and E4M3 values are exact in FP32 and their product in fp16), so the
 results equal ``format.gemm_operand`` / ``format.dequantize`` bit for bit.

@@ -40,6 +40,7 @@ __all__ = [
     "e4m3_byte",
     "e2m1_value",
     "e4m3_value",
+    "dequantized_at",
     "join_parts",
     "fwht",
     "fwht8",
@@ -180,6 +181,25 @@ def e4m3_value(byte):
     m = byte & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+
+@triton.jit
+def dequantized_at(codes_ptr, scales_ptr, outer_ptr, rows, cols, ok, K, OUTER: tl.constexpr, NO_FMA: tl.constexpr):
+    """FP32 ``code * scale * outer`` of a stored row-major quantization (packed codes [M, K/2], E4M3 scale bytes
+    [M, K/16], outer scales per tensor (``OUTER`` 1) or per 1x128 block [M, K/128] (``OUTER`` 2)) at the positions
+    (``rows``, ``cols``), broadcastable integer tensors; 0 where not ``ok``. Code times scale is exact; the outer
+    scale's product is rounded once, as ``format.dequantize`` and the decode kernel round it."""
+    r64 = rows.to(tl.int64)
+    cols = cols.to(tl.int32)
+    byte = tl.load(codes_ptr + r64 * (K // 2) + cols // 2, mask=ok, other=0).to(tl.int32)
+    code = (byte >> (4 * (cols % 2))) & 15  # element 2j in the low nibble of byte j
+    scale = tl.load(scales_ptr + r64 * (K // 16) + cols // 16, mask=ok, other=0).to(tl.int32)
+    value = e2m1_value(code) * e4m3_value(scale)
+    if OUTER == 1:
+        value = product(value, tl.load(outer_ptr), NO_FMA)
+    else:
+        value = product(value, tl.load(outer_ptr + r64 * (K // 128) + cols // 128, mask=ok, other=0.0), NO_FMA)
+    return tl.where(ok, value, 0.0)
 
 
 @triton.jit

@@ -9,6 +9,11 @@ One kernel body, specialised by constexpr knobs, runs in two modes:
   SR, four-over-six, MS-EDEN correction) and write packed codes, E4M3 scale
   bytes and FP32 outer scales.
 
+The input is a tensor in memory, or (``DECODE``) the transpose of a stored
+quantization's dequantization, decoded from its codes as the tiles are read: the
+backward's re-quantization of a saved forward operand along its other dim, with
+no FP32 transpose written in between.
+
 A program walks TILES tiles of [BM, 128]: 128 is the rotation length of RHT-128 and the
 TetraJet-v2 outer block, and a multiple of RHT-16 and of the 16-element scale
 block. The quantize pass walks the tiles in the reverse order of the amax pass
@@ -29,6 +34,7 @@ from ..spec import QuantSpec
 from .launch import launcher
 from .numerics import (
     abs_bits,
+    dequantized_at,
     e2m1_round,
     e4m3_byte,
     e4m3_rne,
@@ -46,7 +52,7 @@ from .numerics import (
     sign_vector,
 )
 
-__all__ = ["quantize_triton"]
+__all__ = ["quantize_triton", "requantize_transposed_triton"]
 
 _BK = 128
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -61,20 +67,40 @@ def _encode_factor(b, outer, NO_FMA: tl.constexpr):
 
 
 @triton.jit
-def _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, j: tl.constexpr, NB: tl.constexpr):
+def _load_elements(x_ptr, rows, cols, mask, stride_xm, stride_xk, src_ptrs, SRC_ROWS, SRC_K, DECODE: tl.constexpr,
+                   NO_FMA: tl.constexpr):  # fmt: skip
+    """FP32 ``x[rows, cols]`` (broadcastable positions), 0 where not ``mask``. With ``DECODE`` (the outer-scale kind
+    of a stored quantization, 1 per tensor or 2 per 1x128 block) ``x`` is the transpose of that quantization's
+    dequantization, read from its codes, scale bytes and outer scales (``src_ptrs``; rows ``SRC_K`` long), zero
+    beyond its first ``SRC_ROWS`` rows."""
+    if DECODE:
+        codes_ptr, scales_ptr, outer_ptr = src_ptrs
+        ok = mask & (cols < SRC_ROWS)
+        x = dequantized_at(codes_ptr, scales_ptr, outer_ptr, cols, rows, ok, SRC_K, DECODE, NO_FMA)
+    else:
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, j: tl.constexpr, NB: tl.constexpr, src_ptrs,
+                 SRC_ROWS, SRC_K, DECODE: tl.constexpr, NO_FMA: tl.constexpr):  # fmt: skip
     """Element ``j`` of each of the tile's NB blocks, [BM, NB] FP32: for a transposed view, a load along its rows
     (contiguous in memory)."""
     cols = col0 + 16 * tl.arange(0, NB)[None, :] + j
     mask = row_ok[:, None] & (cols < K)
-    return tl.load(x_ptr + rows[:, None] * stride_xm + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    return _load_elements(x_ptr, rows[:, None], cols, mask, stride_xm, stride_xk, src_ptrs, SRC_ROWS, SRC_K, DECODE,
+                          NO_FMA)  # fmt: skip
 
 
 @triton.jit
-def _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST: tl.constexpr, BM, NB):
+def _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST: tl.constexpr, BM, NB, src_ptrs,
+                          SRC_ROWS, SRC_K, DECODE: tl.constexpr, NO_FMA: tl.constexpr):  # fmt: skip
     """Elements FIRST .. FIRST+7 of each block as [BM, NB, 8], from eight column loads joined in registers."""
     parts = ()
     for j in tl.static_range(8):
-        parts = parts + (_load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + j, NB),)
+        parts = parts + (_load_column(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, FIRST + j, NB, src_ptrs,
+                                      SRC_ROWS, SRC_K, DECODE, NO_FMA),)  # fmt: skip
     return tl.reshape(join_parts(parts, 8), [BM, NB, 8])
 
 
@@ -97,17 +123,21 @@ def _load_tile(
     BY_COLUMNS,
     BM,
     BK,
+    src_ptrs,
+    SRC_ROWS,
+    SRC_K,
+    DECODE: tl.constexpr,
 ):
     """The tile at ``col0`` as FP32 pieces (lo, hi): with HALVES two halves [BM, BK/16, 8] (elements 0-7 and 8-15 of
     each block, so that a thread owns whole blocks: no cross-thread reductions or layout conversions; required by
     RHT-16), else one piece [BM, BK/16, 16] returned twice (required by RHT-128; see the note on pieces in
-    numerics)."""
+    numerics). With ``DECODE`` the tile is decoded from a stored quantization (:func:`_load_elements`)."""
     NB: tl.constexpr = BK // 16
     if not HALVES:
         cols = col0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        x = _load_elements(x_ptr, rows[:, None], cols[None, :], mask, stride_xm, stride_xk, src_ptrs, SRC_ROWS, SRC_K,
+                           DECODE, NO_FMA)  # fmt: skip
         if ROTATION == 128:
             x = x * sign_vector(signs_ptr, FIXED_SIGNS, 0, BK)[None, :]
             x = product(fwht(x, BM, BK, LOG_ROTATION), ROTATION_SCALE, NO_FMA)
@@ -119,8 +149,10 @@ def _load_tile(
             # memory), joined in registers. Loading [BM, NB, 8] through the view instead compiles to a change of
             # layout through shared memory at almost every step of the tile's work (sm_90 SASS: 34-36 barriers
             # per tile, against 1-4 this way).
-            lo = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 0, BM, NB)
-            hi = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 8, BM, NB)
+            lo = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 0, BM, NB, src_ptrs,
+                                       SRC_ROWS, SRC_K, DECODE, NO_FMA)  # fmt: skip
+            hi = _load_half_by_columns(x_ptr, rows, row_ok, col0, K, stride_xm, stride_xk, 8, BM, NB, src_ptrs,
+                                       SRC_ROWS, SRC_K, DECODE, NO_FMA)  # fmt: skip
         else:
             block_cols = col0 + 16 * tl.arange(0, NB)
             lo_cols = block_cols[None, :, None] + tl.arange(0, 8)[None, None, :]
@@ -283,6 +315,11 @@ def _nvfp4_quantize_kernel(
     K,
     stride_xm,
     stride_xk,
+    src_codes_ptr,
+    src_scales_ptr,
+    src_outer_ptr,
+    SRC_ROWS,
+    SRC_K,
     MODE: tl.constexpr,
     ROTATION: tl.constexpr,
     LOG_ROTATION: tl.constexpr,
@@ -303,6 +340,7 @@ def _nvfp4_quantize_kernel(
     BK: tl.constexpr,
     TILES: tl.constexpr,
     STAGES: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -334,6 +372,10 @@ def _nvfp4_quantize_kernel(
                 BY_COLUMNS,
                 BM,
                 BK,
+                (src_codes_ptr, src_scales_ptr, src_outer_ptr),
+                SRC_ROWS,
+                SRC_K,
+                DECODE,
             )
             running = tl.maximum(running, _block_max_bits(lo, hi, HALVES))
         tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
@@ -363,6 +405,10 @@ def _nvfp4_quantize_kernel(
                 BY_COLUMNS,
                 BM,
                 BK,
+                (src_codes_ptr, src_scales_ptr, src_outer_ptr),
+                SRC_ROWS,
+                SRC_K,
+                DECODE,
             )
             vmax_bits = _block_max_bits(lo, hi, HALVES)
             if BLOCK_2D:
@@ -467,8 +513,52 @@ def quantize_triton(
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
     """
-    m, k = x.shape
-    device = x.device
+    launch = dict(block_rows=block_rows, num_warps=num_warps, tiles_per_program=tiles_per_program, halves=halves,
+                  stages=stages, by_columns=by_columns)  # fmt: skip
+    return _quantize(x, x.shape, x.device, x.dtype, spec, None, seed, signs, values, amax, **launch)
+
+
+def requantize_transposed_triton(
+    q: NVFP4,
+    rows: int,
+    cols: int,
+    padded_rows: int,
+    spec: QuantSpec,
+    *,
+    seed: Optional[torch.Tensor] = None,
+    signs: Optional[torch.Tensor] = None,
+    values: Optional[torch.Tensor] = None,
+) -> NVFP4:
+    """``spec``'s quantization of the FP32 transpose of ``q``'s dequantization cropped to [rows, cols], zero-padded
+    to [cols, padded_rows] (the re-quantization of a saved forward operand along its other dim), read from ``q``'s
+    codes, scale bytes and outer scales as it goes: no FP32 transpose is written and read back. Bit-identical to
+    :func:`quantize_triton` of ``decode_triton(q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows,
+    cols=cols, padded_rows=padded_rows)``, with that FP32 tensor's dtype.
+
+    Args:
+        q: an unrotated quantization [R, C] (row-major codes) with ``0 < rows <= R``, ``0 < cols <= C``,
+            ``padded_rows >= rows`` (a valid length along K for ``spec``).
+        spec, seed, signs, values: as :func:`quantize_triton`.
+    """
+    if q.spec.rotation != "none":
+        raise ValueError(f"requantize_transposed_triton: the source must be unrotated, not {q.spec.short_str()}")
+    if not (0 < rows <= q.shape[0] and 0 < cols <= q.shape[1] and padded_rows >= rows):
+        raise ValueError(f"requantize_transposed_triton: [{rows}, {cols}] padded to {padded_rows} rows must lie "
+                         f"within the source's {tuple(q.shape)}")  # fmt: skip
+    return _quantize(None, (cols, padded_rows), q.codes.device, torch.float32, spec, (q, rows), seed, signs, values)
+
+
+def _quantize(
+    x: Optional[torch.Tensor], shape: tuple[int, int], device: torch.device, dtype: torch.dtype, spec: QuantSpec,
+    source: Optional[tuple[NVFP4, int]], seed: Optional[torch.Tensor], signs: Optional[torch.Tensor],
+    values: Optional[torch.Tensor], amax: Optional[torch.Tensor] = None, block_rows: Optional[int] = None,
+    num_warps: int = 4, tiles_per_program: Optional[int] = None, halves: Optional[bool] = None, stages: int = 1,
+    by_columns: Optional[bool] = None,
+) -> NVFP4:  # fmt: skip
+    """The launches of :func:`quantize_triton` (``x``) or :func:`requantize_transposed_triton` (``x`` None,
+    ``source`` the quantization and its valid rows): the input [m, k] is ``shape``; the rest as
+    :func:`quantize_triton` takes them."""
+    m, k = shape
     codes = torch.empty(m, k // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(m, k // 16, dtype=torch.uint8, device=device)
     per_tensor = spec.outer == "tensor"
@@ -491,7 +581,8 @@ def quantize_triton(
     if signs is None and rot and spec.rotation != "rht16_te":
         raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
     fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
-    transposed_view = x.stride(0) == 1 and x.stride(1) != 1 and m > 1
+    # a decoded source is the transpose of a row-major quantization: read by columns like a transposed view
+    transposed_view = source is not None or (x.stride(0) == 1 and x.stride(1) != 1 and m > 1)
     if by_columns is None:
         by_columns = transposed_view and rot != 128 and halves is not False
     if by_columns and (halves is False or rot == 128):
@@ -510,7 +601,7 @@ def quantize_triton(
         ROUNDING=_ROUNDING[spec.rounding],
         FOUR_OVER_SIX=spec.scale_rule == "4over6",
         WRITE_VALUES=values is not None,
-        NO_FMA=x.is_cuda,
+        NO_FMA=device.type == "cuda",
         HALVES=halves,
         BY_COLUMNS=by_columns,
         VMAX_CAP=vmax_cap,
@@ -532,9 +623,16 @@ def quantize_triton(
         values,
         m,
         k,
-        x.stride(0),
-        x.stride(1),
+        x.stride(0) if x is not None else 0,
+        x.stride(1) if x is not None else 0,
     )
+    if source is None:
+        args += (None, None, None, 0, 0)
+        constants["DECODE"] = 0
+    else:
+        q, source_rows = source
+        args += (q.codes, q.scales.view(torch.uint8), q.outer, source_rows, q.shape[1])
+        constants["DECODE"] = 1 if q.outer.dim() == 0 else 2
     grid = lambda tiles: (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))  # noqa: E731
     kernel = launcher(_nvfp4_quantize_kernel)
     if m > 0 and per_tensor and amax is None:
@@ -550,5 +648,5 @@ def quantize_triton(
         spec=spec,
         signs=signs,
         seed=seed,
-        dtype=x.dtype,
+        dtype=dtype,
     )
