@@ -3,6 +3,10 @@
 Run on a GPU:  python -m benchmarks.bench_train_step [--model gpt2|llama] [--mode reduce-overhead] [--out DIR]
                [--recipes nvidia,quartet_ii,tetrajet_v2] [--regional]
 
+A recipe written ``R@triton`` (e.g. ``--recipes tetrajet_v2,tetrajet_v2@triton``) runs its block-scaled GEMMs on the
+Triton kernel even on Hopper, where they otherwise run on the Gluon kernel (``kernels/gemm.py``'s
+``gluon_preferred``): the two side by side in one run.
+
 Models (Hugging Face configs without KV cache, random weights, FP32 master weights under bf16 autocast, fused AdamW):
 - ``gpt2``: GPT-2 small (12 layers, d 768, 12 heads, vocab 50257, 124M parameters), batch 8 x 1024 tokens;
   the LM head (tied to the embedding) stays in bf16 under every recipe.
@@ -16,8 +20,9 @@ during a step (weights, optimizer state, activations).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 
@@ -100,8 +105,34 @@ def make_step(
     return model, step
 
 
+@contextlib.contextmanager
+def _gemm_kernels(variant: str) -> Iterator[None]:
+    """``"triton"``: block-scaled GEMMs on the Triton kernel inside the block (Hopper's Gluon kernel not offered);
+    ``""``: as the library chooses."""
+    from fp4compile.kernels import gemm
+
+    if variant not in ("", "triton"):
+        raise SystemExit(f"unknown GEMM variant @{variant}: the one variant is @triton")
+    chooser = gemm._hopper_with_gluon
+    if variant == "triton":
+        gemm._hopper_with_gluon = lambda device: False
+    try:
+        yield
+    finally:
+        gemm._hopper_with_gluon = chooser
+
+
 def _measure(
     recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool = False, inductor=None
+) -> dict:
+    name, _, variant = recipe.partition("@")
+    with _gemm_kernels(variant):
+        record = _measure_recipe(name, batch, warmup, steps, mode, kind, regional, inductor)
+    return dict(record, recipe=recipe)
+
+
+def _measure_recipe(
+    recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool, inductor
 ) -> dict:
     model, step = make_step(recipe, batch, mode, kind, regional=regional, inductor=inductor)
     first = time.perf_counter()

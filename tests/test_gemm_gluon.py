@@ -104,3 +104,22 @@ def test_gpu_auto_runs_block_scaled_gemms_on_the_gluon_kernel():
     oa[:, :4], ob[:, :4] = oa[:, :1], ob[:, :1]
     uniform = gemm_triton(a, b, oa, ob, uniform_k=512)
     assert torch.equal(uniform, gemm_triton(a, b, oa, ob, uniform_k=512, method="tma"))
+
+
+def test_the_step_benchmark_can_keep_block_scaled_gemms_on_triton(monkeypatch):
+    """``bench_train_step --recipes R@triton``: inside the block the Gluon kernel is not offered; after it, it is."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks import bench_train_step
+    from fp4compile.kernels import gemm
+
+    monkeypatch.setattr(gemm, "_hopper_with_gluon", lambda device: True)
+    with FakeTensorMode():
+        a = torch.empty(256, 512, dtype=torch.float16, device="cuda")
+        blocks = torch.empty(256, 4, device="cuda")
+        with bench_train_step._gemm_kernels("triton"):
+            assert not gemm.gluon_preferred(a, a, blocks, 0)
+        assert gemm.gluon_preferred(a, a, blocks, 0)
+    with pytest.raises(SystemExit, match="@triton"):
+        with bench_train_step._gemm_kernels("gluon"):
+            pass
