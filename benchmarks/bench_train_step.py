@@ -3,9 +3,12 @@
 Run on a GPU:  python -m benchmarks.bench_train_step [--model gpt2|llama] [--mode reduce-overhead] [--out DIR]
                [--recipes nvidia,quartet_ii,tetrajet_v2] [--regional]
 
-A recipe written ``R@triton`` (e.g. ``--recipes tetrajet_v2,tetrajet_v2@triton``) runs its block-scaled GEMMs on the
-Triton kernel even on Hopper, where they otherwise run on the Gluon kernel (``kernels/gemm.py``'s
-``gluon_preferred``): the two side by side in one run.
+Variants of a recipe, to compare with the library's choices side by side in one run (``--recipes
+tetrajet_v2,tetrajet_v2@triton,tetrajet_v2@decoded``; combined as ``R@triton+decoded``):
+- ``@triton``: block-scaled GEMMs on the Triton kernel even on Hopper, where they otherwise run on the Gluon kernel
+  (``kernels/gemm.py``'s ``gluon_preferred``);
+- ``@decoded``: the backward's re-quantizations of saved forward operands from an FP32 transpose that a decode
+  kernel writes, as before the quantize kernel decoded the codes itself (``dispatch.requantize_transposed``).
 
 Models (Hugging Face configs without KV cache, random weights, FP32 master weights under bf16 autocast, fused AdamW):
 - ``gpt2``: GPT-2 small (12 layers, d 768, 12 heads, vocab 50257, 124M parameters), batch 8 x 1024 tokens;
@@ -105,28 +108,41 @@ def make_step(
     return model, step
 
 
-@contextlib.contextmanager
-def _gemm_kernels(variant: str) -> Iterator[None]:
-    """``"triton"``: block-scaled GEMMs on the Triton kernel inside the block (Hopper's Gluon kernel not offered);
-    ``""``: as the library chooses."""
-    from fp4compile.kernels import gemm
+def _requantize_from_fp32(q, rows, cols, padded_rows, spec, **options):
+    """The re-quantization as it was before the quantize kernel decoded the codes: decode, then quantize."""
+    from fp4compile.kernels.decode import decode_triton
+    from fp4compile.kernels.quantize import quantize_triton
 
-    if variant not in ("", "triton"):
-        raise SystemExit(f"unknown GEMM variant @{variant}: the one variant is @triton")
-    chooser = gemm._hopper_with_gluon
-    if variant == "triton":
+    t = decode_triton(q, with_outer=True, dtype=torch.float32, transpose=True, rows=rows, cols=cols,
+                      padded_rows=padded_rows)  # fmt: skip
+    return quantize_triton(t, spec, **options)
+
+
+@contextlib.contextmanager
+def _variant(variant: str) -> Iterator[None]:
+    """Inside the block, the variant's choices (see the module docstring); ``""``: the library's."""
+    from fp4compile.kernels import gemm, quantize
+
+    names = [name for name in variant.split("+") if name]
+    unknown = set(names) - {"triton", "decoded"}
+    if unknown:
+        raise SystemExit(f"unknown recipe variant @{'+'.join(sorted(unknown))}: the variants are @triton, @decoded")
+    saved = (gemm._hopper_with_gluon, quantize.requantize_transposed_triton)
+    if "triton" in names:
         gemm._hopper_with_gluon = lambda device: False
+    if "decoded" in names:
+        quantize.requantize_transposed_triton = _requantize_from_fp32
     try:
         yield
     finally:
-        gemm._hopper_with_gluon = chooser
+        gemm._hopper_with_gluon, quantize.requantize_transposed_triton = saved
 
 
 def _measure(
     recipe: str, batch: int, warmup: int, steps: int, mode: str, kind: str, regional: bool = False, inductor=None
 ) -> dict:
     name, _, variant = recipe.partition("@")
-    with _gemm_kernels(variant):
+    with _variant(variant):
         record = _measure_recipe(name, batch, warmup, steps, mode, kind, regional, inductor)
     return dict(record, recipe=recipe)
 

@@ -106,20 +106,23 @@ def test_gpu_auto_runs_block_scaled_gemms_on_the_gluon_kernel():
     assert torch.equal(uniform, gemm_triton(a, b, oa, ob, uniform_k=512, method="tma"))
 
 
-def test_the_step_benchmark_can_keep_block_scaled_gemms_on_triton(monkeypatch):
-    """``bench_train_step --recipes R@triton``: inside the block the Gluon kernel is not offered; after it, it is."""
+def test_the_step_benchmark_runs_recipe_variants(monkeypatch):
+    """``bench_train_step --recipes R@triton+decoded``: inside the block the Gluon kernel is not offered and the
+    re-quantization decodes to FP32 first; after it, the library's choices are back."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from benchmarks import bench_train_step
-    from fp4compile.kernels import gemm
+    from fp4compile.kernels import gemm, quantize
 
     monkeypatch.setattr(gemm, "_hopper_with_gluon", lambda device: True)
+    fused = quantize.requantize_transposed_triton
     with FakeTensorMode():
         a = torch.empty(256, 512, dtype=torch.float16, device="cuda")
         blocks = torch.empty(256, 4, device="cuda")
-        with bench_train_step._gemm_kernels("triton"):
+        with bench_train_step._variant("triton+decoded"):
             assert not gemm.gluon_preferred(a, a, blocks, 0)
-        assert gemm.gluon_preferred(a, a, blocks, 0)
-    with pytest.raises(SystemExit, match="@triton"):
-        with bench_train_step._gemm_kernels("gluon"):
+            assert quantize.requantize_transposed_triton is bench_train_step._requantize_from_fp32
+        assert gemm.gluon_preferred(a, a, blocks, 0) and quantize.requantize_transposed_triton is fused
+    with pytest.raises(SystemExit, match="@gluon"):
+        with bench_train_step._variant("gluon"):
             pass
