@@ -446,8 +446,11 @@ def _nvfp4_quantize_kernel(
 
 def _tile_rows(spec: QuantSpec) -> int:
     """Rows per program: 16, one 16x16 tile (H200, bench_quantize --sweep: twice as fast as 32 rows with the fp16
-    values written, from the occupancy of the smaller register file)."""
-    return 16
+    values written, from the occupancy of the smaller register file); 8 with RHT-128 (1x16 blocks), whose 128-wide
+    butterflies fill all 255 registers: compiled for sm_90 at 16 rows and 4 warps its quantize pass spills (1072
+    local-memory instructions in 10336), at 8 rows it does not (4928; ``python -m benchmarks.quantize_sass --shapes
+    4x16,4x8``). The same bits either way: rows are quantized independently."""
+    return 8 if spec.rotation_size == 128 and spec.block != "16x16" else 16
 
 
 # The quantize pass runs one 128-column tile per program: on an H200 (bench_quantize --values --sweep, 16-row
