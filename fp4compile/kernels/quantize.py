@@ -444,13 +444,18 @@ def _nvfp4_quantize_kernel(
             )
 
 
-def _tile_rows(spec: QuantSpec) -> int:
+def _tile_rows(spec: QuantSpec, by_columns: bool) -> int:
     """Rows per program: 16, one 16x16 tile (H200, bench_quantize --sweep: twice as fast as 32 rows with the fp16
-    values written, from the occupancy of the smaller register file); 8 with RHT-128 (1x16 blocks), whose 128-wide
-    butterflies fill all 255 registers: compiled for sm_90 at 16 rows and 4 warps its quantize pass spills (1072
-    local-memory instructions in 10336), at 8 rows it does not (4928; ``python -m benchmarks.quantize_sass --shapes
-    4x16,4x8``). The same bits either way: rows are quantized independently."""
-    return 8 if spec.rotation_size == 128 and spec.block != "16x16" else 16
+    values written, from the occupancy of the smaller register file); 8 where 16 fill all 255 registers of sm_90
+    and spill (compiled on a CPU machine, ``python -m benchmarks.quantize_sass``): RHT-128 with 1x16 blocks (at 16
+    rows 1072 local-memory instructions in 10336, at 8 none in 4928) and four-over-six read along rows (both
+    candidate roundings live at once: ``sr_4over6`` 48 spills at 255 registers, at 8 rows none at 148). The same
+    bits either way: rows are quantized independently."""
+    if spec.block == "16x16":
+        return 16
+    if spec.rotation_size == 128 or (spec.scale_rule == "4over6" and not by_columns):
+        return 8
+    return 16
 
 
 # The quantize pass runs one 128-column tile per program: on an H200 (bench_quantize --values --sweep, 16-row
@@ -576,9 +581,6 @@ def _quantize(
         amax_bits = amax.to(torch.float32).reshape(1).view(torch.int32)
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
-    bm = block_rows or _tile_rows(spec)
-    tiles = tiles_per_program or _QUANTIZE_TILES
-    amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
     vmax_cap, inv_vmax = fp32_constants(spec)
     rot = spec.rotation_size
     if signs is None and rot and spec.rotation != "rht16_te":
@@ -594,6 +596,9 @@ def _quantize(
         halves = rot == 16 or by_columns
     elif halves != (rot != 128) and rot:
         raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
+    bm = block_rows or _tile_rows(spec, by_columns)
+    tiles = tiles_per_program or _QUANTIZE_TILES
+    amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
     constants = dict(
         ROTATION=rot,
         LOG_ROTATION=int(math.log2(rot)) if rot else 0,
