@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..format import NVFP4
 from .launch import launcher
-from .numerics import e2m1_value, e4m3_value, product
+from .numerics import dequantized_at
 
 __all__ = ["column_abs_residual_triton", "residual_columns_triton"]
 
@@ -25,14 +25,12 @@ _BN = 64
 
 
 @triton.jit
-def _residual(x_ptr, codes_ptr, scales_ptr, outer, rows, cols, ok, K, stride_xm, stride_xk, NO_FMA: tl.constexpr):
+def _residual(x_ptr, codes_ptr, scales_ptr, outer_ptr, rows, cols, ok, K, stride_xm, stride_xk, NO_FMA: tl.constexpr):
     """``x - code * scale * outer`` at the [BM, BN] positions (``rows``, ``cols``) of x [M, K_x] and of the
-    quantization's row-major codes [M_p, K/2] and scale bytes [M_p, K/16]; 0 where not ``ok``."""
+    quantization's row-major codes [M_p, K/2], scale bytes [M_p, K/16] and per-tensor outer scale; 0 where not
+    ``ok``."""
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
-    byte = tl.load(codes_ptr + rows[:, None] * (K // 2) + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
-    code = (byte >> (4 * (cols[None, :] % 2))) & 15  # element 2j in the low nibble of byte j
-    scale = tl.load(scales_ptr + rows[:, None] * (K // 16) + cols[None, :] // 16, mask=ok, other=0).to(tl.int32)
-    deq = product(e2m1_value(code) * e4m3_value(scale), outer, NO_FMA)
+    deq = dequantized_at(codes_ptr, scales_ptr, outer_ptr, rows[:, None], cols[None, :], ok, K, 1, NO_FMA)
     return tl.where(ok, x - deq, 0.0)
 
 
@@ -44,7 +42,7 @@ def _column_abs_residual_kernel(
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
-    r = _residual(x_ptr, codes_ptr, scales_ptr, tl.load(outer_ptr), rows, cols, ok, K, stride_xm, stride_xk, NO_FMA)
+    r = _residual(x_ptr, codes_ptr, scales_ptr, outer_ptr, rows, cols, ok, K, stride_xm, stride_xk, NO_FMA)
     tl.atomic_add(out_ptr + cols, tl.sum(tl.abs(r), axis=0), mask=cols < N)
 
 
@@ -57,7 +55,7 @@ def _residual_columns_kernel(
     j = tl.program_id(1) * BN + tl.arange(0, BN)
     cols = tl.load(index_ptr + j, mask=j < N, other=0).to(tl.int32)
     ok = (rows < M)[:, None] & (j < N)[None, :]
-    r = _residual(x_ptr, codes_ptr, scales_ptr, tl.load(outer_ptr), rows, cols, ok, K, stride_xm, stride_xk, NO_FMA)
+    r = _residual(x_ptr, codes_ptr, scales_ptr, outer_ptr, rows, cols, ok, K, stride_xm, stride_xk, NO_FMA)
     tl.store(out_ptr + rows[:, None] * stride_om + j[None, :], r, mask=ok)
 
 
