@@ -53,7 +53,7 @@ def sass_counts(
         FIXED_SIGNS=TE_RHT_SIGN_MASK if spec.rotation == "rht16_te" else -1, BLOCK_2D=spec.block == "16x16",
         OUTER_BLOCK128=not per_tensor, ROUNDING=q._ROUNDING[spec.rounding], FOUR_OVER_SIX=spec.scale_rule == "4over6",
         WRITE_VALUES=mode == 1, NO_FMA=True, HALVES=halves, BY_COLUMNS=by_columns, VMAX_CAP=vmax_cap,
-        INV_VMAX=inv_vmax, REVERSE=per_tensor and mode == 1, BM=rows or q._tile_rows(spec, by_columns), BK=128,
+        INV_VMAX=inv_vmax, REVERSE=per_tensor and mode == 1, BM=rows or q._TILE_ROWS, BK=128,
         TILES=1, STAGES=1, DECODE=decode,
     )  # fmt: skip
     pointers = dict(x_ptr=None if decode else x_dtype, codes_ptr="*u8", scales_ptr="*u8", outer_ptr="*fp32",
@@ -79,7 +79,7 @@ def sass_counts(
                                capture_output=True, text=True, check=True)  # fmt: skip
     lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     registers = re.findall(r"Used (\d+) registers", ptxas.stdout + ptxas.stderr)
-    return dict(instructions=len(lines), global_loads=sum("LDG" in line for line in lines),
+    return dict(instructions=len(lines), global_scratch=kernel.metadata.global_scratch_size, global_loads=sum("LDG" in line for line in lines),
                 barriers=sum("BAR" in line for line in lines),
                 spills=sum(("LDL" in line or "STL" in line) for line in lines),
                 registers=int(registers[0]) if registers else None)  # fmt: skip

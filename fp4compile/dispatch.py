@@ -192,8 +192,12 @@ def requantize_transposed(
 ) -> tuple[NVFP4, torch.Tensor]:  # fmt: skip
     """:func:`quantize_with_values` of :func:`dequantize_transposed` ``(q, rows, cols, padded_rows)``: the
     re-quantization of a saved forward operand along its other dim. On CUDA (an unrotated ``q``) one quantize kernel
-    decodes ``q``'s codes as it reads them, bit for bit the same: the FP32 transpose is never written."""
-    if on_triton(q.codes) and q.spec.rotation == "none" and rows > 0 and cols > 0:
+    decodes ``q``'s codes as it reads them, bit for bit the same: the FP32 transpose is never written. Not for an
+    RHT-128 ``spec`` (quartet_ii's MS-EDEN): its decoding quantize pass spills, and on an H200 the Llama step ran
+    faster with the FP32 transpose written first (``bench_train_step --recipes quartet_ii,quartet_ii@decoded``:
+    112.1 against 120.4 ms; RESULTS.md, "Eleventh session")."""
+    fused = spec.rotation_size != 128 and q.spec.rotation == "none"
+    if on_triton(q.codes) and fused and rows > 0 and cols > 0:
         from .kernels.quantize import requantize_transposed_triton
 
         values = torch.empty(cols, padded_rows, dtype=torch.float16, device=q.codes.device)

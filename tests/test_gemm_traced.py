@@ -44,9 +44,10 @@ if not torch.cuda.is_available():
 gemm_traced.tuned_config = lambda *args: (128, 128, 64, 3, 8)
 gemm_traced._num_sms = lambda index: 132
 block, bias, uniform_k, transposed, inductor, b_transposed, hopper = json.loads(sys.argv[1])
-if hopper:  # a Hopper GPU with Gluon, where the eager GEMM runs block-scaled GEMMs on the Gluon kernel
-    from fp4compile.kernels import gemm
-    gemm._hopper_with_gluon = lambda device: True
+# hopper: a Hopper GPU with Gluon, where the eager GEMM runs block-scaled GEMMs on the Gluon kernel; set either way,
+# so that the trace is the same on a CPU machine and on a lent H200
+from fp4compile.kernels import gemm
+gemm._hopper_with_gluon = lambda device: hopper
 with FakeTensorMode():
     a = torch.empty(512, 256, dtype=torch.float16, device="cuda").T if transposed else torch.empty(
         256, 512, dtype=torch.float16, device="cuda")

@@ -1,6 +1,8 @@
-"""The quantize kernel, compiled for Hopper (sm_90) as the library launches it, keeps everything in registers: no
-pass of any NVFP4 quantizer spills to local memory (``benchmarks/quantize_sass.py``; the RHT-128 and
-four-over-six passes did at 16 rows per program). Compiled in a fresh process without Triton's interpreter."""
+"""The quantize kernel, compiled for Hopper (sm_90) as the library launches it, keeps everything in registers except
+in the passes where spilling was measured to pay: RHT-128 (MS-EDEN, quartet_ii's backward, and its re-quantization)
+and four-over-six read along rows fill all 255 registers at 16 rows per program, and ran slower spill-free at 8 rows
+on an H200 (``quantize._TILE_ROWS``). Any other pass that starts to spill fails here (``benchmarks/quantize_sass.py``).
+Compiled in a fresh process without Triton's interpreter."""
 
 import json
 import os
@@ -24,11 +26,20 @@ print(json.dumps(spills))
 """
 
 
-def test_no_quantize_pass_spills_on_hopper():
+# The passes allowed to spill: a 16-row tile of them was faster than a spill-free 8-row one on an H200.
+_SPILLING_BY_MEASURED_CHOICE = {
+    "ms_eden mode=1 by_columns=False",
+    "quartet_ii re-quantization",
+    "rtn_4over6 mode=1 by_columns=False",
+    "sr_4over6 mode=1 by_columns=False",
+}
+
+
+def test_no_quantize_pass_spills_on_hopper_but_the_measured_exceptions():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", _SPILLS], cwd=root, env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     spills = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(spills) > 30 and {variant: n for variant, n in spills.items() if n} == {}
+    assert len(spills) > 30 and {variant for variant, n in spills.items() if n} == _SPILLING_BY_MEASURED_CHOICE

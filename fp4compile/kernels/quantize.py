@@ -444,18 +444,12 @@ def _nvfp4_quantize_kernel(
             )
 
 
-def _tile_rows(spec: QuantSpec, by_columns: bool) -> int:
-    """Rows per program: 16, one 16x16 tile (H200, bench_quantize --sweep: twice as fast as 32 rows with the fp16
-    values written, from the occupancy of the smaller register file); 8 where 16 fill all 255 registers of sm_90
-    and spill (compiled on a CPU machine, ``python -m benchmarks.quantize_sass``): RHT-128 with 1x16 blocks (at 16
-    rows 1072 local-memory instructions in 10336, at 8 none in 4928) and four-over-six read along rows (both
-    candidate roundings live at once: ``sr_4over6`` 48 spills at 255 registers, at 8 rows none at 148). The same
-    bits either way: rows are quantized independently."""
-    if spec.block == "16x16":
-        return 16
-    if spec.rotation_size == 128 or (spec.scale_rule == "4over6" and not by_columns):
-        return 8
-    return 16
+# Rows per program: 16, one 16x16 tile (H200, bench_quantize --sweep: twice as fast as 32 rows with the fp16 values
+# written, from the occupancy of the smaller register file). RHT-128 with 1x16 blocks and four-over-six read along
+# rows fill all 255 registers of sm_90 at 16 rows and spill (``python -m benchmarks.quantize_sass``), yet 16 rows
+# stay: at 8 rows, spill-free, they ran slower on an H200 (bench_quantize --values --sweep, 8192x4096: ms_eden 336 us
+# against 298, sr_4over6 146 against 120, rtn_4over6 102 against 96).
+_TILE_ROWS = 16
 
 
 # The quantize pass runs one 128-column tile per program: on an H200 (bench_quantize --values --sweep, 16-row
@@ -596,7 +590,7 @@ def _quantize(
         halves = rot == 16 or by_columns
     elif halves != (rot != 128) and rot:
         raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
-    bm = block_rows or _tile_rows(spec, by_columns)
+    bm = block_rows or _TILE_ROWS
     tiles = tiles_per_program or _QUANTIZE_TILES
     amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
     constants = dict(
