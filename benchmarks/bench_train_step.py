@@ -8,7 +8,9 @@ tetrajet_v2,tetrajet_v2@triton,tetrajet_v2@decoded``; combined as ``R@triton+dec
 - ``@triton``: block-scaled GEMMs on the Triton kernel even on Hopper, where they otherwise run on the Gluon kernel
   (``kernels/gemm.py``'s ``gluon_preferred``);
 - ``@decoded``: the backward's re-quantizations of saved forward operands from an FP32 transpose that a decode
-  kernel writes, as before the quantize kernel decoded the codes itself (``dispatch.requantize_transposed``).
+  kernel writes, as before the quantize kernel decoded the codes itself (``dispatch.requantize_transposed``);
+- ``@graph_amax``: each per-tensor quantization finds its own amax (a graph reduction, or its own amax pass after
+  a rotation), as before X's and dY's two amaxes came from one pass (``linear_gemms.amax_pair``).
 
 Models (Hugging Face configs without KV cache, random weights, FP32 master weights under bf16 autocast, fused AdamW):
 - ``gpt2``: GPT-2 small (12 layers, d 768, 12 heads, vocab 50257, 124M parameters), batch 8 x 1024 tokens;
@@ -121,21 +123,25 @@ def _requantize_from_fp32(q, rows, cols, padded_rows, spec, **options):
 @contextlib.contextmanager
 def _variant(variant: str) -> Iterator[None]:
     """Inside the block, the variant's choices (see the module docstring); ``""``: the library's."""
+    from fp4compile import linear_gemms
     from fp4compile.kernels import gemm, quantize
 
     names = [name for name in variant.split("+") if name]
-    unknown = set(names) - {"triton", "decoded"}
+    unknown = set(names) - {"triton", "decoded", "graph_amax"}
     if unknown:
-        raise SystemExit(f"unknown recipe variant @{'+'.join(sorted(unknown))}: the variants are @triton, @decoded")
-    saved = (gemm._hopper_with_gluon, quantize.requantize_transposed_triton)
+        raise SystemExit(f"unknown recipe variant @{'+'.join(sorted(unknown))}: the variants are @triton, @decoded, "
+                         "@graph_amax")  # fmt: skip
+    saved = (gemm._hopper_with_gluon, quantize.requantize_transposed_triton, linear_gemms.amax_pair)
     if "triton" in names:
         gemm._hopper_with_gluon = lambda device: False
     if "decoded" in names:
         quantize.requantize_transposed_triton = _requantize_from_fp32
+    if "graph_amax" in names:
+        linear_gemms.amax_pair = lambda *args: (None, None)
     try:
         yield
     finally:
-        gemm._hopper_with_gluon, quantize.requantize_transposed_triton = saved
+        gemm._hopper_with_gluon, quantize.requantize_transposed_triton, linear_gemms.amax_pair = saved
 
 
 def _measure(

@@ -88,10 +88,11 @@ def _rows(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
             name = getattr(kernel, "fn", kernel).__name__
             kwargs = node.kwargs["kwargs"]
             mode = kwargs.get("MODE")
+            label = name if mode is None else f"{name}(MODE={mode}{', PLAIN_AMAX' if kwargs.get('PLAIN_AMAX') else ''})"
             if mode == 0:  # the quantizer's max|x| pass reads x only (or the stored quantization it decodes)
                 reads = ("x_ptr", "src_codes_ptr", "src_scales_ptr", "src_outer_ptr")
                 kwargs = {name: kwargs[name] for name in reads if name in kwargs}
-            rows.append((name if mode is None else f"{name}(MODE={mode})", _bytes(_val(kwargs))))
+            rows.append((label, _bytes(_val(kwargs))))
             if kwargs.get("values_ptr") is not None:
                 rows.append(("  of which fp16 values", _bytes(_val(kwargs["values_ptr"]))))
             continue

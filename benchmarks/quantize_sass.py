@@ -6,7 +6,8 @@ Run:  python -m benchmarks.quantize_sass [--names rtn,ms_eden] [--requantize tet
 Per named quantizer, its quantize pass (MODE=1, fp16 GEMM values written) and its amax pass (MODE=0, per-tensor
 specs) on contiguous input and on a transposed view (read by columns; not for RHT-128); with ``--requantize``,
 per recipe its wgrad X re-quantization's quantize pass reading the FP32 transpose a decode kernel wrote and
-decoding the saved codes itself (``DECODE``). Printed: SASS instructions per thread, global loads, barriers,
+decoding the saved codes itself (``DECODE``). Printed: SASS instructions per thread, global scratch bytes (device
+TMA descriptors need it; torch's static launcher refuses kernels with any), global loads, barriers,
 local-memory (spill) instructions and registers per thread (``ptxas -v``). A static count: it says what a
 variant asks of the SM, not how fast it runs.
 """
@@ -54,7 +55,7 @@ def sass_counts(
         OUTER_BLOCK128=not per_tensor, ROUNDING=q._ROUNDING[spec.rounding], FOUR_OVER_SIX=spec.scale_rule == "4over6",
         WRITE_VALUES=mode == 1, NO_FMA=True, HALVES=halves, BY_COLUMNS=by_columns, VMAX_CAP=vmax_cap,
         INV_VMAX=inv_vmax, REVERSE=per_tensor and mode == 1, BM=rows or q._TILE_ROWS, BK=128,
-        TILES=1, STAGES=1, DECODE=decode,
+        TILES=1, STAGES=1, DECODE=decode, PLAIN_AMAX=False,
     )  # fmt: skip
     pointers = dict(x_ptr=None if decode else x_dtype, codes_ptr="*u8", scales_ptr="*u8", outer_ptr="*fp32",
                     amax_ptr="*i32", signs_ptr="*fp32" if spec.random_signs else None,
@@ -79,7 +80,8 @@ def sass_counts(
                                capture_output=True, text=True, check=True)  # fmt: skip
     lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     registers = re.findall(r"Used (\d+) registers", ptxas.stdout + ptxas.stderr)
-    return dict(instructions=len(lines), global_scratch=kernel.metadata.global_scratch_size, global_loads=sum("LDG" in line for line in lines),
+    return dict(instructions=len(lines), global_scratch=kernel.metadata.global_scratch_size,
+                global_loads=sum("LDG" in line for line in lines),
                 barriers=sum("BAR" in line for line in lines),
                 spills=sum(("LDL" in line or "STL" in line) for line in lines),
                 registers=int(registers[0]) if registers else None)  # fmt: skip

@@ -20,6 +20,7 @@ from .spec import QuantSpec
 from .tracing import tracing
 
 __all__ = [
+    "abs_max_pair",
     "dequantize",
     "dequantize_transposed",
     "requantize_transposed",
@@ -111,31 +112,55 @@ def _graph_amax(x: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
     return stored_abs_max(x)
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]) -> NVFP4:
+def abs_max_pair(
+    x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """For a tensor quantized twice per tensor, once unrotated and once (``x`` as given) by the rotated ``spec``:
+    on CUDA ``(max |x| after the rotation, max |x|)``, FP32 [] each, from one pass over ``x`` (the rotated
+    quantization's amax pass, which reads ``x`` anyway), to pass as ``amax=`` to the two quantizations in place
+    of that pass and of the graph reduction. None on the reference path (which finds each itself) and for an
+    empty ``x``."""
+    if not on_triton(x) or x.numel() == 0:
+        return None
+    from .kernels.quantize import abs_max_pair_triton
+
+    rotated, plain = abs_max_pair_triton(x, spec, signs).unbind(0)
+    return rotated, plain
+
+
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor],
+    amax: Optional[torch.Tensor] = None,
+) -> NVFP4:  # fmt: skip
     """``x`` [rows, K] quantized by ``spec`` with the given Philox ``seed`` and rotation ``signs`` (no checks;
-    ``signs`` None with TE's fixed RHT-16 means those signs, as in :func:`quantize_with_values`)."""
+    ``signs`` None with TE's fixed RHT-16 means those signs, as in :func:`quantize_with_values`); ``amax``: a
+    per-tensor spec's amax when the caller has it (:func:`abs_max_pair`; used on CUDA)."""
     if on_triton(x):
         from .kernels.quantize import quantize_triton
 
-        return quantize_triton(x, spec, seed=seed, signs=signs, amax=_graph_amax(x, spec))
+        amax = amax if amax is not None else _graph_amax(x, spec)
+        return quantize_triton(x, spec, seed=seed, signs=signs, amax=amax)
     if signs is None and spec.rotation == "rht16_te":
         signs = te_rht_signs(x.device)
     return quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
 
 
 def quantize_with_values(
-    x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor]
-) -> tuple[NVFP4, torch.Tensor]:
+    x: torch.Tensor, spec: QuantSpec, seed: Optional[torch.Tensor], signs: Optional[torch.Tensor],
+    amax: Optional[torch.Tensor] = None,
+) -> tuple[NVFP4, torch.Tensor]:  # fmt: skip
     """``x`` quantized, and its exact ``code * block scale`` GEMM values (fp16 on CUDA, FP32 on the reference).
 
     The CUDA kernel reads transposed views in place and writes the values as it quantizes. ``signs``
-    None with TE's fixed RHT-16 means the fixed signs (the kernel holds them as a constant).
+    None with TE's fixed RHT-16 means the fixed signs (the kernel holds them as a constant). ``amax`` as in
+    :func:`quantize`.
     """
     if on_triton(x):
         from .kernels.quantize import quantize_triton
 
         values = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-        return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=_graph_amax(x, spec)), values
+        amax = amax if amax is not None else _graph_amax(x, spec)
+        return quantize_triton(x, spec, seed=seed, signs=signs, values=values, amax=amax), values
     q = quantize(x, spec, seed, signs)
     return q, gemm_operand(q)
 

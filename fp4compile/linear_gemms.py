@@ -18,7 +18,8 @@ zero-padded along K for both operands of that GEMM, which leaves the product unc
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,13 @@ from .format import NVFP4, cast_exactly, dge_derivative, scaled_values, stored_f
 from .gemm import Operand, nvfp4_gemm, operand_of
 from .outliers import clamp_for_forward, compensation, dense_residual, residual_shapes, residual_weight_grad
 from .recipe import Recipe
-from .shared_quantization import shared_operand, shared_quantization, transposed
+from .shared_quantization import shared_operand, shared_quantization, shared_value, transposed
 from .spec import QuantSpec
 from .streams import stream_seed, stream_signs
 
 __all__ = [
     "SavedShapes",
+    "amax_pair",
     "forward_with_gemm",
     "linear_backward",
     "linear_forward",
@@ -111,13 +113,47 @@ def signs_for(spec: QuantSpec, device: torch.device, drawn: Optional[torch.Tenso
     return None
 
 
-def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> Operand:
+Amax = Optional[Callable[[], Optional[torch.Tensor]]]
+
+
+def amax_pair(
+    x: torch.Tensor, rotated_input: torch.Tensor, plain: QuantSpec, rotated: QuantSpec, signs: Optional[torch.Tensor]
+) -> tuple[Amax, Amax]:
+    """Where ``x`` is quantized per tensor twice, by the unrotated ``plain`` and (as ``rotated_input``: ``x`` or its
+    padded transpose) by the rotated ``rotated`` with ``signs``: the two amaxes as functions for
+    :func:`quantize_operand` / :func:`quantize_saved`, from one pass over ``rotated_input``
+    (``dispatch.abs_max_pair``) made on first use, once per traced ``x`` where the signs are fixed. (None, None)
+    for other pairs of specs: each quantization finds its own amax."""
+    per_tensor = plain.outer == "tensor" and rotated.outer == "tensor"
+    if not (per_tensor and plain.rotation == "none" and rotated.rotation != "none"):
+        return None, None
+
+    @functools.cache
+    def pair() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        make = lambda: dispatch.abs_max_pair(rotated_input, rotated, signs)  # noqa: E731
+        if signs is not None:
+            return make()
+        return shared_value(x, ("abs_max_pair", rotated, tuple(rotated_input.shape)), make)
+
+    def plain_amax() -> Optional[torch.Tensor]:
+        found = pair()
+        return None if found is None else found[1]
+
+    def rotated_amax() -> Optional[torch.Tensor]:
+        found = pair()
+        return None if found is None else found[0]
+
+    return plain_amax, rotated_amax
+
+
+def quantize_operand(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor], amax: Amax = None) -> Operand:
     """Quantize ``x`` (2-D, shape already valid for ``spec``) with its GEMM values (once per traced ``x`` for a
-    deterministic quantization: ``shared_quantization.py``)."""
+    deterministic quantization: ``shared_quantization.py``); ``amax``: from :func:`amax_pair`, called only if
+    ``x`` is quantized here."""
 
     def quantize() -> Operand:
         seed = stream_seed(x.device) if spec.stochastic else None
-        return Operand(*dispatch.quantize_with_values(x, spec, seed, signs))
+        return Operand(*dispatch.quantize_with_values(x, spec, seed, signs, amax() if amax else None))
 
     return shared_operand(x, spec, signs, quantize)
 
@@ -132,13 +168,13 @@ def requantize_operand(
     return Operand(*dispatch.requantize_transposed(q, rows, cols, padded_rows, spec, seed, signs))
 
 
-def quantize_saved(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor]) -> NVFP4:
+def quantize_saved(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor], amax: Amax = None) -> NVFP4:
     """Quantize ``x`` for the backward to save: codes and scales only, no GEMM values written (once per traced
-    ``x`` for a deterministic quantization, as :func:`quantize_operand`)."""
+    ``x`` for a deterministic quantization, as :func:`quantize_operand`; ``amax`` as there)."""
 
     def quantize() -> NVFP4:
         seed = stream_seed(x.device) if spec.stochastic else None
-        return dispatch.quantize(x, spec, seed, signs)
+        return dispatch.quantize(x, spec, seed, signs, amax() if amax else None)
 
     return shared_quantization(x, spec, signs, quantize)
 
@@ -179,7 +215,13 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     occ = recipe.occ
     x, residual = clamp_for_forward(x, occ)
     in_p = round_up(in_features, _k_multiple(recipe.fwd_x, recipe.fwd_w))
-    qx = quantize_operand(pad_cols(x, in_p), recipe.fwd_x, None)
+    x_amax = xt_amax = None
+    if recipe.wgrad_x_source == "hp":  # X^T is quantized here too: X's two amaxes may come from one pass
+        t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
+        wgrad_signs = signs_for(recipe.wgrad_x, x.device, None)
+        x_t = pad_cols(transposed(x), t_p)
+        x_amax, xt_amax = amax_pair(x, x_t, recipe.fwd_x, recipe.wgrad_x, wgrad_signs)
+    qx = quantize_operand(pad_cols(x, in_p), recipe.fwd_x, None, x_amax)
     qw = quantize_operand(pad_cols(weight, in_p), recipe.fwd_w, None)
     if gemm is not None:
         y = gemm(qx, qw, in_p)
@@ -194,9 +236,7 @@ def forward_with_gemm(x, weight, bias, recipe: Recipe, gemm) -> tuple[torch.Tens
     if recipe.wgrad_x_source == "forward":
         saved_x = qx.q
     else:
-        t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
-        wgrad_signs = signs_for(recipe.wgrad_x, x.device, None)
-        saved_x = quantize_saved(pad_cols(transposed(x), t_p), recipe.wgrad_x, wgrad_signs)
+        saved_x = quantize_saved(x_t, recipe.wgrad_x, wgrad_signs, xt_amax)
         if recipe.wgrad_x.random_signs:
             signs = wgrad_signs
     if _saves_weight(recipe):
@@ -255,17 +295,19 @@ def linear_backward(
             q_wt = requantize_operand(w_q, out_features, in_features, out_p, recipe.dgrad_w, dgrad_signs)
         else:
             q_wt = quantize_operand(pad_cols(weight.T, out_p), recipe.dgrad_w, dgrad_signs)
-    q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs)
+    t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
+    dy_t = pad_cols(dy.T, t_p)
+    dy_amax, dyt_amax = amax_pair(dy, dy_t, recipe.dgrad_dy, recipe.wgrad_dy, wgrad_signs)
+    q_dy = quantize_operand(pad_cols(dy, out_p), recipe.dgrad_dy, dgrad_signs, dy_amax)
     dx = nvfp4_gemm(q_dy, q_wt, None, out_dtype=dy.dtype)
 
     # wgrad: dW = dY^T X, K = tokens.
-    t_p = round_up(tokens, _k_multiple(recipe.wgrad_dy, recipe.wgrad_x))
     if recipe.wgrad_x_source == "forward":
         x_q = restore(x_codes, x_scales, x_outer, recipe.fwd_x)
         q_xt = requantize_operand(x_q, tokens, in_features, t_p, recipe.wgrad_x, wgrad_signs)
     else:
         q_xt = operand_of(restore(x_codes, x_scales, x_outer, recipe.wgrad_x, signs=wgrad_signs))
-    q_dyt = quantize_operand(pad_cols(dy.T, t_p), recipe.wgrad_dy, wgrad_signs)
+    q_dyt = quantize_operand(dy_t, recipe.wgrad_dy, wgrad_signs, dyt_amax)
     compensated = recipe.occ is not None and recipe.occ.compensates
     if recipe.dge or compensated:
         dw = nvfp4_gemm(q_dyt, q_xt, None, out_dtype=torch.float32)

@@ -25,7 +25,7 @@ from .gemm import Operand
 from .spec import QuantSpec
 from .tracing import tracing
 
-__all__ = ["flattened", "shared_operand", "shared_quantization", "transposed"]
+__all__ = ["flattened", "shared_operand", "shared_quantization", "shared_value", "transposed"]
 
 _MEMO = "_fp4compile_shared"
 
@@ -55,6 +55,12 @@ def _cached(t: torch.Tensor, key, make: Callable[[], object]):
         value = make()
         memo[key] = (t._version, value)
     return value
+
+
+def shared_value(t: torch.Tensor, key, make: Callable[[], object]):
+    """``make()``, computed once per traced ``t`` and ``key`` (``make`` must be deterministic); outside tracing
+    every call computes it."""
+    return _cached(t, key, make)
 
 
 def flattened(x: torch.Tensor) -> torch.Tensor:

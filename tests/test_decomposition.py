@@ -45,8 +45,10 @@ _TRACE = textwrap.dedent(
             if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
                 kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
                 name = getattr(kernel, "fn", kernel).__name__
-                mode = node.kwargs["kwargs"].get("MODE")
-                launches.append(name if mode is None else f"{name}(MODE={mode})")
+                kwargs = node.kwargs["kwargs"]
+                mode = kwargs.get("MODE")
+                plain = ", PLAIN_AMAX" if kwargs.get("PLAIN_AMAX") else ""
+                launches.append(name if mode is None else f"{name}(MODE={mode}{plain})")
             elif "fp4compile" in str(node.target) or node.target is torch.ops.aten.amax.default:
                 launches.append(str(node.target))  # the fp4compile ops, and the per-tensor amax as a graph op
             else:
@@ -104,23 +106,21 @@ class TestCudaDecomposition(TestCase):
         self.assertExpectedInline(
             _listing(graphs["forward"]),
             """\
-aten.amax.default
+_nvfp4_quantize_kernel(MODE=0, PLAIN_AMAX)
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default
-_nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)""",
         )
         self.assertExpectedInline(
             _listing(graphs["backward"]),
             """\
 _decode_kernel
-aten.amax.default
+_nvfp4_quantize_kernel(MODE=0, PLAIN_AMAX)
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default
 _decode_kernel
-_nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default""",
         )
@@ -153,12 +153,11 @@ class TestSharedQuantization(TestCase):
         self.assertExpectedInline(
             _listing(_trace("shared:nvidia")["forward"]),
             """\
-aten.amax.default
+_nvfp4_quantize_kernel(MODE=0, PLAIN_AMAX)
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)
 fp4compile.gemm_v4.default
-_nvfp4_quantize_kernel(MODE=0)
 _nvfp4_quantize_kernel(MODE=1)
 aten.amax.default
 _nvfp4_quantize_kernel(MODE=1)

@@ -13,7 +13,7 @@ from testing import KERNEL_DEVICE, ON_GPU
 
 from fp4compile import QuantSpec
 from fp4compile.format import TE_RHT_SIGNS, quantize_reference
-from fp4compile.kernels import quantize_triton
+from fp4compile.kernels import abs_max_pair_triton, quantize_triton
 from fp4compile.philox import philox4x32
 from fp4compile.quantize import draw_seed, draw_signs
 
@@ -63,8 +63,33 @@ def test_kernel_with_the_callers_amax_matches_reference(name, dtype):
     x = torch.randn(16, 128, device=KERNEL_DEVICE)
     x[3, 5] = float("nan")
     assert torch.isnan(quantize_triton(x, spec, seed=seed, amax=x.abs().amax()).outer)  # NaN in, NaN scale out
-    with pytest.raises(ValueError, match="amax= is for per-tensor specs without rotation"):
-        quantize_triton(x, QuantSpec.named("rht16_rtn_te"), amax=x.abs().amax())
+    with pytest.raises(ValueError, match="amax= is for per-tensor specs"):
+        quantize_triton(x, QuantSpec.named("double_block_rtn"), amax=x.abs().amax())
+
+
+@pytest.mark.parametrize("name", ["rht16_rtn_te", "rht16_sr_te", "ms_eden"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_amax_pass_gives_the_rotated_and_the_plain_amax(name, transposed):
+    """``abs_max_pair_triton``: the amax after the rotation is the rotated quantizer's own amax pass's (the
+    quantization given it equals the reference bit for bit), and the plain amax is ``max |x|`` (NaN-sticky), read
+    through a transposed view as the backward's dY^T is."""
+    spec = QuantSpec.named(name)
+    m, k = 64, 256
+    base = (torch.randn(k, m, device=KERNEL_DEVICE) * 5).to(torch.bfloat16)
+    x = base.T if transposed else base.T.contiguous()
+    seed, signs = _random_streams(spec, x.device)
+    rotated, plain = abs_max_pair_triton(x, spec, signs)
+    assert plain.view(torch.int32) == x.float().abs().amax().view(torch.int32)
+    got = quantize_triton(x, spec, seed=seed, signs=signs, amax=rotated)
+    want = quantize_reference(x.contiguous(), spec, seed=None if seed is None else int(seed.item()), signs=signs)
+    torch.testing.assert_close(got.codes, want.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scales.view(torch.uint8), want.scales.view(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(got.outer, want.outer, rtol=0, atol=0)
+    x = x.clone()
+    x[3, 5] = float("nan")
+    assert abs_max_pair_triton(x, spec, signs).isnan().all()
+    with pytest.raises(ValueError, match="per-tensor and rotated"):
+        abs_max_pair_triton(x, QuantSpec.named("rtn"))
 
 
 def _valid_shapes(spec):

@@ -1,11 +1,12 @@
 """Triton kernels, bit-identical to ``fp4compile/format.py`` where rounding is deterministic.
 
 - ``quantize``: NVFP4 quantization for every ``QuantSpec`` (RTN, SR, four-over-six, MS-EDEN, RHT-16/128,
-  per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside;
+  per-tensor and 1x128 outer scales), optionally writing the exact fp16 GEMM values alongside; the two
+  per-tensor amaxes of a tensor quantized rotated and unrotated from one pass;
 - ``gemm``: the NVFP4 GEMM on exact fp16 operands, pointer and TMA variants sharing their tile order, K step
   and epilogue helpers, outer scales in the epilogue or per 1x128 K-block;
-- ``gemm_gluon``: EXPERIMENTAL, not yet run on a GPU: the per-1x128-block scaled GEMM in Gluon with an
-  asynchronous wgmma (``gemm_triton(..., method="gluon")``);
+- ``gemm_gluon``: the per-1x128-block scaled GEMM in Gluon with an asynchronous wgmma, which
+  ``gemm_triton(method="auto")`` runs on Hopper (``gemm.gluon_preferred``);
 - ``decode``: packed codes and scales back to fp16/fp32 values (optionally transposed, cropped, padded, or with
   the rotation undone);
 - ``residual``: the Hot-Channel Patch's residual ``x - dequantize(q)``, decoded as it reads: column sums of its
@@ -21,6 +22,6 @@ The library reaches them only through ``fp4compile/dispatch.py``, which chooses 
 tensors) and the reference (elsewhere); benchmarks and kernel tests call them directly.
 """
 
-from .quantize import quantize_triton
+from .quantize import abs_max_pair_triton, quantize_triton
 
-__all__ = ["quantize_triton"]
+__all__ = ["abs_max_pair_triton", "quantize_triton"]

@@ -4,7 +4,8 @@ One kernel body, specialised by constexpr knobs, runs in two modes:
 
 - ``MODE=0`` (per-tensor outer scale only): each program reduces the NaN-sticky
   max |x| of its tile (after rotation: TE's "post-RHT amax") into one FP32 with
-  ``atomic_max``;
+  ``atomic_max``, and with ``PLAIN_AMAX`` the unrotated max |x| into the next
+  FP32 (the amax of an unrotated quantization of the same tensor, for free);
 - ``MODE=1``: rotate, compute block and outer scales, round the elements (RTN,
   SR, four-over-six, MS-EDEN correction) and write packed codes, E4M3 scale
   bytes and FP32 outer scales.
@@ -52,7 +53,7 @@ from .numerics import (
     sign_vector,
 )
 
-__all__ = ["quantize_triton", "requantize_transposed_triton"]
+__all__ = ["abs_max_pair_triton", "quantize_triton", "requantize_transposed_triton"]
 
 _BK = 128
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -341,6 +342,7 @@ def _nvfp4_quantize_kernel(
     TILES: tl.constexpr,
     STAGES: tl.constexpr,
     DECODE: tl.constexpr,
+    PLAIN_AMAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -353,6 +355,7 @@ def _nvfp4_quantize_kernel(
 
     if MODE == 0:
         running = tl.zeros([BM, BK // 16], dtype=tl.int32)
+        plain = tl.zeros([BM, BK // 16], dtype=tl.int32)
         for i in tl.range(TILES, num_stages=STAGES):
             lo, hi = _load_tile(
                 x_ptr,
@@ -378,7 +381,34 @@ def _nvfp4_quantize_kernel(
                 DECODE,
             )
             running = tl.maximum(running, _block_max_bits(lo, hi, HALVES))
+            if PLAIN_AMAX:  # the same tile again, unrotated: from L1, no second read of memory
+                lo, hi = _load_tile(
+                    x_ptr,
+                    signs_ptr,
+                    rows,
+                    row_ok,
+                    first_col + i * BK,
+                    K,
+                    stride_xm,
+                    stride_xk,
+                    0,
+                    0,
+                    1.0,
+                    -1,
+                    NO_FMA,
+                    HALVES,
+                    BY_COLUMNS,
+                    BM,
+                    BK,
+                    (src_codes_ptr, src_scales_ptr, src_outer_ptr),
+                    SRC_ROWS,
+                    SRC_K,
+                    DECODE,
+                )
+                plain = tl.maximum(plain, _block_max_bits(lo, hi, HALVES))
         tl.atomic_max(amax_ptr, tl.max(tl.max(running, axis=1), axis=0))
+        if PLAIN_AMAX:
+            tl.atomic_max(amax_ptr + 1, tl.max(tl.max(plain, axis=1), axis=0))
     else:
         if not OUTER_BLOCK128:
             outer, factor = _outer_from_amax(from_bits(tl.load(amax_ptr)), VMAX_CAP, INV_VMAX, NO_FMA)
@@ -508,9 +538,10 @@ def quantize_triton(
             keeps loading along the columns). Tuning only: the same bits.
         values: optional fp16 [m, k] output, filled with the GEMM operand ``code * scale`` in the
             rotated domain (exact in fp16; the outer scales are left to the GEMM).
-        amax: for a per-tensor spec without rotation, ``max |x|`` as an FP32 [] tensor computed by the caller
-            (a graph reduction that Inductor can fuse into the op producing ``x``): the kernel's amax pass is
-            skipped. Must be exactly ``x.abs().amax()`` (any NaN for input with NaN).
+        amax: for a per-tensor spec, ``max |x|`` after the spec's rotation as an FP32 [] tensor computed by the
+            caller (for an unrotated spec a graph reduction that Inductor can fuse into the op producing ``x``;
+            or from :func:`abs_max_pair_triton`): the kernel's amax pass is skipped. Must be exactly that maximum
+            (any NaN for input with NaN).
 
     Returns:
         The :class:`NVFP4` quantization, bit-identical to ``format.quantize_reference``.
@@ -569,49 +600,16 @@ def _quantize(
         if per_tensor
         else torch.empty(m, k // 128, dtype=torch.float32, device=device)
     )
-    if amax is not None and (not per_tensor or spec.rotation != "none"):
-        raise ValueError(f"quantize_triton: amax= is for per-tensor specs without rotation, not {spec.short_str()}")
+    if amax is not None and not per_tensor:
+        raise ValueError(f"quantize_triton: amax= is for per-tensor specs, not {spec.short_str()}")
     if amax is not None:
         amax_bits = amax.to(torch.float32).reshape(1).view(torch.int32)
     else:
         amax_bits = torch.zeros(1, dtype=torch.int32, device=device) if per_tensor else None
-    vmax_cap, inv_vmax = fp32_constants(spec)
-    rot = spec.rotation_size
-    if signs is None and rot and spec.rotation != "rht16_te":
-        raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
-    fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
-    # a decoded source is the transpose of a row-major quantization: read by columns like a transposed view
-    transposed_view = source is not None or (x.stride(0) == 1 and x.stride(1) != 1 and m > 1)
-    if by_columns is None:
-        by_columns = transposed_view and rot != 128 and halves is not False
-    if by_columns and (halves is False or rot == 128):
-        raise ValueError("quantize_triton: by_columns=True needs halves=True (and a spec without RHT-128)")
-    if halves is None:
-        halves = rot == 16 or by_columns
-    elif halves != (rot != 128) and rot:
-        raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
-    bm = block_rows or _TILE_ROWS
+    constants, bm = _launch_constants(spec, signs, m, x, source is not None, values is not None, device, block_rows,
+                                      num_warps, halves, by_columns)  # fmt: skip
     tiles = tiles_per_program or _QUANTIZE_TILES
     amax_tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
-    constants = dict(
-        ROTATION=rot,
-        LOG_ROTATION=int(math.log2(rot)) if rot else 0,
-        ROTATION_SCALE=rotation_scale(rot) if rot else 1.0,
-        FIXED_SIGNS=fixed_signs,
-        BLOCK_2D=spec.block == "16x16",
-        OUTER_BLOCK128=not per_tensor,
-        ROUNDING=_ROUNDING[spec.rounding],
-        FOUR_OVER_SIX=spec.scale_rule == "4over6",
-        WRITE_VALUES=values is not None,
-        NO_FMA=device.type == "cuda",
-        HALVES=halves,
-        BY_COLUMNS=by_columns,
-        VMAX_CAP=vmax_cap,
-        INV_VMAX=inv_vmax,
-        BM=bm,
-        BK=_BK,
-        num_warps=num_warps,
-    )
     # Pointers a specialization never reads are None (not a stand-in tensor: an alias of an output would
     # confuse the mutation analysis of the traced launch, see kernels/launch.py).
     args = (
@@ -652,3 +650,76 @@ def _quantize(
         seed=seed,
         dtype=dtype,
     )
+
+
+def _launch_constants(
+    spec: QuantSpec, signs: Optional[torch.Tensor], m: int, x: Optional[torch.Tensor], decoded: bool,
+    write_values: bool, device: torch.device, block_rows: Optional[int], num_warps: int, halves: Optional[bool],
+    by_columns: Optional[bool],
+) -> tuple[dict, int]:  # fmt: skip
+    """The kernel's constexpr knobs for quantizing by ``spec`` (all but MODE, REVERSE, TILES, STAGES, DECODE) and
+    the rows per program, with the launch-shape choices of :func:`quantize_triton` checked."""
+    vmax_cap, inv_vmax = fp32_constants(spec)
+    rot = spec.rotation_size
+    if signs is None and rot and spec.rotation != "rht16_te":
+        raise ValueError(f"quantize_triton: spec {spec.short_str()} needs rotation signs")
+    fixed_signs = TE_RHT_SIGN_MASK if signs is None and spec.rotation == "rht16_te" else -1
+    # a decoded source is the transpose of a row-major quantization: read by columns like a transposed view
+    transposed_view = decoded or (x.stride(0) == 1 and x.stride(1) != 1 and m > 1)
+    if by_columns is None:
+        by_columns = transposed_view and rot != 128 and halves is not False
+    if by_columns and (halves is False or rot == 128):
+        raise ValueError("quantize_triton: by_columns=True needs halves=True (and a spec without RHT-128)")
+    if halves is None:
+        halves = rot == 16 or by_columns
+    elif halves != (rot != 128) and rot:
+        raise ValueError(f"quantize_triton: {spec.short_str()} needs halves={rot != 128}")
+    bm = block_rows or _TILE_ROWS
+    constants = dict(
+        ROTATION=rot,
+        LOG_ROTATION=int(math.log2(rot)) if rot else 0,
+        ROTATION_SCALE=rotation_scale(rot) if rot else 1.0,
+        FIXED_SIGNS=fixed_signs,
+        BLOCK_2D=spec.block == "16x16",
+        OUTER_BLOCK128=spec.outer != "tensor",
+        ROUNDING=_ROUNDING[spec.rounding],
+        FOUR_OVER_SIX=spec.scale_rule == "4over6",
+        WRITE_VALUES=write_values,
+        NO_FMA=device.type == "cuda",
+        HALVES=halves,
+        BY_COLUMNS=by_columns,
+        VMAX_CAP=vmax_cap,
+        INV_VMAX=inv_vmax,
+        BM=bm,
+        BK=_BK,
+        PLAIN_AMAX=False,
+        num_warps=num_warps,
+    )
+    return constants, bm
+
+
+def abs_max_pair_triton(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FP32 [2]: ``max |x|`` after ``spec``'s rotation (the amax that :func:`quantize_triton` of ``x`` by ``spec``
+    takes) and ``max |x|`` unrotated (the amax of any unrotated per-tensor quantization of ``x`` or of its
+    transpose), from one amax pass over ``x``: each program loads its tile a second time, unrotated, right after
+    the first (from cache, not memory). Each maximum equals what the kernel's own amax pass, or the graph
+    reduction, finds (a NaN where ``x`` holds one).
+
+    Args:
+        x: a non-empty tensor as :func:`quantize_triton` takes it (any strides).
+        spec: a per-tensor spec with a rotation (RHT-16 or RHT-128).
+        signs: the rotation signs, as :func:`quantize_triton` takes them.
+    """
+    if spec.outer != "tensor" or spec.rotation == "none":
+        raise ValueError(f"abs_max_pair_triton: spec must be per-tensor and rotated, not {spec.short_str()}")
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"abs_max_pair_triton: x must be a non-empty 2-D tensor, not {tuple(x.shape)}")
+    m, k = x.shape
+    constants, bm = _launch_constants(spec, signs, m, x, False, False, x.device, None, 4, None, None)
+    constants.update(PLAIN_AMAX=True, DECODE=0)
+    bits = torch.zeros(2, dtype=torch.int32, device=x.device)
+    tiles = _tiles_per_program(m, k, bm, _AMAX_PROGRAMS)
+    grid = (triton.cdiv(m, bm), triton.cdiv(triton.cdiv(k, _BK), tiles))
+    args = (x, None, None, None, bits, signs, None, None, m, k, x.stride(0), x.stride(1), None, None, None, 0, 0)
+    launcher(_nvfp4_quantize_kernel)[grid](*args, MODE=0, REVERSE=False, TILES=tiles, STAGES=1, **constants)
+    return bits.view(torch.float32)
