@@ -36,7 +36,7 @@ _ELEMENTWISE = {
 _VIEWS = {
     "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "alias",
     "as_strided", "unsqueeze", "squeeze", "detach", "empty", "new_empty", "empty_strided", "lift_fresh_copy",
-    "getitem",
+    "getitem", "unbind",
 }  # fmt: skip
 
 
@@ -200,8 +200,8 @@ def main() -> None:
             if what.startswith("  of which"):
                 total["values"] += size
                 continue
-            kind = "GEMM" if what == "GEMM" else what.split(" ")[0] if " " in what else "kernels"
-            kind = {"reduction": "graph reductions", "copy": "copies", "torch": "other torch ops"}.get(kind, kind)
+            kinds = {"reduction": "graph reductions", "copy": "copies", "torch": "other torch ops", "GEMM": "GEMM"}
+            kind = kinds.get(what.split(" ")[0], "kernels")  # a kernel's name and its knobs otherwise
             total[kind] += size
             total[f"{kind} launches"] += 1
     bf16 = 2 * (3 * args.tokens * d_in + 3 * args.tokens * d_out + 3 * d_in * d_out)
