@@ -18,7 +18,6 @@ zero-padded along K for both operands of that GEMM, which leaves the product unc
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -128,12 +127,14 @@ def amax_pair(
     if not (per_tensor and plain.rotation == "none" and rotated.rotation != "none"):
         return None, None
 
-    @functools.cache
+    made: list = []  # the pair, once made (a plain list: Dynamo traces this function where a test compiles it)
+
     def pair() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        make = lambda: dispatch.abs_max_pair(rotated_input, rotated, signs)  # noqa: E731
-        if signs is not None:
-            return make()
-        return shared_value(x, ("abs_max_pair", rotated, tuple(rotated_input.shape)), make)
+        if not made:
+            make = lambda: dispatch.abs_max_pair(rotated_input, rotated, signs)  # noqa: E731
+            key = ("abs_max_pair", rotated, tuple(rotated_input.shape))
+            made.append(make() if signs is not None else shared_value(x, key, make))
+        return made[0]
 
     def plain_amax() -> Optional[torch.Tensor]:
         found = pair()

@@ -108,10 +108,12 @@ def test_gpu_auto_runs_block_scaled_gemms_on_the_gluon_kernel():
 
 def test_the_step_benchmark_runs_recipe_variants(monkeypatch):
     """``bench_train_step --recipes R@triton+decoded``: inside the block the Gluon kernel is not offered and the
-    re-quantization decodes to FP32 first; after it, the library's choices are back."""
+    re-quantization decodes to FP32 first (``@graph_amax``: each quantization finds its own amax); after it, the
+    library's choices are back."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from benchmarks import bench_train_step
+    from fp4compile import linear_gemms
     from fp4compile.kernels import gemm, quantize
 
     monkeypatch.setattr(gemm, "_hopper_with_gluon", lambda device: True)
@@ -123,6 +125,10 @@ def test_the_step_benchmark_runs_recipe_variants(monkeypatch):
             assert not gemm.gluon_preferred(a, a, blocks, 0)
             assert quantize.requantize_transposed_triton is bench_train_step._requantize_from_fp32
         assert gemm.gluon_preferred(a, a, blocks, 0) and quantize.requantize_transposed_triton is fused
+    paired = linear_gemms.amax_pair
+    with bench_train_step._variant("graph_amax"):
+        assert linear_gemms.amax_pair(None, None, None, None, None) == (None, None)
+    assert linear_gemms.amax_pair is paired
     with pytest.raises(SystemExit, match="@gluon"):
         with bench_train_step._variant("gluon"):
             pass
