@@ -381,7 +381,7 @@ def _nvfp4_quantize_kernel(
                 DECODE,
             )
             running = tl.maximum(running, _block_max_bits(lo, hi, HALVES))
-            if PLAIN_AMAX:  # the same tile again, unrotated: from L1, no second read of memory
+            if PLAIN_AMAX:  # the same tile, unrotated (the compiler reuses the first load's registers)
                 lo, hi = _load_tile(
                     x_ptr,
                     signs_ptr,
@@ -701,9 +701,10 @@ def _launch_constants(
 def abs_max_pair_triton(x: torch.Tensor, spec: QuantSpec, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FP32 [2]: ``max |x|`` after ``spec``'s rotation (the amax that :func:`quantize_triton` of ``x`` by ``spec``
     takes) and ``max |x|`` unrotated (the amax of any unrotated per-tensor quantization of ``x`` or of its
-    transpose), from one amax pass over ``x``: each program loads its tile a second time, unrotated, right after
-    the first (from cache, not memory). Each maximum equals what the kernel's own amax pass, or the graph
-    reduction, finds (a NaN where ``x`` holds one).
+    transpose), from one amax pass over ``x``: each program takes the unrotated maximum of the same tile (loaded
+    again in the source; compiled for sm_90 the pass has the same 16 global loads per thread as the amax pass
+    alone, for 384 SASS instructions instead of 328, no spills). Each maximum equals what the kernel's own amax
+    pass, or the graph reduction, finds (a NaN where ``x`` holds one).
 
     Args:
         x: a non-empty tensor as :func:`quantize_triton` takes it (any strides).
